@@ -1,0 +1,104 @@
+"""hypergrad: bilevel optimisation by implicit differentiation for PyTorch.
+
+The public API is what this module re-exports; everything else is private.
+"""
+
+from . import solvers as solvers
+from . import tree as tree
+from ._typing import BilevelLoss as BilevelLoss
+from ._typing import FixedPointMap as FixedPointMap
+from ._typing import MatVec as MatVec
+from ._typing import TensorTree as TensorTree
+from .hypergradient import HypergradResult as HypergradResult
+from .hypergradient import UnrolledResult as UnrolledResult
+from .hypergradient import fixed_point_grad as fixed_point_grad
+from .hypergradient import implicit_grad as implicit_grad
+from .hypergradient import proximal_grad as proximal_grad
+from .hypergradient import unrolled_grad as unrolled_grad
+from .modules import BufferPolicy as BufferPolicy
+from .modules import module_params as module_params
+from .modules import stateless as stateless
+from .modules import tracks_running_stats as tracks_running_stats
+from .operators import HVP_MODES as HVP_MODES
+from .operators import Damped as Damped
+from .operators import FixedPointOperator as FixedPointOperator
+from .operators import HessianOperator as HessianOperator
+from .operators import HVPFallbackWarning as HVPFallbackWarning
+from .operators import HVPMode as HVPMode
+from .operators import LinearOperator as LinearOperator
+from .operators import hvp as hvp
+from .operators import mixed_hvp as mixed_hvp
+from .solvers import CG as CG
+from .solvers import AbstractLinearSolver as AbstractLinearSolver
+from .solvers import Dense as Dense
+from .solvers import FixedPoint as FixedPoint
+from .solvers import Identity as Identity
+from .solvers import Neumann as Neumann
+from .solvers import Solution as Solution
+from .solvers import SolverError as SolverError
+from .solvers import Status as Status
+from .solvers import materialize as materialize
+from .tree import tree_add as tree_add
+from .tree import tree_axpy as tree_axpy
+from .tree import tree_cast as tree_cast
+from .tree import tree_norm as tree_norm
+from .tree import tree_ravel as tree_ravel
+from .tree import tree_scale as tree_scale
+from .tree import tree_sub as tree_sub
+from .tree import tree_vdot as tree_vdot
+from .tree import tree_zeros_like as tree_zeros_like
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solvers",
+    "tree",
+    # types
+    "BilevelLoss",
+    "FixedPointMap",
+    "MatVec",
+    "TensorTree",
+    "BufferPolicy",
+    "HVPMode",
+    # hypergradients
+    "implicit_grad",
+    "proximal_grad",
+    "fixed_point_grad",
+    "unrolled_grad",
+    "HypergradResult",
+    "UnrolledResult",
+    # operators
+    "HVP_MODES",
+    "LinearOperator",
+    "HessianOperator",
+    "Damped",
+    "FixedPointOperator",
+    "HVPFallbackWarning",
+    "hvp",
+    "mixed_hvp",
+    "materialize",
+    # solvers
+    "AbstractLinearSolver",
+    "Solution",
+    "SolverError",
+    "Status",
+    "CG",
+    "Dense",
+    "FixedPoint",
+    "Identity",
+    "Neumann",
+    # modules
+    "stateless",
+    "module_params",
+    "tracks_running_stats",
+    # trees
+    "tree_add",
+    "tree_axpy",
+    "tree_cast",
+    "tree_norm",
+    "tree_ravel",
+    "tree_scale",
+    "tree_sub",
+    "tree_vdot",
+    "tree_zeros_like",
+]

@@ -1,0 +1,370 @@
+r"""Hypergradients: assembly of operator, linear solve and cross term.
+
+For :math:`\min_\lambda F(\theta^*(\lambda), \lambda)` with
+:math:`\theta^*(\lambda) = \arg\min_\theta G(\theta, \lambda)`, the implicit function theorem
+applied to :math:`\nabla_\theta G(\theta^*, \lambda) = 0` gives
+
+.. math::
+
+    \nabla_\lambda F = \partial_\lambda F - \big(\partial^2_{\lambda\theta} G\big)\, v,
+    \qquad \big(\partial^2_{\theta\theta} G\big)\, v = \partial_\theta F .
+
+Every function here builds the operator (:mod:`hypergrad.operators`), calls the solver
+(:mod:`hypergrad.solvers`) and applies the cross term; nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import grad
+
+from ._checks import (
+    check_callable,
+    check_positive,
+    check_same_device,
+    check_scalar_loss,
+    check_solver,
+    check_tree,
+    fill_zeros,
+    loss_grads,
+)
+from ._typing import BilevelLoss, FixedPointMap, TensorTree
+from .operators import HessianOperator, FixedPointOperator, HVPMode, _check_mode, mixed_hvp
+from .solvers import AbstractLinearSolver, Solution
+from .tree import tree_axpy, tree_check_like, tree_map, tree_sub
+
+__all__ = ["HypergradResult", "UnrolledResult", "implicit_grad", "proximal_grad", "fixed_point_grad", "unrolled_grad"]
+
+
+class HypergradResult(NamedTuple):
+    """``(grad, solution)``: the hypergradient (a dict keyed like the hyper-parameters) and the
+    :class:`~hypergrad.solvers.Solution` of the linear solve (steps, residual, status)."""
+
+    grad: dict[str, Tensor]
+    solution: Solution
+
+
+class UnrolledResult(NamedTuple):
+    """``(grad, params)``: the unrolled hypergradient and the inner parameters after the K steps."""
+
+    grad: dict[str, Tensor]
+    params: dict[str, Tensor]
+
+
+def _outer_grads(outer_loss: BilevelLoss, params: dict, hparams: dict) -> tuple[dict, dict]:
+    gp, gh = loss_grads("outer_loss", outer_loss, params, hparams)
+    return fill_zeros(gp, params), gh
+
+
+def _check_x0(x0: TensorTree | None, params: dict) -> None:
+    if x0 is not None:
+        tree_check_like("x0", x0, params, "params")
+
+
+def implicit_grad(
+    inner_loss: BilevelLoss,
+    outer_loss: BilevelLoss,
+    params: TensorTree,
+    hparams: TensorTree,
+    *,
+    solver: AbstractLinearSolver,
+    hvp_mode: HVPMode = "auto",
+    damping: float = 0.0,
+    x0: TensorTree | None = None,
+    throw: bool = False,
+    validate: bool = True,
+) -> HypergradResult:
+    r"""Hypergradient of ``outer_loss`` at the inner solution, by implicit differentiation.
+
+    .. math::
+
+        \big(\nabla^2_{\theta} G + \mu I\big)\, v = \nabla_\theta F,
+        \qquad
+        \nabla_\lambda F = \partial_\lambda F - \big(\partial^2_{\lambda\theta} G\big)\, v
+
+    evaluated at ``params`` :math:`\approx \theta^*(\lambda)` (the caller runs the inner solver
+    first; the formula is exact only at a stationary point). Cost: the solver's matvecs (HVPs of
+    :math:`G`), one gradient of :math:`F`, one mixed product; with ``validate`` one more gradient
+    of :math:`G`.
+
+    Args:
+        inner_loss: :math:`G`, ``inner_loss(params, hparams) -> scalar``.
+        outer_loss: :math:`F`, ``outer_loss(params, hparams) -> scalar``.
+        params: :math:`\theta`, dict of floating tensors (detached internally).
+        hparams: :math:`\lambda`, dict of floating tensors.
+        solver: a solver object, e.g. ``hypergrad.CG(max_steps=20, rtol=1e-8)``.
+        hvp_mode: see :mod:`hypergrad.operators`.
+        damping: :math:`\mu \ge 0` added to the Hessian (regularises an indefinite Hessian).
+        x0: warm start for :math:`v` (e.g. the previous outer step's ``solution.x``).
+        throw: raise :class:`~hypergrad.solvers.SolverError` when the solve failed instead of
+            returning the failed :class:`~hypergrad.solvers.Solution`.
+        validate: check that each loss depends on what it should (one extra gradient of
+            :math:`G`); errors name the offending argument and key.
+
+    Returns:
+        :class:`HypergradResult` ``(grad, solution)``; ``grad`` is keyed like ``hparams``.
+
+    Example:
+        >>> import torch, hypergrad
+        >>> # G = 1/2 (w - lam)^2 -> w* = lam;  F = 1/2 w^2 -> dF/dlam = lam
+        >>> G = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
+        >>> F = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> lam = {"lam": torch.tensor([3.0])}
+        >>> g, sol = hypergrad.implicit_grad(G, F, {"w": torch.tensor([3.0])}, lam, solver=hypergrad.CG(max_steps=5))
+        >>> g["lam"]
+        tensor([3.])
+
+    References:
+        Pedregosa (ICML 2016), Hyperparameter optimization with approximate gradient.
+        Blondel et al. (NeurIPS 2022), Efficient and modular implicit differentiation.
+    """
+    check_callable("inner_loss", inner_loss, "(params, hparams) -> scalar")
+    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
+    params = check_tree("params", params)
+    hparams = check_tree("hparams", hparams)
+    check_same_device(params, "params", hparams, "hparams")
+    solver = check_solver(solver)
+    _check_mode(hvp_mode)
+    damping = check_positive("damping", damping, allow_zero=True)
+    _check_x0(x0, params)
+
+    gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
+    if validate:
+        gG_theta, gG_lam = loss_grads("inner_loss", inner_loss, params, hparams)
+        if all(g is None for g in gG_theta.values()):
+            raise ValueError(
+                "`inner_loss` does not depend on `params`: its Hessian is zero and the implicit "
+                "system is singular. Make sure inner_loss uses the params it is given."
+            )
+        unused = [k for k in hparams if gG_lam[k] is None and gF_lam[k] is None]
+        if unused:
+            raise ValueError(
+                f"hparams {unused} affect neither `inner_loss` nor `outer_loss`; their hypergradient "
+                "is identically zero. Remove them from `hparams` or use them in a loss."
+            )
+    gF_lam = fill_zeros(gF_lam, hparams)
+
+    def g_of_theta(theta: TensorTree) -> Tensor:
+        return inner_loss(theta, hparams)
+
+    operator = HessianOperator(g_of_theta, params, mode=hvp_mode)
+    matvec = operator if damping == 0 else (lambda v: tree_axpy(damping, v, operator(v)))
+    solution = solver(matvec, gF_theta, x0)
+    if throw:
+        solution.raise_if_failed(solver)
+    cross_mode = "rev_rev" if operator.mode in ("rev_rev", "rev_rev_cached") else hvp_mode
+    cross = mixed_hvp(inner_loss, params, hparams, solution.x, mode=cross_mode)
+    return HypergradResult(tree_sub(gF_lam, cross), solution)
+
+
+def proximal_grad(
+    inner_loss: Callable[[TensorTree], Tensor],
+    params: TensorTree,
+    outer_grad: TensorTree,
+    *,
+    lam: float,
+    solver: AbstractLinearSolver,
+    hvp_mode: HVPMode = "auto",
+    x0: TensorTree | None = None,
+    throw: bool = False,
+) -> HypergradResult:
+    r"""Implicit gradient through a proximally coupled inner problem (BiSSL, iMAML).
+
+    For :math:`\theta^*(\omega) = \arg\min_\theta L(\theta) + \frac{\lambda}{2}\|\theta - \omega\|^2`,
+    :math:`\partial_\omega\theta^* = \lambda (H + \lambda I)^{-1}` with :math:`H = \nabla^2 L`, so the
+    gradient of an outer objective through :math:`\theta^*` is
+
+    .. math::
+
+        \nabla_\omega F = \lambda (H + \lambda I)^{-1} g = x,
+        \qquad \big(I + H/\lambda\big)\, x = g,\quad g = \nabla_\theta F(\theta^*),
+
+    which needs no mixed second derivative. The system solved is :math:`(I + H/\lambda) x = g`, as
+    in the BiSSL reference code; a damping constant :math:`d` is folded into ``lam`` by passing
+    ``lam = lambda + d``.
+
+    Args:
+        inner_loss: :math:`L`, ``inner_loss(params) -> scalar`` (without the proximal term).
+        params: :math:`\theta \approx \theta^*`.
+        outer_grad: :math:`g = \nabla_\theta F`, keyed like ``params``.
+        lam: proximal strength :math:`\lambda > 0` (plus any damping).
+        solver: e.g. ``hypergrad.CG(max_steps=5)``.
+        hvp_mode, x0, throw: as in :func:`implicit_grad`.
+
+    Returns:
+        :class:`HypergradResult` with ``grad`` keyed like ``params`` (the gradient w.r.t.
+        :math:`\omega`).
+
+    Example:
+        >>> import torch, hypergrad
+        >>> L = lambda p: 0.5 * 3.0 * (p["w"] ** 2).sum()  # H = 3 I
+        >>> g, _ = hypergrad.proximal_grad(L, {"w": torch.zeros(2)}, {"w": torch.ones(2)}, lam=1.0, solver=hypergrad.Dense())
+        >>> g["w"]  # 1 * (3 + 1)^-1 * 1
+        tensor([0.2500, 0.2500])
+    """
+    check_callable("inner_loss", inner_loss, "(params) -> scalar")
+    params = check_tree("params", params)
+    tree_check_like("outer_grad", outer_grad, params, "params")
+    outer_grad = check_tree("outer_grad", outer_grad)
+    lam = check_positive("lam", lam)
+    solver = check_solver(solver)
+    _check_mode(hvp_mode)
+    _check_x0(x0, params)
+    operator = HessianOperator(inner_loss, params, mode=hvp_mode)
+
+    def matvec(v: TensorTree) -> TensorTree:
+        return tree_axpy(1.0 / lam, operator(v), v)
+
+    solution = solver(matvec, outer_grad, x0)
+    if throw:
+        solution.raise_if_failed(solver)
+    return HypergradResult(dict(solution.x), solution)
+
+
+def fixed_point_grad(
+    phi: FixedPointMap,
+    outer_loss: BilevelLoss,
+    params: TensorTree,
+    hparams: TensorTree,
+    *,
+    solver: AbstractLinearSolver,
+    symmetric: bool = False,
+    x0: TensorTree | None = None,
+    throw: bool = False,
+) -> HypergradResult:
+    r"""Hypergradient when the inner solution is a fixed point :math:`\theta^* = \Phi(\theta^*, \lambda)`.
+
+    .. math::
+
+        v = \partial_\theta\Phi^\top v + \partial_\theta F,
+        \qquad
+        \nabla_\lambda F = \partial_\lambda F + \partial_\lambda\Phi^\top v .
+
+    :math:`\Phi` can be one optimiser step, a DEQ layer, any contraction. The operator
+    :math:`I - \partial_\theta\Phi^\top` is not symmetric in general, so solvers that assume
+    symmetry (CG) are refused unless ``symmetric=True`` (true when :math:`\Phi` is a gradient step
+    :math:`\theta - \eta\nabla_\theta G`).
+
+    Args:
+        phi: ``phi(params, hparams) -> params``.
+        outer_loss: ``outer_loss(params, hparams) -> scalar``.
+        params: :math:`\theta^*` (approximately).
+        hparams: :math:`\lambda`.
+        solver: e.g. ``hypergrad.FixedPoint(max_steps=100, rtol=1e-8)``.
+        symmetric: assert that :math:`\partial_\theta\Phi` is symmetric (allows CG).
+        x0, throw: as in :func:`implicit_grad`.
+
+    Example:
+        >>> import torch, hypergrad
+        >>> # phi = w - 0.5 (w - lam): fixed point w* = lam;  F = 1/2 w^2 -> dF/dlam = lam
+        >>> phi = lambda p, h: {"w": p["w"] - 0.5 * (p["w"] - h["lam"])}
+        >>> F = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> g, sol = hypergrad.fixed_point_grad(phi, F, {"w": torch.tensor([2.0])}, {"lam": torch.tensor([2.0])},
+        ...                                     solver=hypergrad.FixedPoint(max_steps=60, rtol=1e-10))
+        >>> round(g["lam"].item(), 6)
+        2.0
+
+    References:
+        Grazzi et al. (ICML 2020), On the iteration complexity of hypergradient computation.
+    """
+    check_callable("phi", phi, "(params, hparams) -> params")
+    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
+    params = check_tree("params", params)
+    hparams = check_tree("hparams", hparams)
+    check_same_device(params, "params", hparams, "hparams")
+    solver = check_solver(solver)
+    if solver.symmetric_only and not symmetric:
+        raise ValueError(
+            f"{type(solver).__name__} assumes a symmetric operator, but I - d(phi)/d(params)^T is not "
+            "symmetric in general. Use FixedPoint, Neumann or Dense, or pass symmetric=True if phi is "
+            "a gradient-descent step."
+        )
+    _check_x0(x0, params)
+    gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
+    gF_lam = fill_zeros(gF_lam, hparams)
+    operator = FixedPointOperator(phi, params, hparams)
+    solution = solver(operator, gF_theta, x0)
+    if throw:
+        solution.raise_if_failed(solver)
+    cross = operator.hparam_vjp(solution.x)
+    return HypergradResult(tree_map(torch.add, gF_lam, cross), solution)
+
+
+def unrolled_grad(
+    inner_step: FixedPointMap,
+    outer_loss: BilevelLoss,
+    params: TensorTree,
+    hparams: TensorTree,
+    *,
+    num_steps: int,
+    truncate: int | None = None,
+) -> UnrolledResult:
+    r"""Hypergradient by reverse-mode differentiation through ``num_steps`` inner steps.
+
+    .. math::
+
+        \theta_{k+1} = \Phi(\theta_k, \lambda),\ k < K;\qquad
+        \nabla_\lambda F(\theta_K(\lambda), \lambda)
+
+    With ``truncate=T`` only the last :math:`T` steps are differentiated (truncated
+    back-propagation): the first :math:`K - T` run without a graph, so memory is :math:`O(T)`.
+    This is the comparison method for the implicit ones; its memory grows with :math:`T`.
+
+    Args:
+        inner_step: one differentiable inner update ``(params, hparams) -> params``.
+        outer_loss: ``(params, hparams) -> scalar``.
+        params: :math:`\theta_0`.
+        hparams: :math:`\lambda`.
+        num_steps: :math:`K \ge 1`.
+        truncate: :math:`1 \le T \le K`, or ``None`` for full back-propagation.
+
+    Returns:
+        :class:`UnrolledResult` ``(grad, params)`` with the hypergradient and :math:`\theta_K`.
+
+    Example:
+        >>> import torch, hypergrad
+        >>> step = lambda p, h: {"w": p["w"] - 0.5 * (p["w"] - h["lam"])}
+        >>> F = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> g, w = hypergrad.unrolled_grad(step, F, {"w": torch.zeros(1)}, {"lam": torch.ones(1)}, num_steps=1)
+        >>> g["lam"], w["w"]  # w1 = lam / 2, F = lam^2 / 8
+        (tensor([0.2500]), tensor([0.5000]))
+
+    References:
+        Franceschi et al. (ICML 2017), Forward and reverse gradient-based hyperparameter optimization.
+        Shaban et al. (AISTATS 2019), Truncated back-propagation for bilevel optimization.
+    """
+    check_callable("inner_step", inner_step, "(params, hparams) -> params")
+    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
+    params = check_tree("params", params)
+    hparams = check_tree("hparams", hparams)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}.")
+    if truncate is not None and (
+        isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= num_steps
+    ):
+        raise ValueError(f"`truncate` must be None or an integer in [1, num_steps={num_steps}], got {truncate!r}.")
+    start = num_steps - (truncate if truncate is not None else num_steps)
+    theta = params
+    with torch.no_grad():
+        for _ in range(start):
+            theta = _checked_step(inner_step, theta, hparams, params)
+
+    def run(lam: TensorTree) -> tuple[Tensor, dict]:
+        th = theta
+        for _ in range(num_steps - start):
+            th = _checked_step(inner_step, th, lam, params)
+        return check_scalar_loss("outer_loss", outer_loss(th, lam)), th
+
+    g, final = grad(run, has_aux=True)(hparams)
+    return UnrolledResult(dict(g), {k: v.detach() for k, v in final.items()})
+
+
+def _checked_step(step: FixedPointMap, theta: TensorTree, lam: TensorTree, like: TensorTree) -> dict:
+    out = step(theta, lam)
+    if not isinstance(out, dict):
+        raise TypeError(f"`inner_step` must return a dict of tensors keyed like `params`, got {type(out).__name__}.")
+    tree_check_like("inner_step(params, hparams)", out, like, "params")
+    return out

@@ -1,0 +1,104 @@
+r"""Turning ``nn.Module`` s into functions of parameter trees, with an explicit buffer policy.
+
+Inside ``torch.func`` transforms (the HVPs of every solver) a module must not mutate a tensor
+created outside the transform, yet BatchNorm in training mode updates its running statistics in
+place. hypergrad therefore never runs a module's own buffers through a transform. Buffers are
+passed functionally, and :func:`stateless` offers two policies for normalisation layers that
+track running statistics (BatchNorm, SyncBatchNorm, InstanceNorm with ``track_running_stats``):
+
+* ``buffers="batch_stats"`` (default): the layer normalises with the current batch's statistics,
+  exactly as in a training-mode forward pass, and its running statistics are neither read nor
+  written. This is what the inner loss *is* during training, so Hessians and hypergradients are
+  those of the training objective. Running statistics keep being updated only by the ordinary
+  (non-transformed) training steps that the user runs.
+* ``buffers="running_stats"``: the layer normalises with its stored running statistics (as in
+  ``eval()``), which are not updated. Use it when the objective is defined in eval mode.
+
+Other buffers are passed as they are, read-only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._typing import TensorTree
+
+__all__ = ["BufferPolicy", "stateless", "module_params", "tracks_running_stats"]
+
+BufferPolicy = Literal["batch_stats", "running_stats"]
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def tracks_running_stats(module: nn.Module) -> bool:
+    """True for a normalisation layer that keeps running statistics (BatchNorm and friends)."""
+    return bool(getattr(module, "track_running_stats", False)) and getattr(module, "running_mean", None) is not None
+
+
+def module_params(module: nn.Module, *, trainable_only: bool = True) -> dict[str, Tensor]:
+    """``dict(module.named_parameters())`` detached, optionally only those with ``requires_grad``.
+
+    Example:
+        >>> import torch
+        >>> sorted(module_params(torch.nn.Linear(2, 1)))
+        ['bias', 'weight']
+    """
+    return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad or not trainable_only}
+
+
+def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Callable[..., Any]:
+    r"""A pure function ``f(params, *args, **kwargs)`` that runs ``module`` with ``params``.
+
+    ``params`` may hold any subset of the module's parameters (the rest are taken from the
+    module, detached). Buffers follow the policy in this module's docstring; the module itself is
+    never mutated, so ``f`` is safe under ``torch.func.grad``, ``jvp``, ``vjp`` and ``vmap``.
+
+    Args:
+        module: the network.
+        buffers: ``"batch_stats"`` or ``"running_stats"``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> f = stateless(net)
+        >>> y = f(module_params(net), torch.randn(8, 3))
+        >>> net[1].num_batches_tracked.item()  # running statistics untouched
+        0
+    """
+    if buffers not in ("batch_stats", "running_stats"):
+        raise ValueError(f"`buffers` must be 'batch_stats' or 'running_stats', got {buffers!r}.")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
+    norm_prefixes = [name for name, m in module.named_modules() if tracks_running_stats(m)]
+
+    def is_running(name: str) -> bool:
+        prefix, _, leaf = name.rpartition(".")
+        return leaf in _RUNNING and prefix in norm_prefixes
+
+    def call(params: TensorTree, *args: Any, **kwargs: Any) -> Any:
+        state: dict[str, Any] = {}
+        for name, b in module.named_buffers():
+            if buffers == "batch_stats" and is_running(name):
+                state[name] = None
+            else:
+                state[name] = b.detach()
+        state.update(params)
+        if buffers == "running_stats" and norm_prefixes:
+            return _eval_norm_layers(module, norm_prefixes, state, args, kwargs)
+        return functional_call(module, state, args, kwargs, strict=False)
+
+    return call
+
+
+def _eval_norm_layers(module: nn.Module, prefixes: list[str], state: dict, args: tuple, kwargs: dict) -> Any:
+    layers = [module.get_submodule(p) if p else module for p in prefixes]
+    modes = [m.training for m in layers]
+    try:
+        for m in layers:
+            m.training = False
+        return functional_call(module, state, args, kwargs, strict=False)
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode

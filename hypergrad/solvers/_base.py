@@ -1,0 +1,178 @@
+"""The linear-solver protocol: ``solver(matvec, b, x0=None) -> Solution``.
+
+Every solver in :mod:`hypergrad.solvers` solves :math:`A x = b` for a linear map ``matvec``
+(:math:`v \\mapsto A v`) on parameter trees, is a frozen dataclass whose fields are its settings
+(validated at construction), and reports what happened in a :class:`Solution` instead of failing
+silently. The caller decides whether a failure raises (:meth:`Solution.raise_if_failed`).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._typing import MatVec, TreeOrTensor
+from ..tree import tree_check_like
+
+__all__ = ["AbstractLinearSolver", "Solution", "Status", "SolverError"]
+
+
+class Status(enum.Enum):
+    """Outcome of a linear solve. ``failed`` statuses carry a remedy in :attr:`message`."""
+
+    SUCCESS = "success"
+    FIXED_BUDGET = "fixed_budget"
+    MAX_STEPS_REACHED = "max_steps_reached"
+    NONFINITE = "nonfinite"
+    NEGATIVE_CURVATURE = "negative_curvature"
+    DIVERGED = "diverged"
+    SINGULAR = "singular"
+
+    @property
+    def failed(self) -> bool:
+        """True for the statuses after which the solution should not be trusted."""
+        return self not in (Status.SUCCESS, Status.FIXED_BUDGET)
+
+    @property
+    def message(self) -> str:
+        """What happened and how to fix it."""
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.SUCCESS: "The requested tolerance was reached.",
+    Status.FIXED_BUDGET: (
+        "No tolerance was requested (rtol = atol = 0): the solver ran its fixed budget of "
+        "`max_steps`; see `residual_norm` for the accuracy reached."
+    ),
+    Status.MAX_STEPS_REACHED: (
+        "The tolerance was not reached within `max_steps`. Try increasing `max_steps`, loosening "
+        "`rtol`/`atol`, adding damping with `hypergrad.Damped(operator, mu)`, or warm-starting with "
+        "`x0`."
+    ),
+    Status.NONFINITE: (
+        "A non-finite value (NaN or Inf) appeared in the solve. Check that the losses and the inner "
+        "solution are finite, lower the learning rates, add damping with `hypergrad.Damped`, or run "
+        "in float64 to rule out overflow."
+    ),
+    Status.NEGATIVE_CURVATURE: (
+        "CG met a direction p with p^T A p <= 0: the operator is not positive definite here (the "
+        "inner problem is not at a strict minimum, or is non-convex). Add damping with "
+        "`hypergrad.Damped(operator, mu)`, run more inner steps, or use `Neumann`/`FixedPoint`."
+    ),
+    Status.DIVERGED: (
+        "The residual grew instead of shrinking. For `Neumann` the step `alpha` must satisfy "
+        "alpha < 2 / lambda_max(A): lower `alpha`. For `FixedPoint` the map must be a contraction: "
+        "lower the inner learning rate or add damping."
+    ),
+    Status.SINGULAR: (
+        "The materialised operator is singular, so `Dense` cannot solve it. Add damping with "
+        "`hypergrad.Damped(operator, mu)` or regularise the inner problem."
+    ),
+}
+
+
+class SolverError(RuntimeError):
+    """Raised by :meth:`Solution.raise_if_failed` (and ``throw=True`` APIs) for a failed solve."""
+
+    def __init__(self, solution: "Solution", solver: Any = None):
+        self.solution = solution
+        name = type(solver).__name__ if solver is not None else "linear solver"
+        super().__init__(
+            f"{name} failed with status {solution.status.value!r} after {solution.num_steps} steps "
+            f"(residual norm {solution.residual_norm}). {solution.status.message}"
+        )
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The result of a linear solve.
+
+    Attributes:
+        x: the solution, a tree shaped like ``b``.
+        status: a :class:`Status`; ``status.message`` says what to do when it failed.
+        num_steps: iterations performed.
+        num_matvecs: calls of ``matvec`` made by the solver (HVPs, for a Hessian operator).
+        residual_norm: :math:`\\|b - A x\\|_2` of the returned ``x`` (``None`` when not computed,
+            as for :class:`~hypergrad.solvers.Identity`).
+        stats: solver-specific extras (e.g. ``min_curvature`` for CG).
+    """
+
+    x: TreeOrTensor
+    status: Status
+    num_steps: int
+    num_matvecs: int
+    residual_norm: float | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        """True when a requested tolerance was reached."""
+        return self.status is Status.SUCCESS
+
+    @property
+    def failed(self) -> bool:
+        """True when the solution should not be trusted (see :class:`Status`)."""
+        return self.status.failed
+
+    def raise_if_failed(self, solver: Any = None) -> "Solution":
+        """Raise :class:`SolverError` (with a remedy) if the solve failed; return ``self`` otherwise."""
+        if self.failed:
+            raise SolverError(self, solver)
+        return self
+
+
+def _check_nonneg_float(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
+
+
+def _check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r}"
+            + (" (a float? pass an int)." if isinstance(value, float) else ".")
+        )
+
+
+class AbstractLinearSolver(abc.ABC):
+    """Base of all linear solvers: ``solver(matvec, b, x0=None) -> Solution``.
+
+    Subclasses are frozen dataclasses, implement :meth:`_solve`, and are final (compose by
+    wrapping the operator, e.g. :class:`hypergrad.Damped`, not by subclassing a solver).
+
+    ``symmetric_only`` tells whether the solver assumes a symmetric positive definite operator
+    (CG does); fixed-point hypergradients refuse such solvers because their operator is not
+    symmetric.
+    """
+
+    symmetric_only: bool = False
+
+    def __call__(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None = None) -> Solution:
+        if not callable(matvec):
+            raise TypeError(
+                f"{type(self).__name__}: `matvec` must be a callable v -> A v (for example a "
+                f"`hypergrad.HessianOperator`), got {type(matvec).__name__}. To solve with a dense "
+                "matrix M, pass `lambda v: M @ v`."
+            )
+        if not isinstance(b, (Tensor, dict)) and not hasattr(b, "items"):
+            raise TypeError(
+                f"{type(self).__name__}: `b` must be a Tensor or a dict of tensors, got {type(b).__name__}."
+            )
+        if x0 is not None:
+            tree_check_like("x0", x0, b, "b")
+        return self._solve(matvec, b, x0)
+
+    @abc.abstractmethod
+    def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
+        """Solve ``A x = b``; ``x0`` has already been validated."""
+
+
+def _tolerance(b_norm: Tensor, rtol: float, atol: float) -> Tensor:
+    return torch.clamp(rtol * b_norm, min=atol) if rtol > 0 else torch.full_like(b_norm, atol)

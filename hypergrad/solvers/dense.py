@@ -1,0 +1,91 @@
+"""Dense reference solver: materialise the operator and call ``torch.linalg.solve``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._typing import MatVec, TreeOrTensor
+from ..tree import tree_ravel
+from ._base import AbstractLinearSolver, Solution, Status, _check_positive_int
+
+__all__ = ["Dense", "materialize"]
+
+
+def materialize(matvec: MatVec, like: TreeOrTensor) -> Tensor:
+    r"""The dense matrix :math:`A` of a linear map on trees shaped like ``like``.
+
+    Column :math:`j` is :math:`A e_j` on the flattened tree. The columns are computed in one
+    ``torch.func.vmap`` call when the operator supports it, otherwise one by one.
+
+    Example:
+        >>> import torch
+        >>> M = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> materialize(lambda v: M @ v, torch.zeros(2))
+        tensor([[1., 2.],
+                [3., 4.]])
+    """
+    flat, unravel = tree_ravel(like)
+    n = flat.numel()
+    eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+
+    def column(e: Tensor) -> Tensor:
+        return tree_ravel(matvec(unravel(e)))[0]
+
+    try:
+        cols = torch.func.vmap(column)(eye)
+    except Exception:  # an op without a batching rule: fall back to a plain loop
+        cols = torch.stack([column(e) for e in eye])
+    return cols.T.contiguous()
+
+
+@dataclass(frozen=True)
+class Dense(AbstractLinearSolver):
+    r"""Exact solve by materialisation: :math:`x = A^{-1} b` with ``torch.linalg.solve``.
+
+    Builds the :math:`n \times n` matrix with :math:`n` matvecs (batched by ``vmap``), so it is the
+    reference for tests and the right choice only for small problems. A singular matrix gives
+    :attr:`Status.SINGULAR`.
+
+    Args:
+        max_size: refuse operators on more than this many unknowns (memory is :math:`n^2`).
+
+    Example:
+        >>> import torch
+        >>> from hypergrad.solvers import Dense
+        >>> A = torch.tensor([[3.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> Dense()(lambda v: A @ v, torch.tensor([4.0, 2.0], dtype=torch.float64)).x
+        tensor([1., 1.], dtype=torch.float64)
+    """
+
+    max_size: int = 20_000
+
+    def __post_init__(self) -> None:
+        _check_positive_int("Dense", "max_size", self.max_size)
+
+    def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
+        flat_b, unravel = tree_ravel(b)
+        n = flat_b.numel()
+        if n > self.max_size:
+            raise ValueError(
+                f"Dense: the operator acts on {n} unknowns, more than `max_size`={self.max_size}; "
+                f"materialising it needs {n * n * flat_b.element_size() / 2**30:.1f} GiB. Use "
+                "`hypergrad.solvers.CG` (symmetric) or `Neumann`, or raise `max_size`."
+            )
+        matrix = materialize(matvec, b)
+        x, info = torch.linalg.solve_ex(matrix, flat_b)
+        if int(info) != 0:
+            return Solution(unravel(torch.full_like(flat_b, float("nan"))), Status.SINGULAR, 1, n, None)
+        residual = float(torch.linalg.vector_norm(matrix @ x - flat_b))
+        finite = bool(torch.isfinite(x).all()) and residual == residual
+        status = Status.SUCCESS if finite else Status.NONFINITE
+        return Solution(unravel(x), status, 1, n, residual, {"condition_number": _cond(matrix)})
+
+
+def _cond(matrix: Tensor) -> float:
+    try:
+        return float(torch.linalg.cond(matrix))
+    except RuntimeError:  # pragma: no cover - non-finite matrix
+        return float("nan")

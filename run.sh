@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine. Each command installs what it needs first (a virtualenv in
+# .venv with the package and its extras), then runs. Exit codes are the commands' own.
+#
+#   bash run.sh demo        # the main job on embedded offline data
+#   bash run.sh test        # the test suite (what CI runs); extra args go to pytest
+#   bash run.sh docs        # build the HTML docs into docs/_build/html
+#   bash run.sh bench       # the small benchmark preset; `bench-full` for the full one
+#   bash run.sh python ...  # run python inside the environment
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+VENV="${HYPERGRAD_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+install() {
+  local stamp
+  stamp="$VENV/.stamp-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    "$PY" -m pip install --quiet --progress-bar off -e ".[all]"
+    rm -f "$VENV"/.stamp-*
+    touch "$stamp"
+  fi
+}
+
+cmd="${1:-help}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  install) install ;;
+  demo) install; exec "$PY" -m applications.toy "$@" ;;
+  test) install; exec "$PY" -m pytest "$@" ;;
+  docs) install; exec "$PY" -m sphinx -W --keep-going -b html docs docs/_build/html "$@" ;;
+  python) install; exec "$PY" "$@" ;;
+  *) sed -n '2,11p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
+esac
