@@ -1,0 +1,1 @@
+"""Applications built only on the public :mod:`hypergrad` API (toy problems, BiSSL, UMM)."""
