@@ -47,6 +47,13 @@ from .tree import tree_scale as tree_scale
 from .tree import tree_sub as tree_sub
 from .tree import tree_vdot as tree_vdot
 from .tree import tree_zeros_like as tree_zeros_like
+from .checkpoint import load_checkpoint as load_checkpoint
+from .checkpoint import save_checkpoint as save_checkpoint
+from .metrics import MetricsLogger as MetricsLogger
+from .metrics import ProgressHook as ProgressHook
+from .records import SolveInfo as SolveInfo
+from .records import StepCallback as StepCallback
+from .records import StepRecord as StepRecord
 
 __version__ = "0.1.0"
 
@@ -101,4 +108,12 @@ __all__ = [
     "tree_sub",
     "tree_vdot",
     "tree_zeros_like",
+    # training loops (BilevelProblem layer)
+    "save_checkpoint",
+    "load_checkpoint",
+    "MetricsLogger",
+    "ProgressHook",
+    "SolveInfo",
+    "StepCallback",
+    "StepRecord",
 ]
