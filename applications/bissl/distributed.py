@@ -1,0 +1,191 @@
+"""torch.distributed helpers: rank/world queries, torchrun initialisation, gathers with gradient.
+
+Every helper works without an initialised process group (it then behaves as a world of one), so
+the same training code runs in one process, under ``torchrun --nproc-per-node N`` (gloo on CPU,
+NCCL on CUDA), or in processes started by :func:`torch.multiprocessing.spawn`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_with_grad",
+    "all_reduce_mean",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "local_rank",
+    "rank",
+    "world_size",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is available and initialised.
+
+    Example:
+        >>> is_distributed()
+        False
+    """
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a process group).
+
+    Example:
+        >>> rank()
+        0
+    """
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without a process group).
+
+    Example:
+        >>> world_size()
+        1
+    """
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """Rank on this node, from torchrun's ``LOCAL_RANK`` (0 when not set).
+
+    Example:
+        >>> isinstance(local_rank(), int)
+        True
+    """
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 (the process that logs, shows progress and writes files).
+
+    Example:
+        >>> is_main_process()
+        True
+    """
+    return rank() == 0
+
+
+def init_distributed(backend: str | None = None) -> bool:
+    """Initialise the default process group when launched by torchrun; no-op otherwise.
+
+    torchrun sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; when
+    ``WORLD_SIZE`` is unset or 1 nothing is initialised. On CUDA the process is pinned to
+    ``cuda:LOCAL_RANK``.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or None (NCCL when CUDA is available, else gloo).
+
+    Returns:
+        Whether a process group is now initialised.
+
+    Example:
+        >>> init_distributed()  # not under torchrun
+        False
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl", "mpi"):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or 'mpi', got {backend!r}.")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def cleanup_distributed() -> None:
+    """Destroy the default process group if one is initialised.
+
+    Example:
+        >>> cleanup_distributed()
+    """
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Synchronise all ranks (no-op without a process group).
+
+    Example:
+        >>> barrier()
+    """
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all ranks (a new tensor; no gradient).
+
+    Args:
+        tensor: any shape, same shape on every rank.
+
+    Returns:
+        The element-wise mean over ranks, same shape.
+
+    Example:
+        >>> all_reduce_mean(torch.tensor([1.0, 3.0]))
+        tensor([1., 3.])
+    """
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= world_size()
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the incoming gradients over ranks and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor)
+        ctx.batch = tensor.shape[0]
+        return torch.cat(chunks, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.batch
+        return grad[start : start + ctx.batch]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    r"""Concatenate ``tensor`` from all ranks along dim 0, differentiably.
+
+    With per-rank losses :math:`\ell_r` that all read the gathered tensor :math:`Z`, the backward
+    pass returns to rank :math:`k` the gradient of :math:`\sum_r \ell_r` with respect to its own slice
+    :math:`Z_k` (the incoming gradients are summed over ranks). DDP then averages parameter
+    gradients over the :math:`W` ranks, which yields the gradient of :math:`\frac1W\sum_r \ell_r`,
+    i.e. of the loss over the global batch.
+
+    Args:
+        tensor: ``(B, ...)``; every rank must pass the same shape (use ``drop_last=True``).
+
+    Returns:
+        ``(W * B, ...)`` in rank order; ``tensor`` itself without a process group.
+
+    Example:
+        >>> all_gather_with_grad(torch.ones(2, 3)).shape
+        torch.Size([2, 3])
+    """
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
