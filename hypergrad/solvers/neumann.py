@@ -26,7 +26,8 @@ class Neumann(AbstractLinearSolver):
     non-symmetric operators too. Growth of the residual is reported as :attr:`Status.DIVERGED`.
 
     Args:
-        max_steps: number of series terms after the first (>= 1).
+        max_steps: number of series terms (>= 1): from :math:`x_0 = 0`, ``max_steps`` = K steps give
+            :math:`x_K = \alpha \sum_{k<K} (I - \alpha A)^k b`.
         alpha: step, > 0. Too large diverges; too small converges slowly.
         rtol: optional relative tolerance (0: fixed budget, no per-step host sync).
         atol: optional absolute tolerance.
