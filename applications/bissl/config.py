@@ -1,0 +1,367 @@
+r"""Configuration of the BiSSL pipeline: one dataclass per stage, and named presets.
+
+Settings live on the stage that uses them (solver *objects*, not ``cg_*`` strings):
+
+* :class:`ModelConfig` - backbone, projector and predictor sizes.
+* :class:`PretrainConfig` - the self-supervised pretext stage (SimCLR / BYOL, LARS).
+* :class:`BiSSLConfig` - the bilevel stage: head warm-up, alternations of ``lower_steps`` lower and
+  ``upper_steps`` upper steps, :math:`\lambda`, damping, :math:`\gamma`, the linear solver.
+* :class:`FinetuneConfig` - the evaluation protocol: random-search HPO then seeded runs.
+* :class:`PipelineConfig` - all of the above plus the data sets, directories and device.
+
+Presets (:func:`get_preset`):
+
+* ``paper`` - the authors' protocol (ResNet-50, 96 px, batch 1024/256, 500 epochs, 500 alternations,
+  100 HPO trials, 10 runs, per-data-set upper lr/wd); needs GPUs and the data sets on disk.
+* ``mini`` - a faithful small-scale replication on CPU: pretext on Fashion-MNIST (train split,
+  labels unused), downstream digits, Fashion-MNIST with 20 labels per class and inverted
+  Fashion-MNIST with 20 labels per class, 10 seeds.
+* ``demo`` - the end-to-end job on embedded offline data (sklearn digits; Fashion-MNIST as pretext
+  when its files are installed), a few minutes on 2 CPU cores.
+* ``tiny`` - seconds; used by the tests.
+
+Example:
+    >>> cfg = get_preset("paper")
+    >>> cfg.bissl.solver
+    CG(max_steps=5, rtol=0.0, atol=0.0)
+    >>> upper_hparams("pets", "simclr")
+    (0.03, 0.001)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypergrad import CG, AbstractLinearSolver
+
+__all__ = [
+    "ModelConfig",
+    "PretrainConfig",
+    "BiSSLConfig",
+    "FinetuneConfig",
+    "PipelineConfig",
+    "PRESETS",
+    "PAPER_DOWNSTREAM",
+    "UPPER_HPARAMS",
+    "upper_hparams",
+    "get_preset",
+    "fashion_mnist_available",
+]
+
+# Per-data-set upper-level (lr, wd) of the authors: {dataset: {pretext_type: (lr, wd)}} (BISSL.md).
+UPPER_HPARAMS: dict[str, dict[str, tuple[float, float]]] = {
+    "aircraft": {"simclr": (0.03, 5e-3), "byol": (0.015, 3e-3)},
+    "caltech101": {"simclr": (0.03, 1e-4), "byol": (0.015, 2e-4)},
+    "cars": {"simclr": (0.035, 1e-3), "byol": (0.04, 2e-3)},
+    "cifar10": {"simclr": (0.015, 1e-3), "byol": (0.01, 1e-3)},
+    "cifar100": {"simclr": (0.01, 1e-4), "byol": (0.01, 1e-3)},
+    "cub200": {"simclr": (0.03, 1e-3), "byol": (0.015, 1e-4)},
+    "dtd": {"simclr": (0.03, 1e-3), "byol": (0.015, 1e-4)},
+    "flowers": {"simclr": (0.05, 5e-4), "byol": (0.035, 2e-3)},
+    "food": {"simclr": (0.03, 1e-3), "byol": (0.035, 2e-3)},
+    "pets": {"simclr": (0.03, 1e-3), "byol": (0.02, 2e-3)},
+    "sun397": {"simclr": (0.015, 5e-5), "byol": (0.01, 5e-5)},
+    "voc07": {"simclr": (0.015, 5e-3), "byol": (0.005, 6e-3)},
+}
+PAPER_DOWNSTREAM: tuple[str, ...] = tuple(UPPER_HPARAMS)
+# Upper (lr, wd) for the small offline tasks of the mini/demo/tiny presets (not from the paper:
+# chosen once on the digits task and kept for all of them).
+SMALL_UPPER = (0.03, 1e-3)
+PRETEXT_TYPES = ("simclr", "byol")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
+    """True when the Fashion-MNIST idx files (Debian ``dataset-fashion-mnist``) are present."""
+    return os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz"))
+
+
+def upper_hparams(dataset: str, pretext_type: str = "simclr") -> tuple[float, float]:
+    """The authors' upper-level ``(lr, wd)`` for a paper data set, or the small-task default.
+
+    Example:
+        >>> upper_hparams("cifar10", "byol")
+        (0.01, 0.001)
+        >>> upper_hparams("digits")
+        (0.03, 0.001)
+    """
+    if pretext_type not in PRETEXT_TYPES:
+        raise ValueError(f"`pretext_type` must be one of {PRETEXT_TYPES}, got {pretext_type!r}.")
+    return UPPER_HPARAMS.get(dataset, {}).get(pretext_type, SMALL_UPPER)
+
+
+def _pos(owner: str, name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    bad = isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not allow_zero)
+    if bad:
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{owner}: `{name}` must be {'an integer' if integer else 'a number'} {need}, got {value!r}.")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and heads.
+
+    Args:
+        arch: ``"resnet18"`` or ``"resnet50"`` (torchvision).
+        small_stem: 3x3 stride-1 first conv, no max-pool (small images).
+        width: channels of the first ResNet stage (64 in torchvision; smaller for CPU runs).
+        in_channels: 1 (grayscale) or 3.
+        image_size: side of the square input image in pixels.
+        proj_dims: projector hidden and output width (paper: 256).
+        pred_hidden: BYOL predictor hidden width (paper: 256).
+    """
+
+    arch: str = "resnet50"
+    small_stem: bool = False
+    width: int = 64
+    in_channels: int = 3
+    image_size: int = 96
+    proj_dims: int = 256
+    pred_hidden: int = 256
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("resnet18", "resnet50"):
+            raise ValueError(f"ModelConfig: `arch` must be 'resnet18' or 'resnet50', got {self.arch!r}.")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"ModelConfig: `in_channels` must be 1 or 3, got {self.in_channels!r}.")
+        for name in ("width", "image_size", "proj_dims", "pred_hidden"):
+            _pos("ModelConfig", name, getattr(self, name), integer=True)
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretext training (SimCLR or BYOL with LARS, warm-up + cosine)."""
+
+    pretext_type: str = "simclr"
+    dataset: str = "imagenet"
+    epochs: int = 500
+    batch_size: int = 1024
+    lr: float = 4.8
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: int = 10
+    temperature: float = 0.5
+    ema_decay: float = 0.9995
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretext_type not in PRETEXT_TYPES:
+            raise ValueError(f"PretrainConfig: `pretext_type` must be one of {PRETEXT_TYPES}, got {self.pretext_type!r}.")
+        for name in ("epochs", "batch_size"):
+            _pos("PretrainConfig", name, getattr(self, name), integer=True)
+        _pos("PretrainConfig", "warmup_epochs", self.warmup_epochs, integer=True, allow_zero=True)
+        for name in ("lr", "temperature"):
+            _pos("PretrainConfig", name, getattr(self, name))
+        _pos("PretrainConfig", "weight_decay", self.weight_decay, allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"PretrainConfig: `ema_decay` must be in [0, 1), got {self.ema_decay!r}.")
+
+
+@dataclass
+class BiSSLConfig:
+    r"""The bilevel stage.
+
+    Lower level: :math:`\min_{\theta_P} L_P(\theta_P) + \frac{\lambda}{2}\|\theta_P - \theta_D\|^2`
+    (backbone only). Upper level: :math:`L_D(\theta_P^*, \phi) + \gamma L_D(\theta_D, \phi)`, with
+    :math:`\nabla_{\theta_D}` through :math:`\lambda_e (H + \lambda_e I)^{-1}`,
+    :math:`\lambda_e = \lambda + \text{damping}`, solved by ``solver``.
+
+    Args:
+        alternations: number of (lower, upper) rounds (paper: 500).
+        lower_steps, upper_steps: :math:`N_L` and :math:`N_U` per alternation (paper: 20 and 8).
+        lam, damping, gamma: :math:`\lambda` (1e-3), damping (10), :math:`\gamma` (1).
+        solver: linear solver object for :math:`(I + H/\lambda_e) x = g` (paper: ``CG(max_steps=5)``).
+        warm_start: start each upper step's solve from the previous solution of the alternation.
+        reuse_operator: keep the pretext gradient graph for the whole alternation
+            (``HessianOperator(mode="rev_rev_cached")``): one backward pass per HVP, no forward re-run.
+        hvp_mode: HVP mode when ``reuse_operator`` is off (see ``hypergrad.HVP_MODES``).
+        head_warmup_epochs: linear-head warm-up epochs, backbone frozen (paper: 20).
+        lower_lr, lower_wd, lower_warmup_steps: LARS settings of the lower level (1.0, 1e-6, 200).
+        upper_lr, upper_wd: SGD settings of the upper level; ``None`` takes :func:`upper_hparams`.
+        momentum: SGD / LARS momentum (0.9). final_lr_factor: cosine floor (0.001).
+        clip_norm: gradient-norm clipping on both levels (10).
+        pretext_batch, downstream_batch: batch sizes (1024 and 256).
+        downstream: the downstream task the upper level optimises (``--d-dset``).
+    """
+
+    downstream: str = "pets"
+    alternations: int = 500
+    lower_steps: int = 20
+    upper_steps: int = 8
+    lam: float = 1e-3
+    damping: float = 10.0
+    gamma: float = 1.0
+    solver: AbstractLinearSolver = field(default_factory=lambda: CG(max_steps=5))
+    warm_start: bool = False
+    reuse_operator: bool = False
+    hvp_mode: str = "auto"
+    head_warmup_epochs: int = 20
+    lower_lr: float = 1.0
+    lower_wd: float = 1e-6
+    lower_warmup_steps: int = 200
+    upper_lr: float | None = None
+    upper_wd: float | None = None
+    momentum: float = 0.9
+    final_lr_factor: float = 1e-3
+    clip_norm: float = 10.0
+    pretext_batch: int = 1024
+    downstream_batch: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("alternations", "lower_steps", "upper_steps", "pretext_batch", "downstream_batch"):
+            _pos("BiSSLConfig", name, getattr(self, name), integer=True)
+        for name in ("head_warmup_epochs", "lower_warmup_steps"):
+            _pos("BiSSLConfig", name, getattr(self, name), integer=True, allow_zero=True)
+        for name in ("lam", "lower_lr", "clip_norm", "final_lr_factor"):
+            _pos("BiSSLConfig", name, getattr(self, name))
+        for name in ("damping", "gamma", "lower_wd", "momentum"):
+            _pos("BiSSLConfig", name, getattr(self, name), allow_zero=True)
+        if not isinstance(self.solver, AbstractLinearSolver):
+            raise TypeError(
+                f"BiSSLConfig: `solver` must be a hypergrad solver object such as hypergrad.CG(max_steps=5), "
+                f"got {self.solver!r}."
+            )
+
+    @property
+    def lam_eff(self) -> float:
+        """:math:`\\lambda + \\text{damping}`, the constant of the solved system."""
+        return self.lam + self.damping
+
+
+@dataclass
+class FinetuneConfig:
+    """Evaluation protocol: full fine-tuning (SGD momentum 0.9, cosine, no warm-up).
+
+    Random search over ``lr ~ logU(lr_range)``, ``wd ~ logU(wd_range)`` with ``hpo_trials`` trials
+    selected on a seeded validation split of ``val_fraction`` of the training set (``hpo_trials=0``
+    uses ``lr``/``wd`` as given), then ``num_runs`` seeded runs on the full training set.
+    """
+
+    epochs: int = 400
+    batch_size: int = 256
+    hpo_trials: int = 100
+    num_runs: int = 10
+    lr_range: tuple[float, float] = (1e-4, 1.0)
+    wd_range: tuple[float, float] = (1e-5, 1e-2)
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    val_fraction: float = 0.2
+    hpo_epochs: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "num_runs"):
+            _pos("FinetuneConfig", name, getattr(self, name), integer=True)
+        _pos("FinetuneConfig", "hpo_trials", self.hpo_trials, integer=True, allow_zero=True)
+        for name in ("lr_range", "wd_range"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"FinetuneConfig: `{name}` must be (low, high) with 0 < low <= high, got {(lo, hi)!r}.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"FinetuneConfig: `val_fraction` must be in (0, 1), got {self.val_fraction!r}.")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one ``run`` needs: stage configs, data sets, directories and device.
+
+    ``downstream`` lists the downstream tasks (names understood by the task loader, e.g.
+    ``"digits"``, ``"fashion_mnist@20"`` = 20 labels per class, ``"fashion_mnist_inv@20"``).
+    """
+
+    name: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    bissl: BiSSLConfig = field(default_factory=BiSSLConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    downstream: tuple[str, ...] = PAPER_DOWNSTREAM
+    data_root: str = "data"
+    out_dir: str = "results"
+    log_dir: str | None = None
+    device: str = "cpu"
+    num_workers: int = 0
+    seed: int = 0
+    max_train_samples: int | None = None
+
+    @property
+    def run_dir(self) -> str:
+        """``out_dir/<preset name>``: where every stage of this pipeline writes."""
+        return os.path.join(self.out_dir, self.name)
+
+    @property
+    def logs(self) -> str:
+        """The log directory (``log_dir`` or ``run_dir/logs``)."""
+        return self.log_dir or os.path.join(self.run_dir, "logs")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (solver objects as their repr)."""
+        d = dataclasses.asdict(dataclasses.replace(self, bissl=dataclasses.replace(self.bissl)))
+        d["bissl"]["solver"] = repr(self.bissl.solver)
+        return d
+
+
+def _paper() -> PipelineConfig:
+    return PipelineConfig(name="paper", device="cuda", num_workers=8)
+
+
+def _mini() -> PipelineConfig:
+    return PipelineConfig(
+        name="mini",
+        model=ModelConfig(arch="resnet18", small_stem=True, width=16, in_channels=1, image_size=28,
+                          proj_dims=128, pred_hidden=128),
+        pretrain=PretrainConfig(dataset="fashion_mnist", epochs=15, batch_size=256, lr=1.2,
+                                warmup_epochs=1),
+        bissl=BiSSLConfig(downstream="digits", alternations=30, lower_steps=20, upper_steps=8,
+                          head_warmup_epochs=5, lower_warmup_steps=50, pretext_batch=256,
+                          downstream_batch=128),
+        finetune=FinetuneConfig(epochs=15, batch_size=128, hpo_trials=10, hpo_epochs=8, num_runs=10),
+        downstream=("digits", "fashion_mnist@20", "fashion_mnist_inv@20"),
+        max_train_samples=None,
+    )
+
+
+def _demo() -> PipelineConfig:
+    fm = fashion_mnist_available()
+    return PipelineConfig(
+        name="demo",
+        model=ModelConfig(arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16,
+                          proj_dims=64, pred_hidden=64),
+        pretrain=PretrainConfig(dataset="fashion_mnist" if fm else "digits", epochs=4, batch_size=128,
+                                lr=1.0, warmup_epochs=1, max_samples=3000 if fm else None),
+        bissl=BiSSLConfig(downstream="digits", alternations=6, lower_steps=10, upper_steps=4,
+                          head_warmup_epochs=2, lower_warmup_steps=10, pretext_batch=128,
+                          downstream_batch=64),
+        finetune=FinetuneConfig(epochs=6, batch_size=64, hpo_trials=3, hpo_epochs=3, num_runs=3),
+        downstream=("digits",),
+    )
+
+
+def _tiny() -> PipelineConfig:
+    return PipelineConfig(
+        name="tiny",
+        model=ModelConfig(arch="resnet18", small_stem=True, width=4, in_channels=1, image_size=8,
+                          proj_dims=16, pred_hidden=16),
+        pretrain=PretrainConfig(dataset="digits", epochs=1, batch_size=32, lr=0.5, warmup_epochs=0,
+                                max_samples=128),
+        bissl=BiSSLConfig(downstream="digits", alternations=2, lower_steps=2, upper_steps=2,
+                          head_warmup_epochs=1, lower_warmup_steps=1, pretext_batch=32,
+                          downstream_batch=32, solver=CG(max_steps=2)),
+        finetune=FinetuneConfig(epochs=1, batch_size=32, hpo_trials=2, hpo_epochs=1, num_runs=2),
+        downstream=("digits",),
+        max_train_samples=128,
+    )
+
+
+PRESETS = {"paper": _paper, "mini": _mini, "demo": _demo, "tiny": _tiny}
+
+
+def get_preset(name: str) -> PipelineConfig:
+    """A fresh :class:`PipelineConfig` for preset ``name`` (``paper``, ``mini``, ``demo``, ``tiny``)."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]()
