@@ -54,6 +54,16 @@ from .metrics import ProgressHook as ProgressHook
 from .records import SolveInfo as SolveInfo
 from .records import StepCallback as StepCallback
 from .records import StepRecord as StepRecord
+from . import distributed as distributed
+from .checkpoint import get_rng_state as get_rng_state
+from .checkpoint import set_rng_state as set_rng_state
+from .level import Level as Level
+from .methods import AbstractHypergradMethod as AbstractHypergradMethod
+from .methods import Implicit as Implicit
+from .methods import Proximal as Proximal
+from .methods import Unrolled as Unrolled
+from .problem import BilevelProblem as BilevelProblem
+from .records import NonFiniteError as NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -116,4 +126,14 @@ __all__ = [
     "SolveInfo",
     "StepCallback",
     "StepRecord",
+    "distributed",
+    "get_rng_state",
+    "set_rng_state",
+    "Level",
+    "AbstractHypergradMethod",
+    "Implicit",
+    "Proximal",
+    "Unrolled",
+    "BilevelProblem",
+    "NonFiniteError",
 ]

@@ -11,13 +11,15 @@ never a half-written file. A kill between the write and the rename can leave a s
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state"]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -109,3 +111,37 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The state of every random generator a training loop touches: torch (CPU and each CUDA
+    device), Python's :mod:`random` and NumPy's global generator, as tensors and plain types (so a
+    checkpoint holding it loads with ``weights_only=True``).
+
+    Example:
+        >>> import torch, hypergrad
+        >>> s = hypergrad.get_rng_state(); a = torch.rand(2)
+        >>> hypergrad.set_rng_state(s); torch.equal(a, torch.rand(2))
+        True
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators from :func:`get_rng_state` (CUDA states only where devices exist)."""
+    if not isinstance(state, dict) or "torch" not in state:
+        raise TypeError("`state` must be a dict from hypergrad.get_rng_state().")
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

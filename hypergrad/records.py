@@ -17,7 +17,15 @@ from typing import Callable, Literal, Optional
 
 from .solvers import Solution
 
-__all__ = ["Phase", "SolveInfo", "StepRecord", "StepCallback"]
+__all__ = ["Phase", "SolveInfo", "StepRecord", "StepCallback", "NonFiniteError"]
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient, Hessian-vector product or hypergradient was NaN or Inf.
+
+    Raised by :class:`~hypergrad.BilevelProblem` with ``on_nonfinite="raise"``; with ``"skip"`` the
+    same text is the record's ``reason``. Parameters and optimiser state are untouched either way.
+    """
+
 
 #: Which public call produced a record.
 Phase = Literal["inner", "hypergradient", "outer", "step"]
