@@ -85,6 +85,11 @@ def _check_common(owner: str, solver: Any, hvp_mode: Any, damping: Any, warm_sta
         )
 
 
+def _wide(value: Tensor) -> Tensor:
+    """A detached 0-dim copy in at least float32 (bf16 losses under autocast are widened)."""
+    return value.detach().reshape(()).to(torch.promote_types(value.dtype, torch.float32))
+
+
 def value_and_grads(fn: PureLoss, params: TensorTree, hparams: TensorTree) -> tuple[Tensor, dict, dict]:
     """``fn(params, hparams)`` and its gradients w.r.t. both trees (zeros where unused)."""
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -99,7 +104,7 @@ def value_and_grads(fn: PureLoss, params: TensorTree, hparams: TensorTree) -> tu
         grads = torch.autograd.grad(value, [*p.values(), *h.values()], allow_unused=True)
     gp = {k: torch.zeros_like(p[k]) if g is None else g for k, g in zip(p, grads[: len(p)])}
     gh = {k: torch.zeros_like(h[k]) if g is None else g for k, g in zip(h, grads[len(p):])}
-    return value.detach().reshape(()).float(), gp, gh
+    return _wide(value), gp, gh
 
 
 def reduced_outer_grads(outer_fn: PureLoss, params: TensorTree, hparams: TensorTree, reduce: Reduce) -> tuple[Tensor, dict, dict]:
@@ -404,7 +409,7 @@ class Unrolled(AbstractHypergradMethod):
             raise  # not a numerical problem
         final, g_lam = result.params, result.grad
         with torch.no_grad():
-            value = outer_fn(final, hparams).detach().reshape(()).float()
+            value = _wide(outer_fn(final, hparams))
         packed = reduce({**{"h." + k: v for k, v in g_lam.items()}, "loss": value.reshape(1)})
         value = packed["loss"].reshape(())
         if not bool(torch.isfinite(value)):

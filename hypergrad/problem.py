@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .checkpoint import get_rng_state, set_rng_state
 from .distributed import all_reduce_mean, broadcast_module, world_size
 from .level import Level
-from .methods import AbstractHypergradMethod, MethodState
+from .methods import AbstractHypergradMethod, MethodState, _wide
 from .modules import BufferPolicy, stateless
 from .records import NonFiniteError, SolveInfo, StepCallback, StepRecord
 from .tree import tree_norm
@@ -239,7 +239,7 @@ class BilevelProblem:
             total = loss if penalty is None else loss + penalty
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
         tree = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-        tree["__loss__"] = total.detach().float().reshape(1)
+        tree["__loss__"] = _wide(total).reshape(1)
         tree = self._reduce(tree)
         value = float(tree.pop("__loss__"))
         for (k, p) in params.items():
@@ -311,7 +311,7 @@ class BilevelProblem:
         """Check, clip and apply the gradients in ``.grad``; clears them. Returns a skip reason."""
         params = [p for p in level.trained_parameters().values() if p.grad is not None]
         if reason is None and params:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])))
             if norm != norm or norm == float("inf"):
                 reason = f"the {which} gradient is non-finite (norm {norm})"
         if reason is None:
