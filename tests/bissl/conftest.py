@@ -1,0 +1,32 @@
+"""Shared helpers of the BiSSL tests: run a function in 2 gloo processes (torch.multiprocessing.spawn)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes with a gloo group; raise on failure."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
