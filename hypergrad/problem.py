@@ -295,7 +295,8 @@ class BilevelProblem:
             reason, self._pending_skip = self._pending_skip, None
             self.outer.optimizer.zero_grad(set_to_none=True)
             self.outer_skipped += 1
-            record.skipped, record.reason = True, reason
+            if not (record.reason and reason in record.reason):  # not yet reported in this record
+                self._skip(record, reason)
         else:
             if all(p.grad is None for p in self._outer_params.values()):
                 raise RuntimeError("outer_step: no outer gradients; call hypergradient(outer_batch) first or pass outer_batch.")
@@ -386,7 +387,7 @@ class BilevelProblem:
             level.optimizer.load_state_dict(state[f"{which}_optimizer"])
             saved = state[f"{which}_scheduler"]
             if (saved is None) != (level.scheduler is None):
-                raise ValueError(f"the checkpoint {'has no' if saved is None else 'has a'} {which} scheduler but this problem "
+                raise ValueError(f"the checkpoint {'has no' if saved is None else 'has an'} {which} scheduler but this problem "
                                  f"{'has one' if saved is None else 'has none'}; build the problem as it was saved.")
             if saved is not None:
                 level.scheduler.load_state_dict(saved)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacrev
+import torch.autograd.functional as AF
 
 import hypergrad
 
@@ -30,19 +30,28 @@ def unflat(vec: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def dense_implicit(G: Callable, F: Callable, theta: dict, lam: dict) -> dict[str, Tensor]:
-    """``dF/dlam = d_lam F - (d2_{theta lam} G)^T (d2_theta G)^-1 d_theta F`` with dense matrices."""
-    t0, l0 = flat(theta), flat(lam)
+    """``dF/dlam = d_lam F - (d2_{theta lam} G)^T (d2_theta G)^-1 d_theta F`` with dense matrices.
+
+    Built with ``torch.autograd.functional`` column by column (no vmap): ``torch.func.hessian``
+    returns a wrong, non-symmetric Hessian through training-mode BatchNorm (seen with torch 2.15).
+    """
+    t0, l0 = flat(theta).detach(), flat(lam).detach()
     g = lambda t, l: G(unflat(t, theta), unflat(l, lam))  # noqa: E731
     f = lambda t, l: F(unflat(t, theta), unflat(l, lam))  # noqa: E731
-    H = hessian(g, argnums=0)(t0, l0)
-    M = jacrev(grad(g, argnums=0), argnums=1)(t0, l0)  # d/dlam of grad_theta G: (n_theta, n_lam)
-    ft, fl = grad(f, argnums=(0, 1))(t0, l0)
+    H = AF.hessian(lambda t: g(t, l0), t0)
+
+    def grad_theta(l: Tensor) -> Tensor:
+        t = t0.clone().requires_grad_(True)
+        return torch.autograd.grad(g(t, l), t, create_graph=True)[0]
+
+    M = AF.jacobian(grad_theta, l0)  # (n_theta, n_lam)
+    ft, fl = AF.jacobian(f, (t0, l0))
     v = torch.linalg.solve(H, ft)
     return unflat(fl - M.T @ v, lam)
 
 
 def dense_hessian(L: Callable, theta: dict) -> Tensor:
-    return hessian(lambda t: L(unflat(t, theta)))(flat(theta))
+    return AF.hessian(lambda t: L(unflat(t, theta)), flat(theta).detach())
 
 
 def ridge_data(n: int = 40, d: int = 5, seed: int = 0) -> tuple[Batch, Batch]:
@@ -153,3 +162,106 @@ def snapshot(*modules: nn.Module, optimizers: tuple = ()) -> list[Tensor]:
 
 def same(a: list[Tensor], b: list[Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- error registry (data, STYLE rule 13)
+def _net() -> nn.Module:
+    return nn.Linear(2, 1)
+
+
+def _level(module: nn.Module | None = None, **kw: Any) -> hypergrad.Level:
+    module = module if module is not None else _net()
+    return hypergrad.Level(module, torch.optim.SGD(module.parameters(), lr=0.1), **kw)
+
+
+def _problem(**kw: Any) -> hypergrad.BilevelProblem:
+    args = {"inner": _level(), "outer": _level(), "inner_loss": lambda i, o, b: i(b).sum(), "outer_loss": lambda i, o, b: o(b).sum(),
+            "method": hypergrad.Implicit()}
+    args.update(kw)
+    return hypergrad.BilevelProblem(**args)
+
+
+def _shared() -> hypergrad.BilevelProblem:
+    net = _net()
+    return _problem(inner=_level(net), outer=_level(net))
+
+
+def _other_scheduler() -> hypergrad.Level:
+    net = _net()
+    other = torch.optim.SGD(_net().parameters(), lr=0.1)
+    return hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.1), scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+
+
+def _frozen() -> hypergrad.Level:
+    net = _net()
+    net.bias.requires_grad_(False)
+    return hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+def _prox(coupling: dict) -> Callable[[], Any]:
+    return lambda: bissl_problem(hypergrad.Proximal(lam=1.0, coupling=coupling))
+
+
+def _uses_outer(lower: nn.Module, upper: nn.Module, batch: Tensor) -> Tensor:
+    return pretext_loss(lower, upper, batch) + (upper.head.weight ** 2).sum()
+
+
+def _prox_inner_uses_outer() -> None:
+    problem = bissl_problem(hypergrad.Proximal(lam=1.0, coupling={"backbone": "backbone"}), inner_loss=_uses_outer)[0]
+    pre, down = bissl_batches()
+    problem.hypergradient(down, hessian_batch=pre)
+
+
+def _run(call: Callable[[hypergrad.BilevelProblem], Any], **kw: Any) -> Callable[[], Any]:
+    return lambda: call(_problem(**kw))
+
+
+def _load_mismatch() -> None:
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with_sched = _problem(inner=hypergrad.Level(net, opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1)))
+    _problem().load_state_dict(with_sched.state_dict())
+
+
+X2 = torch.randn(16, 2)
+
+#: (id, builder, exception type, message regex): every configuration error names the argument.
+PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
+    ("implicit-solver-string", lambda: hypergrad.Implicit(solver="cg"), TypeError, r"Implicit: `solver` must be a hypergrad solver, got str\. Pass an object"),
+    ("implicit-solver-class", lambda: hypergrad.Implicit(solver=hypergrad.CG), TypeError, r"got the class CG; call it: solver=CG\(\)"),
+    ("implicit-hvp-mode", lambda: hypergrad.Implicit(hvp_mode="fast"), ValueError, r"Implicit: `hvp_mode` must be one of .* got 'fast'"),
+    ("implicit-damping", lambda: hypergrad.Implicit(damping=-1), ValueError, r"Implicit: `damping` must be a finite number >= 0, got -1"),
+    ("implicit-warm-start", lambda: hypergrad.Implicit(warm_start=1), TypeError, r"Implicit: `warm_start` must be True or False, got 1"),
+    ("reuse-needs-reverse", lambda: hypergrad.Implicit(reuse_operator=True, hvp_mode="fwd_rev"), ValueError, r"`reuse_operator=True` .* needs hvp_mode='auto' or 'rev_rev_cached'"),
+    ("proximal-lam", lambda: hypergrad.Proximal(lam=0, coupling={"": ""}), ValueError, r"Proximal: `lam` must be a finite number > 0, got 0"),
+    ("proximal-no-coupling", lambda: hypergrad.Proximal(lam=1.0), ValueError, r"Proximal: `coupling` must be a non-empty dict"),
+    ("proximal-coupling-type", lambda: hypergrad.Proximal(lam=1.0, coupling={"a": 1}), TypeError, r"`coupling` keys and values must be strings, got 'a': 1"),
+    ("unrolled-steps", lambda: hypergrad.Unrolled(steps=0), ValueError, r"Unrolled: `steps` must be an integer >= 1, got 0"),
+    ("unrolled-lr", lambda: hypergrad.Unrolled(lr=-1.0), ValueError, r"Unrolled: `lr` must be a finite number > 0, got -1.0"),
+    ("unrolled-truncate", lambda: hypergrad.Unrolled(steps=3, truncate=4), ValueError, r"`truncate` must be None or an integer in \[1, steps=3\], got 4"),
+    ("level-module", lambda: hypergrad.Level("net", torch.optim.SGD(_net().parameters(), lr=0.1)), TypeError, r"Level: `module` must be an nn.Module"),
+    ("level-optimizer-class", lambda: hypergrad.Level(_net(), torch.optim.SGD), TypeError, r"Level: `optimizer` must be a torch.optim.Optimizer, got type\. Construct it"),
+    ("level-foreign-params", lambda: hypergrad.Level(_net(), torch.optim.SGD(_net().parameters(), lr=0.1)), ValueError, r"`optimizer` holds 2 tensor\(s\) .* not parameters of `module`"),
+    ("level-grad-norm", lambda: _level(max_grad_norm=0), ValueError, r"Level: `max_grad_norm` must be None or a finite number > 0, got 0"),
+    ("level-scheduler", _other_scheduler, ValueError, r"Level: `scheduler` was built for a different optimizer"),
+    ("level-dict-tensor", lambda: hypergrad.Level({"w": torch.zeros(2)}, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), TypeError, r"`module\['w'\]` must be an nn.Module or nn.Parameter, got Tensor\. Wrap tensors"),
+    ("level-frozen", _frozen, ValueError, r"`optimizer` holds parameters with requires_grad=False: \['bias'\]"),
+    ("problem-inner-type", lambda: _problem(inner=_net()), TypeError, r"`inner` must be a hypergrad.Level\(module, optimizer\), got Linear"),
+    ("problem-loss-type", lambda: _problem(inner_loss="mse"), TypeError, r"`inner_loss` must be a callable \(inner, outer, batch\)"),
+    ("problem-method-string", lambda: _problem(method="implicit"), TypeError, r"`method` must be a hypergrad method .* got 'implicit'"),
+    ("problem-buffers", lambda: _problem(buffers="eval"), ValueError, r"`buffers` must be 'batch_stats' or 'running_stats', got 'eval'"),
+    ("problem-on-nonfinite", lambda: _problem(on_nonfinite="ignore"), ValueError, r"`on_nonfinite` must be 'skip' or 'raise', got 'ignore'"),
+    ("problem-distributed", lambda: _problem(distributed=True), ValueError, r"`distributed=True` but torch.distributed is not initialised"),
+    ("problem-shared", _shared, ValueError, r"`inner` and `outer` share 2 parameter tensor\(s\)"),
+    ("problem-callbacks", lambda: _problem(callbacks=[1]), TypeError, r"`callbacks` must hold callables"),
+    ("coupling-unknown", _prox({"encoder": "backbone"}), ValueError, r"`coupling` key 'encoder' names no trained inner parameter"),
+    ("coupling-missing-outer", _prox({"backbone": "trunk"}), ValueError, r"maps inner 'backbone.0.weight' to outer 'trunk.0.weight', which is not a trained outer parameter"),
+    ("coupling-shape", _prox({"backbone.0.weight": "head.weight"}), ValueError, r"coupled tensors must have equal shapes"),
+    ("proximal-inner-uses-outer", _prox_inner_uses_outer, ValueError, r"`inner_loss` depends on the outer parameters \['head.weight'\] directly"),
+    ("step-tuple", _run(lambda p: p.step((X2, X2), X2)), TypeError, r"`inner_batches` must be a list or iterator of batches, got tuple; for a single batch pass \[batch\]"),
+    ("no-hessian-batch", _run(lambda p: p.hypergradient(X2)), ValueError, r"no inner step has run yet.*pass `hessian_batch=`"),
+    ("outer-step-first", _run(lambda p: p.outer_step()), RuntimeError, r"no outer gradients; call hypergradient\(outer_batch\) first"),
+    ("loss-not-scalar", _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: i(b)), TypeError, r"`inner_loss` must return a floating-point scalar tensor, got a tensor of shape \(16, 1\)"),
+    ("load-format", _run(lambda p: p.load_state_dict({"inner_module": {}})), ValueError, r"`state` is not a BilevelProblem.state_dict\(\)"),
+    ("load-scheduler", _load_mismatch, ValueError, r"the checkpoint has an inner scheduler but this problem has none"),
+]
