@@ -72,6 +72,7 @@ PAPER_DOWNSTREAM: tuple[str, ...] = tuple(UPPER_HPARAMS)
 SMALL_UPPER = (0.03, 1e-3)
 PRETEXT_TYPES = ("simclr", "byol")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+OFFLINE_ROOT = os.path.join("results", "data")  # git-ignored; Fashion-MNIST files are copied here
 
 
 def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
@@ -311,7 +312,7 @@ def _paper() -> PipelineConfig:
 
 def _mini() -> PipelineConfig:
     return PipelineConfig(
-        name="mini",
+        name="mini", data_root=OFFLINE_ROOT,
         model=ModelConfig(arch="resnet18", small_stem=True, width=16, in_channels=1, image_size=28,
                           proj_dims=128, pred_hidden=128),
         pretrain=PretrainConfig(dataset="fashion_mnist", epochs=15, batch_size=256, lr=1.2,
@@ -328,7 +329,7 @@ def _mini() -> PipelineConfig:
 def _demo() -> PipelineConfig:
     fm = fashion_mnist_available()
     return PipelineConfig(
-        name="demo",
+        name="demo", data_root=OFFLINE_ROOT,
         model=ModelConfig(arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16,
                           proj_dims=64, pred_hidden=64),
         pretrain=PretrainConfig(dataset="fashion_mnist" if fm else "digits", epochs=4, batch_size=128,
@@ -343,7 +344,7 @@ def _demo() -> PipelineConfig:
 
 def _tiny() -> PipelineConfig:
     return PipelineConfig(
-        name="tiny",
+        name="tiny", data_root=OFFLINE_ROOT,
         model=ModelConfig(arch="resnet18", small_stem=True, width=4, in_channels=1, image_size=8,
                           proj_dims=16, pred_hidden=16),
         pretrain=PretrainConfig(dataset="digits", epochs=1, batch_size=32, lr=0.5, warmup_epochs=0,
