@@ -91,29 +91,11 @@ def test_damping_solves_the_shifted_system() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def finite_difference_hypergradient(prob: ToyProblem, lam: dict, eps: float) -> dict:
-    """Central differences of lam -> F(theta*(lam), lam), re-solving the inner problem each time."""
-    out = {}
-    for k, v in lam.items():
-        flat = v.reshape(-1)
-        g = torch.empty_like(flat)
-        for i in range(flat.numel()):
-            values = []
-            for sign in (1.0, -1.0):
-                shifted = flat.clone()
-                shifted[i] += sign * eps
-                h = {**lam, k: shifted.reshape(v.shape)}
-                values.append(prob.outer_loss(prob.inner_solution(h), h))
-            g[i] = (values[0] - values[1]) / (2 * eps)
-        out[k] = g.reshape(v.shape)
-    return out
-
-
 @pytest.fixture(scope="module")
 def logistic_fd() -> tuple[LogisticProblem, dict, dict]:
     prob = LogisticProblem()
     lam = {"log_lam": torch.linspace(-3.0, 0.5, prob.dim, dtype=F64)}  # distinct strengths per feature
-    return prob, lam, finite_difference_hypergradient(prob, lam, eps=1e-5)
+    return prob, lam, prob.finite_difference_hypergradient(lam, eps=1e-5)
 
 
 @pytest.mark.parametrize("solver", [CG(max_steps=50, rtol=1e-12), Dense()], ids=["CG", "Dense"])
