@@ -53,7 +53,7 @@ def _norm(z: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
     return (z - mean) / torch.sqrt(((z - mean) ** 2).mean(dims, keepdim=True) + eps)
 
 
-def mlp_problem(device: str) -> tuple:
+def mlp_problem(device: str) -> Problem:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 1)).to(device, F64)
     x = torch.randn(16, 4, dtype=F64, device=device)
@@ -69,44 +69,38 @@ def mlp_problem(device: str) -> tuple:
                    lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean())
 
 
-def bn_problem(device: str) -> tuple:
-    """BatchNorm in training mode: batch statistics, running statistics set to junk that must stay unused."""
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).to(device, F64)
+def _norm_problem(device: str, norm: nn.Module, dims: tuple[int, ...], batch: int, seed: int) -> Problem:
+    """Linear -> normalisation layer -> tanh -> Linear, with a hand-written twin as reference."""
+    torch.manual_seed(seed)
+    width = norm.weight.numel()
+    net = nn.Sequential(nn.Linear(3, width), norm, nn.Tanh(), nn.Linear(width, 1)).to(device, F64)
     net.train()
-    with torch.no_grad():
-        net[1].running_mean.fill_(0.3)
-        net[1].running_var.fill_(2.0)
+    with torch.no_grad():  # a non-trivial affine part
         net[1].weight.uniform_(0.5, 1.5)
         net[1].bias.normal_()
-    x = torch.randn(12, 3, dtype=F64, device=device)
-    y = torch.randn(12, 1, dtype=F64, device=device)
+    x = torch.randn(batch, 3, dtype=F64, device=device)
+    y = torch.randn(batch, 1, dtype=F64, device=device)
     f = hypergrad.stateless(net)
 
     def reference(p: dict) -> torch.Tensor:
-        z = _norm(x @ p["0.weight"].T + p["0.bias"], (0,), net[1].eps) * p["1.weight"] + p["1.bias"]
+        z = _norm(x @ p["0.weight"].T + p["0.bias"], dims, net[1].eps) * p["1.weight"] + p["1.bias"]
         return ((torch.tanh(z) @ p["3.weight"].T + p["3.bias"] - y) ** 2).mean()
 
     return Problem(net, lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(net), reference,
                    lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean())
 
 
-def ln_problem(device: str) -> tuple:
-    torch.manual_seed(2)
-    net = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).to(device, F64)
+def bn_problem(device: str) -> Problem:
+    """BatchNorm in training mode: batch statistics; the running statistics hold junk that must stay unused."""
+    bn = nn.BatchNorm1d(5)
     with torch.no_grad():
-        net[1].weight.uniform_(0.5, 1.5)
-        net[1].bias.normal_()
-    x = torch.randn(10, 3, dtype=F64, device=device)
-    y = torch.randn(10, 1, dtype=F64, device=device)
-    f = hypergrad.stateless(net)
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+    return _norm_problem(device, bn, (0,), batch=12, seed=1)
 
-    def reference(p: dict) -> torch.Tensor:
-        z = _norm(x @ p["0.weight"].T + p["0.bias"], (-1,), net[1].eps) * p["1.weight"] + p["1.bias"]
-        return ((torch.tanh(z) @ p["3.weight"].T + p["3.bias"] - y) ** 2).mean()
 
-    return Problem(net, lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(net), reference,
-                   lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean())
+def ln_problem(device: str) -> Problem:
+    return _norm_problem(device, nn.LayerNorm(6), (-1,), batch=10, seed=2)
 
 
 PROBLEMS = {"mlp_tanh": mlp_problem, "batchnorm": bn_problem, "layernorm": ln_problem}

@@ -116,5 +116,13 @@ class ToyProblem(abc.ABC):
             out[key] = grad.reshape(value.shape)
         return out
 
+    def _init_data(self, sizes: dict[str, int], seed: int, dtype: torch.dtype, device: str | torch.device) -> torch.Generator:
+        """Validate the integer sizes, record dtype/device/seed; return the private data generator."""
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: `{name}` must be an integer >= 1, got {value!r}.")
+        self.dtype, self.device, self.seed = dtype, torch.device(device), seed
+        return torch.Generator().manual_seed(seed)
+
     def _tensor(self, x: Tensor) -> Tensor:
         return x.to(dtype=self.dtype, device=self.device)

@@ -76,18 +76,14 @@ class LogisticProblem(ToyProblem):
         device: str | torch.device = "cpu",
         newton_tol: float | None = None,
     ):
-        for name, value in (("n_train", n_train), ("n_val", n_val), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LogisticProblem: `{name}` must be an integer >= 1, got {value!r}.")
+        gen = self._init_data({"n_train": n_train, "n_val": n_val, "dim": dim}, seed, dtype, device)
         if not 0 <= flip < 0.5:
             raise ValueError(f"LogisticProblem: `flip` must be in [0, 0.5), got {flip!r}.")
-        self.dtype, self.device = dtype, torch.device(device)
-        self.dim, self.seed = dim, seed
+        self.dim = dim
         self.param_shapes = {"w": (dim,)}
         self.newton_tol = newton_tol if newton_tol is not None else (
             1e-13 if dtype == torch.float64 else 1e3 * torch.finfo(dtype).eps
         )
-        gen = torch.Generator().manual_seed(seed)
         w_true = torch.randn(dim, generator=gen, dtype=torch.float64)
         w_true[dim // 2:] = 0.0
         x, y = _classification_data(n_train, w_true, flip, gen)

@@ -62,18 +62,13 @@ class QuadraticProblem(ToyProblem):
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
     ):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"QuadraticProblem: `dim` must be an integer >= 1, got {dim!r}.")
-        if isinstance(hdim, bool) or not isinstance(hdim, int) or hdim < 1:
-            raise ValueError(f"QuadraticProblem: `hdim` must be an integer >= 1, got {hdim!r}.")
+        gen = self._init_data({"dim": dim, "hdim": hdim}, seed, dtype, device)
         if not (isinstance(cond, (int, float)) and math.isfinite(cond) and cond >= 1):
             raise ValueError(f"QuadraticProblem: `cond` must be a finite number >= 1, got {cond!r}.")
         if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg >= 0):
             raise ValueError(f"QuadraticProblem: `reg` must be a finite number >= 0, got {reg!r}.")
-        self.dtype, self.device = dtype, torch.device(device)
-        self.dim, self.hdim, self.cond, self.reg, self.seed = dim, hdim, float(cond), float(reg), seed
+        self.dim, self.hdim, self.cond, self.reg = dim, hdim, float(cond), float(reg)
         self.param_shapes = {"theta": (dim,)}
-        gen = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
         self.spectrum = self._tensor(torch.logspace(0.0, math.log10(cond), dim, dtype=torch.float64))
         self.A = self._tensor((q * torch.logspace(0.0, math.log10(cond), dim, dtype=torch.float64)) @ q.T)

@@ -65,13 +65,9 @@ class RidgeProblem(ToyProblem):
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
     ):
-        for name, value in (("n_train", n_train), ("n_val", n_val), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RidgeProblem: `{name}` must be an integer >= 1, got {value!r}.")
-        self.dtype, self.device = dtype, torch.device(device)
-        self.dim, self.seed = dim, seed
+        gen = self._init_data({"n_train": n_train, "n_val": n_val, "dim": dim}, seed, dtype, device)
+        self.dim = dim
         self.param_shapes = {"w": (dim,)}
-        gen = torch.Generator().manual_seed(seed)
         w_true = torch.randn(dim, generator=gen, dtype=torch.float64)
         x, y = _regression_data(n_train, w_true, noise, gen)
         xv, yv = _regression_data(n_val, w_true, noise, gen)
