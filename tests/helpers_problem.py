@@ -317,3 +317,52 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(ddp_case(rank, world), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- kill-and-resume training run
+def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any = None) -> None:
+    """A small BiSSL-like run that checkpoints every ``save_every`` iterations and resumes from ``ckpt``.
+
+    Exercises everything a checkpoint must carry: momentum, two schedulers, the warm-start vector,
+    counters and the global RNG (batches are drawn with ``torch.randint``/``torch.randn``).
+    """
+    import os
+    import random
+
+    import numpy as np
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    lower, upper = Lower().double(), Upper().double()
+    upper.backbone.load_state_dict(lower.backbone.state_dict())
+    opt_l = torch.optim.SGD(lower.parameters(), lr=0.05, momentum=0.9)
+    opt_u = torch.optim.SGD(upper.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    problem = hypergrad.BilevelProblem(
+        hypergrad.Level(lower, opt_l, scheduler=torch.optim.lr_scheduler.StepLR(opt_l, 5, 0.5), max_grad_norm=10.0),
+        hypergrad.Level(upper, opt_u, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt_u, 2 * steps), max_grad_norm=10.0),
+        pretext_loss, downstream_loss,
+        hypergrad.Proximal(lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=4),
+                           warm_start=True, reuse_operator=True),
+    )
+    start = 0
+    if os.path.exists(ckpt):
+        state = hypergrad.load_checkpoint(ckpt)
+        problem.load_state_dict(state)
+        start = state["iteration"]
+    gen = torch.Generator().manual_seed(5)
+    pool_x, pool_y = torch.randn(64, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
+    for it in range(start, steps):
+        pre = [torch.randn(8, 3, dtype=torch.float64) for _ in range(2)]
+        idx = torch.randint(0, 64, (8,))
+        down = (pool_x[idx] + 0.01 * torch.randn(8, 3, dtype=torch.float64), pool_y[idx])
+        for b in pre:
+            problem.inner_step(b)
+        for _ in range(2):  # BiSSL-style: several outer steps on one Hessian batch (operator reused)
+            problem.outer_step(down, hessian_batch=pre[-1])
+        if (it + 1) % save_every == 0:
+            hypergrad.save_checkpoint({**problem.state_dict(), "iteration": it + 1}, ckpt)
+        if progress is not None:
+            progress.put(it + 1)
+    torch.save(problem.state_dict(), out)
