@@ -273,6 +273,8 @@ class PipelineConfig:
 
     ``downstream`` lists the downstream tasks (names understood by the task loader, e.g.
     ``"digits"``, ``"fashion_mnist@20"`` = 20 labels per class, ``"fashion_mnist_inv@20"``).
+    ``threads`` sets ``torch.set_num_threads`` (``None``: torch's default); one thread is faster
+    for the tiny convolutions of the CPU presets, especially on a shared machine.
     """
 
     name: str = "paper"
@@ -286,6 +288,7 @@ class PipelineConfig:
     log_dir: str | None = None
     device: str = "cpu"
     num_workers: int = 0
+    threads: int | None = None
     seed: int = 0
     max_train_samples: int | None = None
 
@@ -348,13 +351,14 @@ def _tiny() -> PipelineConfig:
         model=ModelConfig(arch="resnet18", small_stem=True, width=4, in_channels=1, image_size=8,
                           proj_dims=16, pred_hidden=16),
         pretrain=PretrainConfig(dataset="digits", epochs=1, batch_size=32, lr=0.5, warmup_epochs=0,
-                                max_samples=128),
-        bissl=BiSSLConfig(downstream="digits", alternations=2, lower_steps=2, upper_steps=2,
+                                max_samples=64),
+        bissl=BiSSLConfig(downstream="digits", alternations=1, lower_steps=2, upper_steps=2,
                           head_warmup_epochs=1, lower_warmup_steps=1, pretext_batch=32,
                           downstream_batch=32, solver=CG(max_steps=2)),
         finetune=FinetuneConfig(epochs=1, batch_size=32, hpo_trials=2, hpo_epochs=1, num_runs=2),
         downstream=("digits",),
-        max_train_samples=128,
+        max_train_samples=64,
+        threads=1,
     )
 
 

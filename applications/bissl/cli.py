@@ -1,0 +1,238 @@
+r"""Command line: ``python -m applications.bissl {pretrain,bissl,finetune,run} --preset NAME [overrides]``.
+
+Every command starts from a preset (``paper``, ``mini``, ``demo``, ``tiny``; see
+:mod:`applications.bissl.config`) and applies the flags given. The flag names follow the authors'
+scripts where one exists: ``--pretext-type`` (``ssl_pre-training.py``), ``--d-dset`` and
+``--p-pretext-type`` (``bissl.py``), ``--dset``, ``--backbone-origin``, ``--num-runs`` and
+``--use-hpo`` (``fine-tuning.py``). Run any command under ``torchrun --nproc-per-node N`` for
+data parallelism (gloo on CPU, NCCL on CUDA).
+
+Examples::
+
+    python -m applications.bissl run --preset demo
+    python -m applications.bissl bissl --preset mini --d-dset digits --p-pretext-type simclr
+    python -m applications.bissl finetune --preset mini --dset digits --backbone-origin bissl --num-runs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+import torch
+
+from hypergrad import CG, Dense, Identity, Neumann
+
+from . import distributed as dist_utils
+from .config import PRESETS, PipelineConfig, get_preset
+from .pretrain import add_pretrain_args
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+# flag -> (dotted config field, type, help)
+_COMMON = {
+    "--data-root": ("data_root", str, "data folder (torchvision layout below it)"),
+    "--out-dir": ("out_dir", str, "results folder; each preset writes to <out-dir>/<preset>"),
+    "--log-dir": ("log_dir", str, "metrics folder (default <out-dir>/<preset>/logs)"),
+    "--device": ("device", str, "cpu, cuda or cuda:N"),
+    "--num-workers": ("num_workers", int, "DataLoader worker processes"),
+    "--seed": ("seed", int, "base random seed"),
+    "--threads": ("threads", int, "torch CPU threads (default: the preset's; torch's own when unset)"),
+    "--arch": ("model.arch", str, "resnet18 or resnet50"),
+    "--width": ("model.width", int, "ResNet base width (64 = torchvision)"),
+    "--image-size": ("model.image_size", int, "input image side in pixels"),
+    "--p-pretext-type": ("pretrain.pretext_type", str, "pretext task of the pretrained model: simclr or byol"),
+    "--max-train-samples": ("max_train_samples", int, "cap every downstream training set (quick tests)"),
+}
+_BISSL = {
+    "--alternations": ("bissl.alternations", int, "number of (lower, upper) alternations (paper 500)"),
+    "--lower-steps": ("bissl.lower_steps", int, "N_L lower steps per alternation (paper 20)"),
+    "--upper-steps": ("bissl.upper_steps", int, "N_U upper steps per alternation (paper 8)"),
+    "--lam": ("bissl.lam", float, "proximal strength lambda (paper 1e-3)"),
+    "--damping": ("bissl.damping", float, "damping added to lambda in the linear system (paper 10)"),
+    "--gamma": ("bissl.gamma", float, "weight of L_D(theta_D, phi) in the upper objective (paper 1)"),
+    "--head-warmup-epochs": ("bissl.head_warmup_epochs", int, "linear-head warm-up epochs (paper 20)"),
+    "--upper-lr": ("bissl.upper_lr", float, "upper SGD lr (default: the authors' per-dataset value)"),
+    "--upper-wd": ("bissl.upper_wd", float, "upper SGD weight decay (default: per-dataset value)"),
+    "--lower-lr": ("bissl.lower_lr", float, "lower LARS lr (paper 1.0)"),
+    "--pretext-batch": ("bissl.pretext_batch", int, "pretext batch size (paper 1024)"),
+    "--downstream-batch": ("bissl.downstream_batch", int, "downstream batch size (paper 256)"),
+    "--hvp-mode": ("bissl.hvp_mode", str, "Hessian-vector product mode (hypergrad.HVP_MODES)"),
+}
+_FINETUNE = {
+    "--ft-epochs": ("finetune.epochs", int, "fine-tuning epochs per run (paper 400)"),
+    "--ft-batch-size": ("finetune.batch_size", int, "fine-tuning batch size (paper 256)"),
+    "--hpo-trials": ("finetune.hpo_trials", int, "random-search trials (paper 100)"),
+    "--hpo-epochs": ("finetune.hpo_epochs", int, "epochs per HPO trial (default: --ft-epochs)"),
+    "--num-runs": ("finetune.num_runs", int, "seeded runs at the chosen lr/wd (paper 10)"),
+}
+_RUN = {
+    "--pretrain-epochs": ("pretrain.epochs", int, "pretext pretraining epochs"),
+    "--pretext-type": ("pretrain.pretext_type", str, "simclr or byol"),
+    "--pretext-dataset": ("pretrain.dataset", str, "pretext (unlabelled) data set"),
+}
+SOLVERS = ("cg", "neumann", "dense", "identity")
+
+
+def _add(sp: argparse.ArgumentParser, table: dict, title: str) -> None:
+    g = sp.add_argument_group(title)
+    for flag, (dotted, typ, help_) in table.items():
+        g.add_argument(flag, type=typ, default=None, dest=dotted.replace(".", "__"), help=help_,
+                       metavar=typ.__name__.upper())
+
+
+def _add_solver(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("implicit-gradient solver")
+    g.add_argument("--solver", choices=SOLVERS, default=None, help="linear solver for (I + H/(lam+damping)) x = g (default cg)")
+    g.add_argument("--solver-steps", type=int, default=None, help="iterations of the solver (default 5, as the authors)")
+    g.add_argument("--warm-start", action="store_true", default=None, help="start each solve from the previous solution")
+    g.add_argument("--reuse-operator", action="store_true", default=None,
+                   help="keep the pretext gradient graph for all upper steps of an alternation (one backward per HVP)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser with the four sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m applications.bissl",
+        description="BiSSL (arXiv 2410.02387) on hypergrad: pretext pretraining, the bilevel BiSSL stage, "
+        "fine-tuning with HPO, and the whole pipeline with its results table.",
+        epilog="Presets: paper (authors' protocol, GPUs + data sets on disk), mini (small CPU replication on "
+        "Fashion-MNIST), demo (minutes on 2 CPU cores, offline), tiny (seconds, tests).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run}")
+    add_pretrain_args(sub)
+
+    sp = sub.add_parser("bissl", help="the bilevel BiSSL stage for one downstream data set (stage 2)",
+                        description="Head warm-up, then alternations of lower (pretext + proximal) and upper "
+                        "(downstream, implicit gradient) steps; saves the lower backbone.")
+    sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
+    sp.add_argument("--d-dset", default=None, dest="bissl__downstream",
+                    help="downstream task, e.g. pets, cifar10, digits, fashion_mnist@20, fashion_mnist_inv@20")
+    sp.add_argument("--pretrained", default=None, help="pretext checkpoint (default <out-dir>/<preset>/pretrain/pretrained.pt)")
+    sp.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    _add(sp, _COMMON, "data, output, model")
+    _add(sp, _BISSL, "BiSSL stage")
+    _add_solver(sp)
+    sp.set_defaults(func=_cmd_bissl)
+
+    sp = sub.add_parser("finetune", help="fine-tuning with random-search HPO and seeded runs (stage 3)",
+                        description="Full fine-tuning (SGD, cosine) of a backbone plus a linear head: random search "
+                        "over lr ~ logU[1e-4, 1], wd ~ logU[1e-5, 1e-2] on a validation split, then --num-runs seeds.")
+    sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
+    sp.add_argument("--dset", required=True, help="downstream task (see bissl --d-dset)")
+    sp.add_argument("--backbone-origin", choices=("pretext", "bissl"), default="bissl",
+                    help="start from the pretext backbone (baseline) or the BiSSL lower backbone")
+    sp.add_argument("--backbone", default=None, help="backbone checkpoint (default: the stage's output under <out-dir>)")
+    sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1, help="1: random search; 0: use --lr/--wd")
+    sp.add_argument("--lr", type=float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
+    sp.add_argument("--wd", type=float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0")
+    sp.add_argument("--epochs", type=int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run")
+    _add(sp, _COMMON, "data, output, model")
+    _add(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
+    sp.set_defaults(func=_cmd_finetune)
+
+    sp = sub.add_parser("run", help="all stages for one preset, ending with the results table",
+                        description="pretrain -> BiSSL -> fine-tuning (baseline and BiSSL) for every downstream task "
+                        "of the preset; writes results.md, results.json and results.png under <out-dir>/<preset>.")
+    sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
+    sp.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: the preset's)")
+    sp.add_argument("--no-resume", action="store_true", help="start every stage afresh")
+    sp.add_argument("--no-progress", action="store_true", help="hide the pretraining progress bar")
+    _add(sp, _COMMON, "data, output, model")
+    _add(sp, _RUN, "pretraining")
+    _add(sp, _BISSL, "BiSSL stage")
+    _add_solver(sp)
+    _add(sp, _FINETUNE, "fine-tuning protocol")
+    sp.set_defaults(func=_cmd_run)
+    return parser
+
+
+def _solver(args: Any, current: Any) -> Any:
+    kind, steps = getattr(args, "solver", None), getattr(args, "solver_steps", None)
+    if kind is None and steps is None:
+        return current
+    kind = kind or "cg"
+    steps = steps if steps is not None else 5
+    return {"cg": lambda: CG(max_steps=steps), "neumann": lambda: Neumann(max_steps=steps),
+            "dense": Dense, "identity": Identity}[kind]()
+
+
+def config_from_args(args: Any) -> PipelineConfig:
+    """The preset ``args.preset`` with every given flag applied (sections re-validated)."""
+    cfg = get_preset(args.preset)
+    sections: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if value is None or "__" not in dest and dest not in {d for d, *_ in _COMMON.values()}:
+            continue
+        if "__" in dest:
+            section, name = dest.split("__", 1)
+            sections.setdefault(section, {})[name] = value
+        else:
+            setattr(cfg, dest, value)
+    for section, values in sections.items():
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+    extra = {}
+    solver = _solver(args, cfg.bissl.solver)
+    if solver is not cfg.bissl.solver:
+        extra["solver"] = solver
+    for flag in ("warm_start", "reuse_operator"):
+        if getattr(args, flag, None):
+            extra[flag] = True
+    if extra:
+        cfg.bissl = dataclasses.replace(cfg.bissl, **extra)
+    if getattr(args, "tasks", None):
+        cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    return cfg
+
+
+def _setup(cfg: PipelineConfig) -> PipelineConfig:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+def _cmd_bissl(args: Any) -> int:
+    from .stage_bissl import run_bissl
+
+    dist_utils.init_distributed()
+    cfg = _setup(config_from_args(args))
+    pre = args.pretrained or os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
+    path = run_bissl(cfg, pre, resume=not args.no_resume)
+    if dist_utils.is_main_process():
+        print(path)
+    return 0
+
+
+def _cmd_finetune(args: Any) -> int:
+    from .finetune import finetune
+
+    dist_utils.init_distributed()
+    cfg = _setup(config_from_args(args))
+    path = args.backbone or (os.path.join(cfg.run_dir, "pretrain", "pretrained.pt") if args.backbone_origin == "pretext"
+                             else os.path.join(cfg.run_dir, "bissl", args.dset.replace("@", "_at"), "lower_backbone.pt"))
+    if dist_utils.is_main_process():
+        r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo))
+        print(f"{args.dset} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over "
+              f"{len(r['test_top1'])} runs (lr {r['lr']:.4g}, wd {r['weight_decay']:.4g})")
+    dist_utils.barrier()
+    return 0
+
+
+def _cmd_run(args: Any) -> int:
+    from .run import run_pipeline
+
+    dist_utils.init_distributed()
+    run_pipeline(_setup(config_from_args(args)), resume=not args.no_resume, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    finally:
+        dist_utils.cleanup_distributed()
