@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
@@ -66,22 +67,27 @@ def digits(split: str = "train", image_size: int = 32) -> LabeledDataset:
         >>> len(ds), ds.image(0).size, ds.num_classes
         (359, (16, 16), 10)
     """
-    from sklearn.datasets import load_digits
-
     if split not in ("train", "test"):
         raise ValueError(f"digits has splits 'train' and 'test', got split={split!r}.")
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8 (the digits are 8x8), got {image_size!r}.")
-    bunch = load_digits()
-    pixels = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    targets = torch.as_tensor(bunch.target, dtype=torch.long)
+    images, targets = _digit_images(image_size)
     train_pos, test_pos = stratified_split(targets, 0.2, seed=0)
     pos = train_pos if split == "train" else test_pos
+    return LabeledDataset(_ImageList([images[int(i)] for i in pos]), targets[pos], _DIGIT_CLASSES)
+
+
+@functools.lru_cache(maxsize=4)
+def _digit_images(image_size: int) -> tuple[list[Image.Image], torch.Tensor]:
+    """All 1,797 digits as PIL images of the given side (cached: PIL images are never mutated)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     images = [
-        Image.fromarray(pixels[int(i)], mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        for i in pos
+        Image.fromarray(p, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR) for p in pixels
     ]
-    return LabeledDataset(_ImageList(images), targets[pos], _DIGIT_CLASSES)
+    return images, torch.as_tensor(bunch.target, dtype=torch.long)
 
 
 def prepare_fashion_mnist(root: str | os.PathLike[str], system_dir: str | os.PathLike[str] | None = None) -> Path:
