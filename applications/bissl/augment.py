@@ -67,6 +67,16 @@ def _finish(channels: int, mean: Sequence[float] | None, std: Sequence[float] | 
     ]
 
 
+def _crop_flip(image_size: int, channels: int, crop_scale: tuple[float, float]) -> list[v2.Transform]:
+    """To a uint8 image of ``channels`` channels, random resized crop, horizontal flip (p = 0.5)."""
+    return [
+        v2.ToImage(),
+        _to_channels(channels),
+        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+    ]
+
+
 def _blur_kernel(image_size: int) -> int:
     """Odd kernel of about 10% of the image side (23 px at 224), at least 3."""
     k = max(3, int(round(0.1 * image_size)))
@@ -82,12 +92,7 @@ def _ssl_view(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
 ) -> v2.Compose:
-    ops: list[v2.Transform] = [
-        v2.ToImage(),
-        _to_channels(channels),
-        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
-    ]
+    ops = _crop_flip(image_size, channels, crop_scale)
     if channels == 3:
         ops.append(v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8))
         ops.append(v2.RandomGrayscale(p=0.2))
@@ -204,10 +209,4 @@ def train_transform(
     """
     _check_size(image_size)
     _check_channels(channels)
-    ops = [
-        v2.ToImage(),
-        _to_channels(channels),
-        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
-    ]
-    return v2.Compose(ops + _finish(channels, mean, std))
+    return v2.Compose(_crop_flip(image_size, channels, crop_scale) + _finish(channels, mean, std))
