@@ -147,6 +147,10 @@ def test_image_folder(tmp_path) -> None:
     assert label == 1
     np.testing.assert_array_equal(np.asarray(img), pixels[("train", "dog", 1)])
     assert len(get_dataset("imagefolder", tmp_path, "test")) == 2
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "train").rename(tmp_path / "imagenet" / "train")
+    (tmp_path / "test").rename(tmp_path / "imagenet" / "val")  # ImageNet's val serves as "test"
+    assert get_dataset("imagenet", tmp_path, "test").targets.tolist() == [0, 1]
     with pytest.raises(FileNotFoundError, match="image folder split not found"):
         get_dataset("imagefolder", tmp_path, "val")
 

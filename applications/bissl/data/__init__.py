@@ -6,6 +6,7 @@
   aircraft, cifar10, cifar100, caltech101, sun397, voc07`` (multi-label), ``cub200``;
 * offline sets (:mod:`.offline`): ``digits`` (scikit-learn, no files) and ``fashion_mnist``
   (local idx files or the Debian package);
+* ``imagenet``: the paper's pretext data, ``<root>/imagenet/{train,val}/<wnid>/...``;
 * ``imagefolder``: any ``<root>/<split>/<class>/<image>`` tree.
 
 Nothing is downloaded unless ``download=True`` is passed (never in tests or CI).
@@ -20,7 +21,7 @@ from typing import Any
 
 from .labeled import LabeledDataset, few_label_subset, stratified_split, train_val_split
 from .offline import digits, fashion_mnist, prepare_fashion_mnist
-from .paper_sets import PAPER_BUILDERS, VOC_CLASSES, cub200, image_folder
+from .paper_sets import PAPER_BUILDERS, VOC_CLASSES, cub200, image_folder, imagenet
 from .views import TwoViewDataset
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "few_label_subset",
     "get_dataset",
     "image_folder",
+    "imagenet",
     "num_classes",
     "prepare_fashion_mnist",
     "stratified_split",
@@ -79,6 +81,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("cub200", 200, 3),
         DatasetInfo("digits", 10, 1),
         DatasetInfo("fashion_mnist", 10, 1),
+        DatasetInfo("imagenet", 1000, 3),
         DatasetInfo("imagefolder", None, 3),
     ]
 }
@@ -162,6 +165,8 @@ def get_dataset(
         ds = fashion_mnist(root, split, download=download)
     elif key == "imagefolder":
         ds = image_folder(root, split, download=download)
+    elif key == "imagenet":
+        ds = imagenet(root, split, download=download)
     else:
         ds = PAPER_BUILDERS[key](root, split, download)
     return ds.with_transform(transform)

@@ -19,6 +19,7 @@ voc07       VOC2007 ``trainval``, multi-label          ``test``
 cub200      CUB_200_2011 ``is_training_image == 1``    the others
 ==========  =========================================  ==================================
 
+The pretext set ``imagenet`` is read from an image folder (:func:`imagenet`).
 Official ``"val"`` splits (dtd, flowers, aircraft) and ``"trainval"`` are also accepted by name.
 """
 
@@ -35,7 +36,7 @@ from torch.utils.data import ConcatDataset
 
 from .labeled import LabeledDataset, stratified_split
 
-__all__ = ["PAPER_BUILDERS", "VOC_CLASSES", "cub200", "image_folder"]
+__all__ = ["PAPER_BUILDERS", "VOC_CLASSES", "cub200", "image_folder", "imagenet"]
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -185,6 +186,22 @@ def image_folder(root: str | os.PathLike[str], split: str = "train", download: b
         raise FileNotFoundError(f"image folder split not found: {str(folder)!r} (expected <root>/<split>/<class>/...).")
     ds = tvd.ImageFolder(str(folder))
     return LabeledDataset(ds, ds.targets, ds.classes)
+
+
+def imagenet(root: str | os.PathLike[str], split: str = "train", download: bool = False) -> LabeledDataset:
+    """ImageNet-1k (the pretext data of the paper) in the usual folder layout:
+    ``<root>/imagenet/{train,val}/<wnid>/<image>.JPEG``; ``split="test"`` reads ``val``.
+
+    Args:
+        root: folder that contains ``imagenet``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (= ``"val"``).
+        download: must be False (ImageNet cannot be downloaded automatically).
+
+    Returns:
+        A :class:`LabeledDataset` (classes are the sorted folder names).
+    """
+    _check_split("imagenet", split, ("train", "val", "test"))
+    return image_folder(Path(root) / "imagenet", "val" if split == "test" else split, download)
 
 
 #: name -> builder(root, split, download) for the paper's downstream datasets.
