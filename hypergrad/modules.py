@@ -33,7 +33,13 @@ _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def tracks_running_stats(module: nn.Module) -> bool:
-    """True for a normalisation layer that keeps running statistics (BatchNorm and friends)."""
+    """True for a normalisation layer that keeps running statistics (BatchNorm and friends).
+
+    Example:
+        >>> import torch
+        >>> tracks_running_stats(torch.nn.BatchNorm1d(3)), tracks_running_stats(torch.nn.LayerNorm(3))
+        (True, False)
+    """
     return bool(getattr(module, "track_running_stats", False)) and getattr(module, "running_mean", None) is not None
 
 

@@ -50,17 +50,35 @@ def tree_map(fn: Callable[..., Tensor], tree: TreeOrTensor, *rest: TreeOrTensor)
 
 
 def tree_add(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
-    """Leaf-wise ``a + b``."""
+    """Leaf-wise ``a + b``.
+
+    Example:
+        >>> import torch
+        >>> tree_add({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
+        tensor([2., 2.])
+    """
     return tree_map(torch.add, a, b)
 
 
 def tree_sub(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
-    """Leaf-wise ``a - b``."""
+    """Leaf-wise ``a - b``.
+
+    Example:
+        >>> import torch
+        >>> tree_sub({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
+        tensor([0., 0.])
+    """
     return tree_map(torch.sub, a, b)
 
 
 def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
-    """Leaf-wise ``s * a``; ``s`` may be a 0-dim tensor (no host sync)."""
+    """Leaf-wise ``s * a``; ``s`` may be a 0-dim tensor (no host sync).
+
+    Example:
+        >>> import torch
+        >>> tree_scale({"w": torch.ones(2)}, torch.tensor(3.0))["w"]
+        tensor([3., 3.])
+    """
     if isinstance(s, Tensor):
         return tree_map(lambda x: x * s.to(x.dtype), a)
     return tree_map(lambda x: x * s, a)
@@ -101,17 +119,36 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
 
 
 def tree_norm(a: TreeOrTensor) -> Tensor:
-    """Euclidean norm of the whole tree, as a 0-dim tensor (>= float32)."""
+    """Euclidean norm of the whole tree, :math:`\sqrt{\sum_k \|a_k\|^2}`, as a 0-dim tensor (>= float32).
+
+    Example:
+        >>> import torch
+        >>> tree_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        tensor(5.)
+    """
     return torch.sqrt(tree_vdot(a, a))
 
 
 def tree_zeros_like(a: TreeOrTensor) -> TreeOrTensor:
-    """A tree of zeros shaped like ``a``."""
+    """A tree of zeros shaped like ``a``.
+
+    Example:
+        >>> import torch
+        >>> tree_zeros_like({"w": torch.ones(2, 1)})["w"].shape
+        torch.Size([2, 1])
+    """
     return tree_map(torch.zeros_like, a)
 
 
 def tree_cast(a: TreeOrTensor, dtype: torch.dtype) -> TreeOrTensor:
-    """Cast every floating leaf to ``dtype`` (integer leaves are left alone)."""
+    """Cast every floating leaf to ``dtype`` (integer leaves are left alone).
+
+    Example:
+        >>> import torch
+        >>> t = tree_cast({"w": torch.ones(1), "n": torch.ones(1, dtype=torch.long)}, torch.float64)
+        >>> t["w"].dtype, t["n"].dtype
+        (torch.float64, torch.int64)
+    """
     return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, a)
 
 
