@@ -118,6 +118,23 @@ def _state(model: SSLModel, opt: torch.optim.Optimizer, sched: Any, step: int, c
     }
 
 
+def _check_same_run(saved: dict, current: dict, path: str) -> None:
+    """Refuse to resume a checkpoint written with other model/pretraining settings or seed."""
+    keys = [("model", k) for k in current["model"]] + [("pretrain", k) for k in current["pretrain"]]
+    changed = [
+        f"{a}.{b}: {saved.get(a, {}).get(b)!r} -> {current[a][b]!r}"
+        for a, b in keys
+        if saved.get(a, {}).get(b) != current[a][b]
+    ]
+    if saved.get("seed") != current["seed"]:
+        changed.append(f"seed: {saved.get('seed')!r} -> {current['seed']!r}")
+    if changed:
+        raise ValueError(
+            f"checkpoint {path!r} was written with other settings ({'; '.join(changed)}); pass resume=False "
+            "(CLI: --no-resume) to start afresh, or use another output folder."
+        )
+
+
 def pretrain(
     cfg: PipelineConfig,
     out_dir: str | None = None,
@@ -178,6 +195,7 @@ def pretrain(
     step = 0
     if resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path, map_location=device)
+        _check_same_run(state.get("config", {}), cfg.to_dict(), ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -197,7 +215,13 @@ def pretrain(
         data.set_epoch(epoch)
         batches = epoch_batches(len(data), p.batch_size, epoch, cfg.seed, rank, world)[offset:]
         order = [i for b in batches for i in b]
-        loader = DataLoader(data, batch_size=p.batch_size // world, sampler=order, num_workers=cfg.num_workers)
+        loader = DataLoader(
+            data,
+            batch_size=p.batch_size // world,
+            sampler=order,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
         for x1, x2 in loader:
             loss = net(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)

@@ -59,6 +59,9 @@ def test_short_simclr_run_writes_a_loadable_checkpoint_and_metrics(tmp_path) -> 
     assert again["steps"] == 8
     assert all(torch.equal(state["backbone"][k], v) for k, v in again["backbone"].items())
     assert len(_rows(Path(cfg.run_dir) / "pretrain" / "logs" / "metrics.csv")) == 8  # no extra steps
+    cfg.pretrain = dataclasses.replace(cfg.pretrain, epochs=3)
+    with pytest.raises(ValueError, match=r"other settings \(pretrain.epochs: 2 -> 3\)"):
+        pretrain(cfg, progress=False)
 
 
 _KILLER = """
