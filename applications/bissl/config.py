@@ -342,6 +342,7 @@ def _demo() -> PipelineConfig:
                           downstream_batch=64),
         finetune=FinetuneConfig(epochs=6, batch_size=64, hpo_trials=3, hpo_epochs=3, num_runs=3),
         downstream=("digits",),
+        threads=1,
     )
 
 

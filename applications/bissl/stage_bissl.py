@@ -45,7 +45,7 @@ from .config import PipelineConfig, upper_hparams
 from .data import TwoViewDataset, get_dataset
 from .models import LinearHead
 from .optim import LARS, warmup_cosine
-from .pretrain import build_pretrain_model
+from .pretrain import build_pretrain_model, epoch_batches
 from .tasks import build_task, task_classes
 
 __all__ = ["run_bissl", "pretext_dataset"]
@@ -60,21 +60,24 @@ def pretext_dataset(cfg: PipelineConfig, seed: int = 0) -> TwoViewDataset:
     return TwoViewDataset(ds, TwoViewAugment(m.image_size, m.in_channels), seed=seed)
 
 
-def _cycle(ds: Dataset, batch: int, seed: int, workers: int) -> Iterator:
-    sampler = None
-    if dist_utils.is_distributed():
-        sampler = torch.utils.data.DistributedSampler(ds, seed=seed, drop_last=True)
-    g = torch.Generator().manual_seed(seed + dist_utils.rank())
-    loader = DataLoader(ds, batch_size=min(batch, len(ds)), shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, generator=g, num_workers=workers)
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+def _batches(ds: Dataset, first: int, count: int, batch: int, seed: int, workers: int) -> Iterator:
+    """Global batches ``first .. first + count - 1`` of an endless stream of seeded epochs.
+
+    Epoch :math:`e` is the permutation :func:`~applications.bissl.pretrain.epoch_batches` draws from
+    ``seed + e`` (this rank's share of each global batch), so batch :math:`k` is the same whether a
+    run was interrupted or not; a resumed run sees exactly the batches it would have seen.
+    """
+    b = min(batch, len(ds))
+    per_epoch = len(ds) // b
+    k, end = first, first + count
+    while k < end:
+        epoch, j = divmod(k, per_epoch)
+        n = min(end - k, per_epoch - j)
+        idx = epoch_batches(len(ds), b, epoch, seed, dist_utils.rank(), dist_utils.world_size())[j:j + n]
         if hasattr(ds, "set_epoch"):
             ds.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        yield from DataLoader(ds, batch_sampler=idx, num_workers=workers)
+        k += n
 
 
 def _reduce_grads(params) -> None:
@@ -163,11 +166,11 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
         _warmup_head(cfg, ssl.backbone, head, warm_ds, upper_lr, upper_wd)
 
     logger = MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace("@", "_at")), tensorboard=True) if main else None
-    pre_it = _cycle(pre_ds, b.pretext_batch, cfg.seed + 1000 * start, cfg.num_workers)
-    down_it = _cycle(down_ds, b.downstream_batch, cfg.seed + 1000 * start + 1, cfg.num_workers)
     bar = tqdm(range(start, b.alternations), desc=f"bissl {task}", disable=not main, initial=start, total=b.alternations)
     for alt in bar:
         t0 = time.perf_counter()
+        pre_it = _batches(pre_ds, alt * (b.lower_steps + 1), b.lower_steps + 1, b.pretext_batch, cfg.seed, cfg.num_workers)
+        down_it = _batches(down_ds, alt * b.upper_steps, b.upper_steps, b.downstream_batch, cfg.seed + 1, cfg.num_workers)
         ssl.train()
         inner_losses = []
         for _ in range(b.lower_steps):
