@@ -46,6 +46,7 @@ _COMMON = {
     "--image-size": ("model.image_size", int, "input image side in pixels"),
     "--p-pretext-type": ("pretrain.pretext_type", str, "pretext task of the pretrained model: simclr or byol"),
     "--max-train-samples": ("max_train_samples", int, "cap every downstream training set (quick tests)"),
+    "--max-test-samples": ("max_test_samples", int, "evaluate on a seeded subset of this many test images"),
 }
 _BISSL = {
     "--alternations": ("bissl.alternations", int, "number of (lower, upper) alternations (paper 500)"),

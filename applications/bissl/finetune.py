@@ -206,7 +206,8 @@ def finetune(
     tr_tf, ev_tf = train_transform(m.image_size, m.in_channels), eval_transform(m.image_size, m.in_channels)
     cap = cfg.max_train_samples
     train_aug = build_task(task, cfg.data_root, "train", tr_tf, image_size=m.image_size, max_samples=cap)
-    test = build_task(task, cfg.data_root, "test", ev_tf, image_size=m.image_size, max_samples=cap)
+    test_cap = cfg.max_test_samples if cfg.max_test_samples is not None else cap
+    test = build_task(task, cfg.data_root, "test", ev_tf, image_size=m.image_size, max_samples=test_cap)
     test_loader = DataLoader(test, batch_size=512, num_workers=cfg.num_workers)
 
     lr, wd = ft.lr, ft.weight_decay
