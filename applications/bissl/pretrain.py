@@ -156,7 +156,8 @@ def pretrain(
         cfg: pipeline configuration; uses ``cfg.model``, ``cfg.pretrain`` (``pretext_type``,
             ``dataset``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``momentum``,
             ``warmup_epochs``, ``temperature``, ``ema_decay``, ``max_samples``), ``data_root``,
-            ``device``, ``num_workers``, ``seed`` and ``run_dir``.
+            ``device``, ``num_workers``, ``threads`` (sets ``torch.set_num_threads`` when not
+            None), ``seed`` and ``run_dir``.
         out_dir: output folder (default ``<run_dir>/pretrain``).
         resume: continue from ``<out_dir>/checkpoint.pt`` when it exists.
         checkpoint_every: steps between checkpoints (default: once per epoch); the final state is
@@ -177,6 +178,8 @@ def pretrain(
         raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by the world size {world}.")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1 (steps), got {checkpoint_every!r}.")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
     data = _dataset(cfg)
@@ -284,6 +287,7 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "--out-dir": ("out_dir", str),
     "--device": ("device", str),
     "--num-workers": ("num_workers", int),
+    "--threads": ("threads", int),
     "--seed": ("seed", int),
 }
 
