@@ -144,6 +144,7 @@ class TwoViewAugment:
         self.view2 = _ssl_view(image_size, channels, 0.1, 0.2, crop_scale, mean, std)
 
     def __call__(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independently augmented views ``(C, S, S)`` of ``image`` (PIL or uint8 tensor)."""
         return self.view1(image), self.view2(image)
 
     def __repr__(self) -> str:

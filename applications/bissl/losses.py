@@ -70,6 +70,7 @@ class NTXentLoss(nn.Module):
         self.gather = bool(gather)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Mean NT-Xent of this rank's ``2B`` rows; ``z1``, ``z2``: ``(B, D)`` (any scale)."""
         _check_pair(z1, z2, ("z1", "z2"))
         b = z1.shape[0]
         z1 = F.normalize(z1, dim=1)
@@ -119,6 +120,7 @@ class BYOLLoss(nn.Module):
     def forward(
         self, p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor
     ) -> torch.Tensor:
+        """Symmetric loss; ``p1``, ``p2`` online predictions, ``t1``, ``t2`` target projections, ``(B, D)``."""
         _check_pair(p1, t2, ("p1", "t2"))
         _check_pair(p2, t1, ("p2", "t1"))
         t1, t2 = t1.detach(), t2.detach()

@@ -74,6 +74,7 @@ class SSLModel(nn.Module):
         return nn.ModuleList([self.backbone, self.projector])
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Pretext loss (scalar) of two views ``x1``, ``x2`` of shape ``(B, C, H, W)``."""
         z1 = self.projector(self.backbone(x1))
         z2 = self.projector(self.backbone(x2))
         if self.predictor is None or self.target is None:
