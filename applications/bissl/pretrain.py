@@ -283,6 +283,9 @@ _OVERRIDES: dict[str, tuple[str, type]] = {
     "--arch": ("model.arch", str),
     "--width": ("model.width", int),
     "--image-size": ("model.image_size", int),
+    "--in-channels": ("model.in_channels", int),
+    "--proj-dims": ("model.proj_dims", int),
+    "--pred-hidden": ("model.pred_hidden", int),
     "--data-root": ("data_root", str),
     "--out-dir": ("out_dir", str),
     "--device": ("device", str),
@@ -321,7 +324,14 @@ def add_pretrain_args(subparsers: Any) -> Any:
     )
     sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration")
     for flag, (dotted, typ) in _OVERRIDES.items():
-        sp.add_argument(flag, type=typ, default=None, dest=dotted.replace(".", "__"), help=f"override {dotted}")
+        sp.add_argument(
+            flag,
+            type=typ,
+            default=None,
+            dest=dotted.replace(".", "__"),
+            metavar=flag[2:].upper().replace("-", "_"),
+            help=f"override {dotted}",
+        )
     sp.add_argument("--stage-dir", default=None, help="output folder (default <out-dir>/<preset>/pretrain)")
     sp.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 1 epoch)")
     sp.add_argument("--log-every", type=int, default=10, help="steps between metric rows")

@@ -18,17 +18,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+def _entry(rank: int, world: int, port: int, init: bool, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1): ranks share the cores
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if init:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_gloo(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` processes with a gloo group; raise on failure."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+def run_gloo(fn: Callable[..., None], *args: Any, world: int = 2, init: bool = True) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; raise on failure.
+
+    The torchrun environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...) is set in each
+    process; with ``init=True`` the gloo group is initialised before ``fn`` runs, otherwise ``fn``
+    must initialise it from that environment (as code launched by torchrun does).
+    """
+    mp.spawn(_entry, args=(world, free_port(), init, fn, args), nprocs=world, join=True)

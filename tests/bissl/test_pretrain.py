@@ -126,21 +126,26 @@ def test_epoch_batches_split_global_batches_over_ranks() -> None:
 
 
 def _ddp_rank(rank: int, world: int, out: str) -> None:
+    from applications.bissl import distributed as du
+
+    assert not du.is_distributed()
     cfg = _cfg(Path(out))
     cfg.pretrain = dataclasses.replace(cfg.pretrain, epochs=1, batch_size=32)  # 2 steps, 16 images per rank
     path = pretrain(cfg, progress=False, log_every=1)
     state = torch.load(path, weights_only=True)  # written by rank 0 before the final barrier
-    torch.save({"path": path, "steps": state["steps"]}, os.path.join(out, f"seen_by_{rank}.pt"))
+    seen = {"path": path, "steps": state["steps"], "rank": du.rank(), "world": du.world_size()}
+    torch.save(seen, os.path.join(out, f"seen_by_{rank}.pt"))
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_two_gloo_ranks(tmp_path) -> None:
-    run_gloo(_ddp_rank, str(tmp_path))
+    run_gloo(_ddp_rank, str(tmp_path), init=False)  # pretrain initialises gloo from the torchrun variables
     rows = _rows(tmp_path / "tiny" / "pretrain" / "logs" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(float(r["loss"]) > 0 for r in rows)
     seen = [torch.load(tmp_path / f"seen_by_{r}.pt", weights_only=True) for r in range(2)]
+    assert [s.pop("rank") for s in seen] == [0, 1] and all(s.pop("world") == 2 for s in seen)
     assert seen[0] == seen[1] and seen[0]["steps"] == 2
     ckpt = torch.load(tmp_path / "tiny" / "pretrain" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2
