@@ -40,7 +40,7 @@ def test_short_simclr_run_writes_a_loadable_checkpoint_and_metrics(tmp_path) -> 
     cfg = _cfg(tmp_path)
     torch.manual_seed(cfg.seed)
     init = build_pretrain_model(cfg).backbone.state_dict()
-    path = pretrain(cfg, log_every=1, progress=False)
+    path = pretrain(cfg, log_every=1, progress=False, tensorboard=True)
     assert path == os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
     state = torch.load(path, weights_only=True)
     assert state["pretext_type"] == "simclr" and state["steps"] == 8 and state["predictor"] is None
@@ -55,6 +55,9 @@ def test_short_simclr_run_writes_a_loadable_checkpoint_and_metrics(tmp_path) -> 
     lrs = [float(r["lr"]) for r in rows]  # no warm-up in `tiny`: cosine from 0.5 down to 0.5e-3 at step 8
     assert lrs[-1] == pytest.approx(0.5e-3) and all(a > b for a, b in zip(lrs, lrs[1:]))
     assert (Path(cfg.run_dir) / "pretrain" / "checkpoint.pt").is_file()
+    assert list((Path(cfg.run_dir) / "pretrain" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    jsonl = (Path(cfg.run_dir) / "pretrain" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(jsonl) == 8 and '"loss"' in jsonl[0]
     again = torch.load(pretrain(cfg, progress=False), weights_only=True)  # resumes a finished run
     assert again["steps"] == 8
     assert all(torch.equal(state["backbone"][k], v) for k, v in again["backbone"].items())
