@@ -167,9 +167,11 @@ class _LinearSolveMethod(AbstractHypergradMethod):
             return None
         return {k: x0[k].to(device=rhs[k].device, dtype=rhs[k].dtype) for k in rhs}
 
-    def _store_x0(self, state: MethodState, x: dict[str, Tensor]) -> None:
+    def _store_x0(self, state: MethodState, solution: Solution) -> None:
+        """Keep ``x`` for the next solve, unless the solve failed (a bad start would propagate)."""
         if self.warm_start:
-            state.x0 = {k: v.detach().clone() for k, v in x.items()} if bool(tree_all_finite(x)) else None
+            ok = not solution.failed and bool(tree_all_finite(solution.x))
+            state.x0 = {k: v.detach().clone() for k, v in solution.x.items()} if ok else None
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ class Implicit(_LinearSolveMethod):
             matvec = Damped(matvec, self.damping)
         solution = self.solver(matvec, g_theta, self._x0(state, g_theta))
         check_solution(solution, "implicit hypergradient")
-        self._store_x0(state, solution.x)
+        self._store_x0(state, solution)
         cross_mode = "rev_rev" if op.mode in ("rev_rev", "rev_rev_cached") else self.hvp_mode
         cross = reduce(mixed_hvp(inner_fn, params, hparams, solution.x, mode=cross_mode))
         return MethodOutput(tree_sub(g_lam, cross), value, solution, solution.num_matvecs + 1, reused)
@@ -336,7 +338,7 @@ class Proximal(_LinearSolveMethod):
         rhs = {k: g_theta[k] for k in pairs}
         solution = self.solver(lambda v: tree_axpy(scale, reduce(op(v)), v), rhs, self._x0(state, rhs))
         check_solution(solution, "proximal hypergradient")
-        self._store_x0(state, solution.x)
+        self._store_x0(state, solution)
         out = dict(g_lam)
         for i, o in pairs.items():
             out[o] = out[o] + solution.x[i]
