@@ -50,9 +50,10 @@ def _check_channels(channels: int) -> None:
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")
 
 
-def _check_size(image_size: int) -> None:
+def _check_size_and_channels(image_size: int, channels: int) -> None:
     if not isinstance(image_size, int) or image_size < 4:
         raise ValueError(f"image_size must be an int >= 4 (pixels), got {image_size!r}.")
+    _check_channels(channels)
 
 
 def _to_channels(channels: int) -> v2.Transform:
@@ -135,8 +136,7 @@ class TwoViewAugment:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        _check_size(image_size)
-        _check_channels(channels)
+        _check_size_and_channels(image_size, channels)
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}.")
         self.image_size, self.channels = image_size, channels
@@ -175,8 +175,7 @@ def eval_transform(
         >>> eval_transform(32, 3)(Image.new("RGB", (50, 40))).shape
         torch.Size([3, 32, 32])
     """
-    _check_size(image_size)
-    _check_channels(channels)
+    _check_size_and_channels(image_size, channels)
     resize = int(round(image_size * 109 / 96))
     ops = [v2.ToImage(), _to_channels(channels), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose(ops + _finish(channels, mean, std))
@@ -208,6 +207,5 @@ def train_transform(
         >>> train_transform(24, 1)(Image.new("L", (28, 28))).shape
         torch.Size([1, 24, 24])
     """
-    _check_size(image_size)
-    _check_channels(channels)
+    _check_size_and_channels(image_size, channels)
     return v2.Compose(_crop_flip(image_size, channels, crop_scale) + _finish(channels, mean, std))
