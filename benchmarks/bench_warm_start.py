@@ -25,7 +25,7 @@ from .measure import record, rel_error, synced
 from .problems import ProblemCase
 
 PROBLEMS = {"small": ("quadratic_k10", "logistic"), "full": ("quadratic_k1000", "logistic", "hyper_cleaning")}
-STEPS = {"small": 3, "full": 10}
+STEPS = {"small": 3, "full": 5}
 SOLVERS = {"tol": hypergrad.CG(max_steps=500, rtol=1e-8), "budget": hypergrad.CG(max_steps=4)}
 
 

@@ -88,9 +88,17 @@ def to_float64_tree(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to(torch.float64) for k, v in tree.items()}
 
 
+#: Set from ``--no-memory`` by ``benchmarks/conftest.py``; when False, peak memory is not measured.
+MEASURE_MEMORY = True
+
+
 def record(benchmark: Any, fn: Callable[[], Any], device: str, **info: Any) -> dict[str, Any]:
-    """Store ``info`` and the peak memory of one more call of ``fn`` in ``benchmark.extra_info``."""
+    """Store ``info`` and the peak memory of one more call of ``fn`` in ``benchmark.extra_info``.
+
+    The memory call runs after timing, so it never affects the timings; with ``--no-memory`` it
+    is skipped and ``peak_mem_bytes`` is ``None``.
+    """
     benchmark.extra_info.update(info)
-    benchmark.extra_info["peak_mem_bytes"] = peak_memory_bytes(fn, device)
+    benchmark.extra_info["peak_mem_bytes"] = peak_memory_bytes(fn, device) if MEASURE_MEMORY else None
     benchmark.extra_info["device"] = device
     return benchmark.extra_info
