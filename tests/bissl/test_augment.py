@@ -131,3 +131,16 @@ def test_two_view_dataset_seeds_each_item_and_epoch() -> None:
 def test_augment_errors(call, match) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_two_view_batches_do_not_depend_on_the_number_of_workers() -> None:
+    from torch.utils.data import DataLoader
+
+    items = [(_gray(seed=i), i) for i in range(6)]
+    ds = TwoViewDataset(items, TwoViewAugment(12, channels=1), seed=1)
+    ds.set_epoch(2)
+    order = [4, 0, 5, 1, 3, 2]
+    serial = list(DataLoader(ds, batch_size=3, sampler=order, num_workers=0))
+    parallel = list(DataLoader(ds, batch_size=3, sampler=order, num_workers=2))
+    for (a1, a2), (b1, b2) in zip(serial, parallel, strict=True):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
