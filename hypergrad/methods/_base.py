@@ -1,0 +1,172 @@
+r"""Hypergradient methods for :class:`~hypergrad.BilevelProblem`: objects holding their own settings.
+
+* :class:`Implicit` - implicit differentiation of :math:`\nabla_\theta G(\theta, \lambda) = 0`
+  (a linear solve with the inner Hessian, then the mixed product).
+* :class:`Proximal` - the inner problem is proximally coupled to outer parameters,
+  :math:`G = L(\theta) + \frac{\lambda_p}{2}\|\theta_c - \omega\|^2` (BiSSL, iMAML): no mixed
+  second derivative, the Hessian is taken over the coupled inner parameters only.
+* :class:`Unrolled` - reverse-mode differentiation through ``steps`` differentiable SGD steps.
+
+A method sees the two losses as pure functions of parameter trees, ``inner_fn(params, hparams)``
+(on the Hessian batch) and ``outer_fn(params, hparams)`` (on the outer batch), which the problem
+builds from the user's modules with :func:`hypergrad.stateless`. ``reduce`` averages a tree over
+data-parallel ranks (the identity on one process), applied to every gradient and HVP so the result
+equals a single process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .._typing import TensorTree
+from ..operators import HVP_MODES, HessianOperator, HVPMode
+from ..records import NonFiniteError
+from ..solvers import AbstractLinearSolver, Solution, Status
+from ..tree import tree_all_finite
+
+__all__ = ["AbstractHypergradMethod", "MethodState", "MethodOutput"]
+
+Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+PureLoss = Callable[[TensorTree, TensorTree], Tensor]
+
+
+@dataclass
+class MethodState:
+    """Mutable per-problem state of a method: the warm-start vector and a reusable operator."""
+
+    x0: Optional[dict[str, Tensor]] = None
+    operator: Any = None
+    operator_key: Any = None
+    checked: bool = False
+
+
+class MethodOutput(NamedTuple):
+    grad: dict[str, Tensor]
+    outer_loss: Tensor
+    solution: Optional[Solution]
+    num_hvps: int
+    operator_reused: bool
+
+
+def _check_solver(owner: str, solver: Any) -> None:
+    if isinstance(solver, type) and issubclass(solver, AbstractLinearSolver):
+        raise TypeError(f"{owner}: `solver` must be a solver instance, got the class {solver.__name__}; call it: solver={solver.__name__}().")
+    if not isinstance(solver, AbstractLinearSolver):
+        hint = f" Pass an object such as hypergrad.CG(max_steps=10), not the string {solver!r}." if isinstance(solver, str) else ""
+        raise TypeError(f"{owner}: `solver` must be a hypergrad solver, got {type(solver).__name__}.{hint}")
+
+
+def _check_number(owner: str, name: str, value: Any, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{owner}: `{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
+
+
+def _check_common(owner: str, solver: Any, hvp_mode: Any, damping: Any, warm_start: Any, reuse_operator: Any) -> None:
+    _check_solver(owner, solver)
+    if hvp_mode not in HVP_MODES:
+        raise ValueError(f"{owner}: `hvp_mode` must be one of {list(HVP_MODES)}, got {hvp_mode!r}.")
+    _check_number(owner, "damping", damping, positive=False)
+    for name, flag in (("warm_start", warm_start), ("reuse_operator", reuse_operator)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{owner}: `{name}` must be True or False, got {flag!r}.")
+    if reuse_operator and hvp_mode not in ("auto", "rev_rev_cached"):
+        raise ValueError(
+            f"{owner}: `reuse_operator=True` keeps a reverse-mode gradient graph and needs "
+            f"hvp_mode='auto' or 'rev_rev_cached', got hvp_mode={hvp_mode!r}."
+        )
+
+
+def _wide(value: Tensor) -> Tensor:
+    """A detached 0-dim copy in at least float32 (bf16 losses under autocast are widened)."""
+    return value.detach().reshape(()).to(torch.promote_types(value.dtype, torch.float32))
+
+
+def value_and_grads(fn: PureLoss, params: TensorTree, hparams: TensorTree) -> tuple[Tensor, dict, dict]:
+    """``fn(params, hparams)`` and its gradients w.r.t. both trees (zeros where unused)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    h = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+    with torch.enable_grad():
+        value = fn(p, h)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"`outer_loss` must return a scalar tensor, got {shape}; reduce it with .mean().")
+        if not value.requires_grad:
+            raise ValueError("`outer_loss` does not depend on the trained parameters of either level; use the modules it is given.")
+        grads = torch.autograd.grad(value, [*p.values(), *h.values()], allow_unused=True)
+    gp = {k: torch.zeros_like(p[k]) if g is None else g for k, g in zip(p, grads[: len(p)])}
+    gh = {k: torch.zeros_like(h[k]) if g is None else g for k, g in zip(h, grads[len(p):])}
+    return _wide(value), gp, gh
+
+
+def reduced_outer_grads(outer_fn: PureLoss, params: TensorTree, hparams: TensorTree, reduce: Reduce) -> tuple[Tensor, dict, dict]:
+    """Outer loss and gradients, averaged over ranks in one all-reduce; raises on a non-finite loss."""
+    value, gp, gh = value_and_grads(outer_fn, params, hparams)
+    packed = reduce({**{"p." + k: v for k, v in gp.items()}, **{"h." + k: v for k, v in gh.items()}, "loss": value.reshape(1)})
+    value = packed["loss"].reshape(())
+    if not bool(torch.isfinite(value)):
+        raise NonFiniteError(f"the outer loss is {value.item()}")
+    return value, {k: packed["p." + k] for k in gp}, {k: packed["h." + k] for k in gh}
+
+
+def check_solution(solution: Solution, what: str) -> None:
+    if solution.status is Status.NONFINITE:
+        raise NonFiniteError(f"the linear solve of the {what} produced a non-finite value ({solution.status.message})")
+
+
+class AbstractHypergradMethod(abc.ABC):
+    """Protocol of a hypergradient method used by :class:`~hypergrad.BilevelProblem`."""
+
+    #: The Hessian the method uses depends on the outer parameters (so it cannot be reused after
+    #: an outer step).
+    hessian_depends_on_outer: bool = True
+
+    def check(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> None:
+        """Validate the method against the trained parameters (names, shapes); raise ``ValueError``."""
+
+    def inner_penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Optional[Tensor]:
+        """A term the inner step adds to the inner loss (``None`` for none)."""
+        return None
+
+    @abc.abstractmethod
+    def hypergradient(
+        self, inner_fn: PureLoss, outer_fn: PureLoss, params: dict[str, Tensor], hparams: dict[str, Tensor],
+        state: MethodState, reduce: Reduce, operator_key: Any,
+    ) -> MethodOutput:
+        """Compute the hypergradient (keyed like ``hparams``) at ``params``."""
+
+
+class _LinearSolveMethod(AbstractHypergradMethod):
+    solver: AbstractLinearSolver
+    hvp_mode: HVPMode
+    warm_start: bool
+    reuse_operator: bool
+
+    def _operator(self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, key: Any) -> tuple[Any, bool]:
+        """``(operator, reused)``; a reused operator was built by an earlier call with the same key."""
+        if not self.reuse_operator:
+            return HessianOperator(fn, params, mode=self.hvp_mode), False
+        if state.operator is not None and state.operator_key == key:
+            return state.operator, True
+        state.operator, state.operator_key = None, None  # free the old graph before building a new one
+        op = HessianOperator(fn, params, mode="rev_rev_cached")
+        state.operator, state.operator_key = op, key
+        return op, False
+
+    def _x0(self, state: MethodState, rhs: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
+        x0 = state.x0 if self.warm_start else None
+        if x0 is None or set(x0) != set(rhs) or any(x0[k].shape != rhs[k].shape for k in rhs):
+            return None
+        return {k: x0[k].to(device=rhs[k].device, dtype=rhs[k].dtype) for k in rhs}
+
+    def _store_x0(self, state: MethodState, solution: Solution) -> None:
+        """Keep ``x`` for the next solve, unless the solve failed (a bad start would propagate)."""
+        if self.warm_start:
+            ok = not solution.failed and bool(tree_all_finite(solution.x))
+            state.x0 = {k: v.detach().clone() for k, v in solution.x.items()} if ok else None
