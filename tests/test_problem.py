@@ -286,3 +286,21 @@ def test_dict_levels_expose_entries_in_both_passes() -> None:
     )
     rec = problem.step([x] * 3, x)
     assert weights.grad is None and rec.outer_steps == 1 and not torch.equal(weights.detach(), torch.zeros(20, dtype=torch.float64))
+
+
+def test_proximal_step_same_on_every_device(device: str) -> None:
+    """The same BiSSL-shaped step on ``device`` (CUDA where present) as on the CPU, in float64."""
+    pre, down = bissl_batches()
+    results = []
+    for dev in ("cpu", device):
+        method = hypergrad.Proximal(lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=5),
+                                    warm_start=True, reuse_operator=True)
+        problem, lower, upper = bissl_problem(method)
+        lower.to(dev), upper.to(dev)
+        for opt in (problem.inner.optimizer, problem.outer.optimizer):
+            opt.state.clear()
+        rec = problem.step([pre.to(dev)] * 3, tuple(t.to(dev) for t in down))
+        rec2 = problem.outer_step(tuple(t.to(dev) for t in down), hessian_batch=pre.to(dev))
+        assert not rec.skipped and rec2.operator_reused and problem.method_state.x0["backbone.0.weight"].device.type == torch.device(dev).type
+        results.append(flat({k: v.detach().cpu() for k, v in upper.named_parameters()}))
+    assert torch.allclose(results[0], results[1], rtol=1e-10, atol=1e-12)
