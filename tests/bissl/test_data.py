@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -286,3 +287,69 @@ def test_few_label_subset_counts_and_transforms() -> None:
         few_label_subset(ds)
     with pytest.raises(ValueError, match="per_class must be a positive int"):
         few_label_subset(ds, per_class=0)
+
+
+# ----------------------------------------------------------------------------- more paper sets
+
+
+def _jpg(path: Path) -> None:
+    _png(path, RNG.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+
+
+def test_pets_food_aircraft_official_splits(tmp_path) -> None:
+    pets = tmp_path / "oxford-iiit-pet"
+    rows = {"trainval": ["Abyssinian_1 1 1 1", "beagle_2 2 2 1", "beagle_3 2 2 1"], "test": ["Abyssinian_4 1 1 1"]}
+    for split, lines in rows.items():
+        for line in lines:
+            _jpg(pets / "images" / f"{line.split()[0]}.jpg")
+        (pets / "annotations").mkdir(parents=True, exist_ok=True)
+        (pets / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    train = get_dataset("pets", tmp_path, "train")  # = the official trainval split
+    assert train.targets.tolist() == [0, 1, 1] and train.classes == ["Abyssinian", "Beagle"]
+    assert get_dataset("pets", tmp_path, "test").targets.tolist() == [0]
+
+    food = tmp_path / "food-101"
+    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]},
+            "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5"]}}
+    for split, classes in meta.items():
+        for items in classes.values():
+            for rel in items:
+                _jpg(food / "images" / f"{rel}.jpg")
+        (food / "meta").mkdir(parents=True, exist_ok=True)
+        (food / "meta" / f"{split}.json").write_text(json.dumps(classes))
+    assert get_dataset("Food101", tmp_path, "train").targets.tolist() == [0, 0, 1]
+    assert len(get_dataset("food", tmp_path, "test")) == 2
+
+    air = tmp_path / "fgvc-aircraft-2013b" / "data"
+    (air / "images").mkdir(parents=True)
+    (air / "variants.txt").write_text("707-320\nA300B4\n")
+    splits = {"trainval": ["0001 707-320", "0002 A300B4"], "test": ["0003 A300B4"], "val": ["0002 A300B4"]}
+    for split, lines in splits.items():
+        for line in lines:
+            _jpg(air / "images" / f"{line.split()[0]}.jpg")
+        (air / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+    assert get_dataset("aircraft", tmp_path, "train").targets.tolist() == [0, 1]
+    assert get_dataset("aircraft", tmp_path, "val").targets.tolist() == [1]
+    assert get_dataset("aircraft", tmp_path, "test").classes == ["707-320", "A300B4"]
+
+
+def test_caltech101_and_sun397_seeded_80_20_split(tmp_path) -> None:
+    cal = tmp_path / "caltech101" / "101_ObjectCategories"
+    for cls, n in (("accordion", 5), ("airplanes", 10), ("BACKGROUND_Google", 2)):
+        for i in range(1, n + 1):
+            _jpg(cal / cls / f"image_{i:04d}.jpg")
+    (tmp_path / "caltech101" / "Annotations").mkdir()
+    train, test = get_dataset("caltech101", tmp_path, "train"), get_dataset("caltech101", tmp_path, "test")
+    assert train.classes == ["accordion", "airplanes"]  # torchvision drops the background class
+    assert torch.bincount(test.targets).tolist() == [1, 2] and torch.bincount(train.targets).tolist() == [4, 8]
+    assert torch.equal(get_dataset("caltech101", tmp_path, "test").indices, test.indices)  # fixed seed
+
+    sun = tmp_path / "SUN397"
+    sun.mkdir()
+    (sun / "ClassName.txt").write_text("/a/abbey\n/b/beach\n")
+    for cls, n in (("a/abbey", 5), ("b/beach", 5)):
+        for i in range(n):
+            _jpg(sun / cls / f"sun_{cls[-1]}{i}.jpg")
+    sun_train = get_dataset("sun397", tmp_path, "train")
+    assert sun_train.classes == ["abbey", "beach"] and torch.bincount(sun_train.targets).tolist() == [4, 4]
+    assert len(get_dataset("sun397", tmp_path, "test")) == 2
