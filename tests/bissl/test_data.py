@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
+import torchvision.datasets.flowers102
 from PIL import Image
 
 from applications.bissl.augment import eval_transform
@@ -353,3 +354,33 @@ def test_caltech101_and_sun397_seeded_80_20_split(tmp_path) -> None:
     sun_train = get_dataset("sun397", tmp_path, "train")
     assert sun_train.classes == ["abbey", "beach"] and torch.bincount(sun_train.targets).tolist() == [4, 4]
     assert len(get_dataset("sun397", tmp_path, "test")) == 2
+
+
+def test_flowers102_and_stanford_cars_mat_files(tmp_path, monkeypatch) -> None:
+    from scipy.io import savemat
+
+    flowers = tmp_path / "flowers-102"
+    for i in range(1, 7):
+        _jpg(flowers / "jpg" / f"image_{i:05d}.jpg")
+    savemat(flowers / "imagelabels.mat", {"labels": np.array([[1, 2, 1, 2, 1, 2]])})  # 1-based classes
+    savemat(flowers / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3, 4]]),
+                                    "tstid": np.array([[5, 6]])})
+    # our .mat files cannot match the md5 sums of the real ones; the rest is torchvision's code
+    monkeypatch.setattr(torchvision.datasets.flowers102, "check_integrity", lambda *a, **k: True)
+    train = get_dataset("flowers", tmp_path, "train")  # official train + val
+    assert train.targets.tolist() == [0, 1, 0, 1] and len(get_dataset("flowers", tmp_path, "test")) == 2
+
+    cars = tmp_path / "stanford_cars"
+    record = np.dtype([("fname", object), ("class", object)])
+    for folder, mat, rows in (
+        ("cars_train", cars / "devkit" / "cars_train_annos.mat", [("00001.jpg", 2), ("00002.jpg", 1)]),
+        ("cars_test", cars / "cars_test_annos_withlabels.mat", [("00003.jpg", 2), ("00004.jpg", 2)]),
+    ):
+        for name, _ in rows:
+            _jpg(cars / folder / name)
+        mat.parent.mkdir(parents=True, exist_ok=True)
+        savemat(mat, {"annotations": np.array(rows, dtype=record)})
+    savemat(cars / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Acura RL"], dtype=object)})
+    cars_train = get_dataset("cars", tmp_path, "train")
+    assert cars_train.targets.tolist() == [1, 0] and cars_train.classes == ["AM General Hummer", "Acura RL"]
+    assert get_dataset("cars", tmp_path, "test").targets.tolist() == [1, 1]
