@@ -1,30 +1,21 @@
 r"""``BilevelProblem``: bilevel training inside your own loop, with your modules and optimisers.
 
-.. math::
+You write :math:`G` = ``inner_loss(inner, outer, batch)`` and :math:`F` =
+``outer_loss(inner, outer, batch)`` and choose a method object (:class:`~hypergrad.Implicit`,
+:class:`~hypergrad.Proximal`, :class:`~hypergrad.Unrolled`); the guide "Use hypergrad in your own
+loop" walks through it.
 
-    \min_{\lambda} F\big(\theta^*(\lambda), \lambda\big)
-    \quad\text{s.t.}\quad \theta^*(\lambda) \in \arg\min_\theta G(\theta, \lambda)
+**Buffers (BatchNorm).** Ordinary inner steps run the modules as they are (running statistics
+update as in any loop). Hypergradient passes run them through :func:`hypergrad.stateless` with the
+``buffers`` policy: ``"batch_stats"`` (default) normalises with the batch's statistics and never
+reads or writes running statistics; ``"running_stats"`` uses the stored ones, read-only.
 
-You write two losses over the modules and a batch, ``inner_loss(inner, outer, batch)`` (:math:`G`)
-and ``outer_loss(inner, outer, batch)`` (:math:`F`), and choose a hypergradient method object
-(:class:`~hypergrad.Implicit`, :class:`~hypergrad.Proximal`, :class:`~hypergrad.Unrolled`).
-:meth:`BilevelProblem.step` runs inner optimiser steps, computes the hypergradient, writes it into
-the ``.grad`` of the outer parameters and steps the outer optimiser.
+**Non-finite values** never reach the parameters or the optimiser state: ``on_nonfinite="skip"``
+skips the step and the record says why; ``"raise"`` raises :class:`~hypergrad.NonFiniteError`.
 
-**Buffers (BatchNorm).** Ordinary inner steps run the modules as they are (a training-mode
-BatchNorm updates its running statistics, as in any training loop). Hypergradient passes (the
-outer loss's gradients, every Hessian-vector product) run the modules functionally through
-:func:`hypergrad.stateless` with the ``buffers`` policy: ``"batch_stats"`` (default) normalises with
-the batch's statistics and never reads or writes running statistics; ``"running_stats"`` uses the
-stored statistics, read-only.
-
-**Non-finite values.** A NaN/Inf loss, gradient, Hessian-vector product or hypergradient never
-reaches the parameters or the optimiser state: with ``on_nonfinite="skip"`` the step is skipped and
-the record says why; with ``"raise"`` a :class:`~hypergrad.NonFiniteError` is raised.
-
-**Data parallelism.** Under ``torchrun`` (``torch.distributed`` initialised) pass plain modules,
-not ``DistributedDataParallel``: the problem averages every gradient and Hessian-vector product over
-ranks (:mod:`hypergrad.distributed`) and broadcasts rank 0's parameters at construction.
+**Data parallelism.** Under ``torchrun`` pass plain modules, not ``DistributedDataParallel``: the
+problem averages every gradient and Hessian-vector product over ranks
+(:mod:`hypergrad.distributed`) and broadcasts rank 0's parameters at construction.
 """
 
 from __future__ import annotations
@@ -178,7 +169,8 @@ class BilevelProblem:
                 default: the last inner batch.
 
         Returns:
-            A :class:`~hypergrad.StepRecord` with phase ``"step"``.
+            A :class:`~hypergrad.StepRecord` with phase ``"step"``. A skipped (non-finite) inner
+            step does not stop the outer step; a skipped hypergradient skips the outer step.
         """
         if isinstance(inner_batches, (Tensor, tuple, dict)) or not isinstance(inner_batches, Iterable):
             raise TypeError(
@@ -206,7 +198,9 @@ class BilevelProblem:
         Args:
             outer_batch: batch of ``outer_loss``.
             hessian_batch: batch of ``inner_loss`` for the Hessian; default: the last inner batch.
-            accumulate: add to existing ``.grad`` instead of overwriting it.
+            accumulate: add to existing ``.grad`` instead of overwriting it (e.g. summing over the
+                tasks of a meta-batch). A non-finite hypergradient clears all outer ``.grad`` and
+                makes the next :meth:`outer_step` a skip.
         """
         record = StepRecord("hypergradient")
         self._hypergradient(outer_batch, hessian_batch, record, accumulate=accumulate)
@@ -237,6 +231,9 @@ class BilevelProblem:
             loss = _check_loss("inner_loss", self.inner_loss(self.inner.module, self.outer.module, batch))
             penalty = self.method.inner_penalty(params, self._outer_params)
             total = loss if penalty is None else loss + penalty
+            if not total.requires_grad:
+                raise ValueError("`inner_loss` does not depend on the inner level's trained parameters; compute it "
+                                 "with the `inner` module it receives (and check that the optimizer holds its parameters).")
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
         tree = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         tree["__loss__"] = _wide(total).reshape(1)

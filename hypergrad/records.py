@@ -73,8 +73,9 @@ class StepRecord:
         inner_losses: the inner loss of each inner step in this call (with the proximal term).
         outer_loss: the outer loss at which the hypergradient was taken, if one was.
         solve: :class:`SolveInfo` of the linear solve (``None`` for unrolled or no hypergradient).
-        num_hvps: Hessian(-vector) products spent on the hypergradient, including the mixed
-            product and the cached operator's construction.
+        num_hvps: Hessian-vector products spent on the hypergradient (the solver's matvecs plus
+            the mixed product of :class:`~hypergrad.Implicit`); building a cached operator (one
+            forward and backward pass) is not counted, see ``operator_reused``.
         operator_reused: the Hessian operator of a previous call was reused.
         hypergrad_norm: :math:`\\|\\nabla_\\lambda F\\|` written into ``.grad`` (before clipping).
         times: wall-clock seconds per phase (``"inner"``, ``"hypergradient"``, ``"outer"``).

@@ -262,6 +262,7 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
     ("no-hessian-batch", _run(lambda p: p.hypergradient(X2)), ValueError, r"no inner step has run yet.*pass `hessian_batch=`"),
     ("outer-step-first", _run(lambda p: p.outer_step()), RuntimeError, r"no outer gradients; call hypergradient\(outer_batch\) first"),
     ("loss-not-scalar", _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: i(b)), TypeError, r"`inner_loss` must return a floating-point scalar tensor, got a tensor of shape \(16, 1\)"),
+    ("inner-loss-constant", _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: b.sum()), ValueError, r"`inner_loss` does not depend on the inner level's trained parameters"),
     ("load-format", _run(lambda p: p.load_state_dict({"inner_module": {}})), ValueError, r"`state` is not a BilevelProblem.state_dict\(\)"),
     ("load-scheduler", _load_mismatch, ValueError, r"the checkpoint has an inner scheduler but this problem has none"),
 ]
