@@ -119,7 +119,7 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
 
 
 def tree_norm(a: TreeOrTensor) -> Tensor:
-    """Euclidean norm of the whole tree, :math:`\sqrt{\sum_k \|a_k\|^2}`, as a 0-dim tensor (>= float32).
+    r"""Euclidean norm of the whole tree, :math:`\sqrt{\sum_k \|a_k\|^2}`, as a 0-dim tensor (>= float32).
 
     Example:
         >>> import torch
