@@ -182,7 +182,7 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
         x1, x2 = (v.to(dev) for v in next(pre_it))
         h_batch = (x1, x2, HESSIAN)
         t_low = time.perf_counter() - t0
-        hvps, outer_losses, res = 0, [], float("nan")
+        hvps, outer_losses, res, failed, status = 0, [], float("nan"), 0, ""
         for _ in range(b.upper_steps):
             x, y = next(down_it)
             rec = problem.hypergradient((x.to(dev), y.to(dev)), h_batch)
@@ -190,16 +190,19 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
             hvps += rec.num_hvps
             if rec.outer_loss is not None:
                 outer_losses.append(rec.outer_loss)
-            if rec.solve is not None and rec.solve.residual_norm is not None:
-                res = rec.solve.residual_norm
+            if rec.solve is not None:
+                res = rec.solve.residual_norm if rec.solve.residual_norm is not None else res
+                failed += int(rec.solve.failed)  # e.g. negative curvature: I + H/lam_e not positive definite
+                status = rec.solve.status
         if main:
             logger.log(alt, {
                 "lower_loss": inner_losses[-1], "upper_loss": outer_losses[-1] if outer_losses else float("nan"),
-                "hvps": hvps, "residual_last": res, "inner_skipped": problem.inner_skipped,
+                "hvps": hvps, "residual_last": res, "solves_failed": failed, "inner_skipped": problem.inner_skipped,
                 "outer_skipped": problem.outer_skipped, "lower_lr": lower_sched.get_last_lr()[0],
                 "upper_lr": upper_sched.get_last_lr()[0], "time_lower_s": t_low, "time_s": time.perf_counter() - t0,
             })
-            bar.set_postfix(lower=f"{inner_losses[-1]:.3f}", upper=f"{outer_losses[-1] if outer_losses else float('nan'):.3f}", hvp=hvps)
+            bar.set_postfix(lower=f"{inner_losses[-1]:.3f}", upper=f"{outer_losses[-1] if outer_losses else float('nan'):.3f}",
+                            hvp=hvps, solve=status)
             save_checkpoint({"alternation": alt + 1, "problem": problem.state_dict()}, ckpt_path)
         dist_utils.barrier()
     out_path = os.path.join(out_dir, "lower_backbone.pt")
