@@ -217,7 +217,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         description="Data hyper-cleaning with per-example weights learned by implicit differentiation "
         "(hypergrad.BilevelProblem). Default: sklearn digits, 50%% corrupted labels, < 1 min on CPU.",
     )
-    p.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits")
+    p.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits",
+                   help="digits (default, seconds) or fashion-mnist (28x28; with --model cnn expect minutes on CPU, or use --device cuda)")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--n-train", type=int, default=600, help="training examples (labels corrupted), default 600")
     p.add_argument("--n-val", type=int, default=200, help="clean validation examples (outer objective), default 200")
