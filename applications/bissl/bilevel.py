@@ -108,8 +108,9 @@ def make_outer_loss(gamma: float) -> Callable[[nn.Module, nn.Module, Any], Tenso
     Example:
         >>> inner = nn.Module(); inner.backbone = nn.Linear(2, 3)
         >>> outer = nn.ModuleDict({"backbone": nn.Linear(2, 3), "head": nn.Linear(3, 2)})
-        >>> float(make_outer_loss(0.0)(inner, outer, (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))) > 0
-        True
+        >>> loss = make_outer_loss(0.0)(inner, outer, (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
+        >>> loss.shape, bool(loss.detach() > 0)
+        (torch.Size([]), True)
     """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
         raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")

@@ -1,0 +1,291 @@
+r"""One BiSSL upper step: hypergrad versus a reference-style implementation, and operator reuse.
+
+The upper step computes :math:`g_{\theta_D} = \lambda_e (H + \lambda_e I)^{-1}\nabla_{\theta_P} L_D
++ \gamma\nabla_{\theta_D} L_D` with 5 CG steps, :math:`H` the SimCLR Hessian w.r.t. the lower
+ResNet-18 backbone on one pretext batch, :math:`\lambda_e = 500.001` (see ``DAMPING``: the paper's
+10 makes the system indefinite at this random point; a CG step costs the same). Implementations:
+
+* ``hypergrad``: :func:`applications.bissl.bilevel.build_problem` + ``problem.hypergradient``
+  (``hypergrad.Proximal``, forward-over-reverse HVPs, textbook CG);
+* ``hypergrad_rev_rev``: the same with reverse-over-reverse HVPs (``hvp_mode="rev_rev"``);
+* ``hypergrad_reuse``: the same with ``reuse_operator=True`` (gradient graph built once per call
+  here, one backward pass per HVP);
+* ``reference``: written from BISSL.md's description of the authors' code - every CG iteration
+  re-runs the forward pass and a ``create_graph`` double backward (BatchNorm running statistics
+  updating), CG with a separate :math:`\alpha, \beta` per parameter tensor ("layer-wise"), the result
+  through ``nan_to_num`` (``torch.cuda.empty_cache()`` each iteration on CUDA);
+* ``reference_textbook``: the reference's HVPs with textbook (global) CG coefficients.
+
+Agreement: every result is compared with ``reference_textbook`` (the same mathematics), and the
+layer-wise CG with textbook CG. The second group times the ``N_U = 8`` upper steps of one
+alternation (same :math:`\theta_P`, same Hessian batch, 8 downstream batches): fresh 5-step CG per
+step (as the authors) versus a reused operator, with and without warm start, and records HVPs and
+the mean relative error against a converged solve.
+
+Run: ``python -m pytest benchmarks/bench_bissl_step.py --benchmark-enable`` (``--preset full`` for
+a wider network and larger batches) or ``python benchmarks/bench_bissl_step.py [--preset full]``,
+which prints the ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):  # `python benchmarks/bench_bissl_step.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hypergrad  # noqa: E402
+from applications.bissl.bilevel import HESSIAN, build_problem  # noqa: E402
+from applications.bissl.config import BiSSLConfig, ModelConfig, PipelineConfig, PretrainConfig  # noqa: E402
+from applications.bissl.pretrain import build_pretrain_model  # noqa: E402
+from benchmarks.measure import peak_memory_bytes, rel_error, synced  # noqa: E402
+
+SIZES = {"small": dict(width=8, image=16, pretext_batch=32, downstream_batch=32),
+         "full": dict(width=16, image=32, pretext_batch=128, downstream_batch=64)}
+# At this randomly initialised point the SimCLR Hessian has eigenvalues below -200, so the paper's
+# I + H / (1e-3 + 10) is indefinite and CG meets negative curvature (hypergrad reports it; the
+# reference divides by it anyway). Agreement needs a positive definite system, so the benchmark
+# uses damping 500; the cost of a CG step does not depend on the damping.
+LAM, DAMPING, PAPER_DAMPING, GAMMA, CG_STEPS, N_U = 1e-3, 500.0, 10.0, 1.0, 5, 8
+
+
+class Case:
+    """Modules and batches of one benchmark (seeded); ``problem(**bissl)`` builds a fresh problem."""
+
+    def __init__(self, preset: str, device: str = "cpu"):
+        s = SIZES[preset]
+        torch.manual_seed(0)
+        self.device = device
+        self.cfg = PipelineConfig(name="bench", model=ModelConfig(arch="resnet18", small_stem=True, width=s["width"],
+                                  in_channels=1, image_size=s["image"], proj_dims=64, pred_hidden=64),
+                                  pretrain=PretrainConfig(dataset="digits"))
+        self.ssl = build_pretrain_model(self.cfg).to(device)
+        self.upper = copy.deepcopy(self.ssl.backbone)
+        self.head = nn.Linear(self.ssl.projector[0].in_features, 10).to(device)
+        g = torch.Generator().manual_seed(1)
+        img = (1, s["image"], s["image"])
+        x1 = torch.randn(s["pretext_batch"], *img, generator=g)
+        self.h_batch = (x1.to(device), (x1 + 0.5 * torch.randn(x1.shape, generator=g)).to(device), HESSIAN)
+        self.d_batches = [(torch.randn(s["downstream_batch"], *img, generator=g).to(device),
+                           torch.randint(0, 10, (s["downstream_batch"],), generator=g).to(device)) for _ in range(N_U)]
+
+    def problem(self, **bissl: Any) -> tuple[hypergrad.BilevelProblem, nn.Module]:
+        ssl, upper, head = copy.deepcopy(self.ssl), copy.deepcopy(self.upper), copy.deepcopy(self.head)
+        cfg = BiSSLConfig(lam=LAM, gamma=GAMMA, **{"damping": DAMPING, "solver": hypergrad.CG(max_steps=CG_STEPS), **bissl})
+        p = build_problem(ssl, upper, head, cfg,
+                          lower_opt=torch.optim.SGD([q for q in ssl.parameters() if q.requires_grad], lr=0.0),
+                          upper_opt=torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=0.0))
+        return p, upper
+
+
+def hypergrad_step(case: Case, reuse: bool = False, hvp_mode: str = "auto") -> Callable[[], dict]:
+    problem, upper = case.problem(reuse_operator=reuse, hvp_mode=hvp_mode)
+
+    def run() -> dict:
+        problem.method_state.operator = None  # each timed call builds its own operator
+        problem.hypergradient(case.d_batches[0], case.h_batch)
+        return {k: p.grad.detach().clone() for k, p in upper.named_parameters()}
+
+    return run
+
+
+def reference_step(case: Case, layerwise: bool = True, batch: int = 0) -> Callable[[], dict]:
+    """The upper backbone gradient as BISSL.md describes the authors' code computing it."""
+    ssl, upper, head = copy.deepcopy(case.ssl), copy.deepcopy(case.upper), copy.deepcopy(case.head)
+    params = [p for p in ssl.backbone.parameters()]
+    names = [k for k, _ in ssl.backbone.named_parameters()]
+    x1, x2, _ = case.h_batch
+    x, y = case.d_batches[batch]
+    lam_eff = LAM + DAMPING
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        z1, z2 = ssl.projector(ssl.backbone(x1)), ssl.projector(ssl.backbone(x2))  # forward re-run
+        loss = hypergrad_ntxent(z1, z2)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        hv = torch.autograd.grad(grads, params, grad_outputs=v)
+        if x1.is_cuda:
+            torch.cuda.empty_cache()
+        return [vi + hi / lam_eff for vi, hi in zip(v, hv)]
+
+    def dot(a: list, b: list) -> list[torch.Tensor]:
+        return [(ai * bi).sum() for ai, bi in zip(a, b)]
+
+    def run() -> dict:
+        g = torch.autograd.grad(F.cross_entropy(head(ssl.backbone(x)), y), params)
+        xs = [torch.zeros_like(t) for t in g]
+        r = [t.clone() for t in g]
+        p = [t.clone() for t in g]
+        for _ in range(CG_STEPS):
+            ap = hvp(p)
+            rr, pap = dot(r, r), dot(p, ap)
+            if layerwise:  # one alpha and beta per parameter tensor
+                alpha = [a / b for a, b in zip(rr, pap)]
+            else:
+                alpha = [sum(rr) / sum(pap)] * len(p)
+            xs = [xi + a * pi for xi, a, pi in zip(xs, alpha, p)]
+            r_new = [ri - a * api for ri, a, api in zip(r, alpha, ap)]
+            rr_new = dot(r_new, r_new)
+            beta = [a / b for a, b in zip(rr_new, rr)] if layerwise else [sum(rr_new) / sum(rr)] * len(p)
+            p = [rn + b * pi for rn, b, pi in zip(r_new, beta, p)]
+            r = r_new
+        xs = [torch.nan_to_num(t) for t in xs]
+        direct = torch.autograd.grad(GAMMA * F.cross_entropy(head(upper(x)), y), list(upper.parameters()))
+        return {k: (a + b).detach() for k, a, b in zip(names, xs, direct)}
+
+    return run
+
+
+def hypergrad_ntxent(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    from applications.bissl.losses import NTXentLoss
+
+    return NTXentLoss(temperature=0.5, gather=False)(z1, z2)
+
+
+IMPLS: dict[str, Callable[[Case], Callable[[], dict]]] = {
+    "hypergrad": lambda c: hypergrad_step(c, reuse=False),
+    "hypergrad_rev_rev": lambda c: hypergrad_step(c, hvp_mode="rev_rev"),
+    "hypergrad_reuse": lambda c: hypergrad_step(c, reuse=True),
+    "reference": lambda c: reference_step(c, layerwise=True),
+    "reference_textbook": lambda c: reference_step(c, layerwise=False),
+}
+
+ALTERNATION = {  # name: BiSSLConfig overrides for the N_U upper steps of one alternation
+    "fresh_cg5": dict(),
+    "reuse_cg5": dict(reuse_operator=True),
+    "reuse_warm_cg5": dict(reuse_operator=True, warm_start=True),
+    "reuse_warm_cg2": dict(reuse_operator=True, warm_start=True, solver=hypergrad.CG(max_steps=2)),
+}
+
+
+def reference_alternation(case: Case, layerwise: bool = True) -> Callable[[], tuple[list[dict], int]]:
+    """The reference's N_U upper steps: a fresh 5-step CG (forward re-run per HVP) for each."""
+    steps = [reference_step(case, layerwise, i) for i in range(N_U)]
+
+    def run() -> tuple[list[dict], int]:
+        return [f() for f in steps], N_U * CG_STEPS
+
+    return run
+
+
+def alternation(case: Case, **bissl: Any) -> Callable[[], tuple[list[dict], int]]:
+    """The N_U upper gradients of one alternation (the outer step is omitted: lr 0 keeps theta fixed)."""
+
+    def run() -> tuple[list[dict], int]:
+        problem, upper = case.problem(**bissl)
+        grads, hvps = [], 0
+        for b in case.d_batches:
+            rec = problem.hypergradient(b, case.h_batch)
+            hvps += rec.num_hvps
+            grads.append({k: p.grad.detach().clone() for k, p in upper.named_parameters()})
+        return grads, hvps
+
+    return run
+
+
+_CACHE: dict[Any, Any] = {}
+
+
+def _case(preset: str, device: str) -> Case:
+    if ("case", preset, device) not in _CACHE:
+        _CACHE[("case", preset, device)] = Case(preset, device)
+    return _CACHE[("case", preset, device)]
+
+
+def _textbook(case: Case) -> dict:
+    key = ("textbook", id(case))
+    if key not in _CACHE:
+        _CACHE[key] = IMPLS["reference_textbook"](case)()
+    return _CACHE[key]
+
+
+def _converged(case: Case) -> list[dict]:
+    key = ("converged", id(case))
+    if key not in _CACHE:
+        _CACHE[key] = alternation(case, reuse_operator=True, solver=hypergrad.CG(max_steps=200, rtol=1e-6))()[0]
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_upper_step(benchmark, impl, preset, device):
+    case = _case(preset, device)
+    fn = synced(IMPLS[impl](case), device)
+    out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    err = rel_error(out, _textbook(case))
+    benchmark.group = f"bissl upper step ({preset})"
+    benchmark.extra_info.update(rel_error_vs_textbook=err, cg_steps=CG_STEPS, peak_mem_bytes=peak_memory_bytes(fn, device))
+    tol = 1.0 if impl == "reference" else 1e-3  # layer-wise CG is a different algorithm
+    assert err < tol
+
+
+@pytest.mark.parametrize("variant", list(ALTERNATION))
+def test_alternation_reuse(benchmark, variant, preset, device):
+    case = _case(preset, device)
+    fn = synced(alternation(case, **ALTERNATION[variant]), device)
+    grads, hvps = benchmark.pedantic(fn, rounds=2, warmup_rounds=0)
+    errs = [rel_error(g, e) for g, e in zip(grads, _converged(case))]
+    benchmark.group = f"bissl alternation, N_U={N_U} ({preset})"
+    benchmark.extra_info.update(hvps=hvps, mean_rel_error_vs_converged=sum(errs) / len(errs), max_rel_error=max(errs))
+    assert all(e == e and e < 0.5 for e in errs)
+
+
+def _time(fn: Callable[[], Any], reps: int = 3) -> tuple[float, Any]:
+    fn()  # warm-up
+    best, out = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print time / memory ratios against the reference and the alternation's HVP counts."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(SIZES), default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    case = Case(args.preset, args.device)
+    ref = _textbook(case)
+    rows = {}
+    for name, make in IMPLS.items():
+        fn = synced(make(case), args.device)
+        t, out = _time(fn)
+        rows[name] = (t, peak_memory_bytes(fn, args.device), rel_error(out, ref))
+    print(f"BiSSL upper step, {args.preset} ({SIZES[args.preset]}), CG steps {CG_STEPS}, device {args.device}, "
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"{'implementation':<22}{'time s':>9}{'peak MB':>10}{'t_ref/t':>9}{'mem_ref/mem':>12}{'rel err vs textbook':>22}")
+    t_ref, m_ref = rows["reference"][0], rows["reference"][1]
+    for name, (t, m, e) in rows.items():
+        print(f"{name:<22}{t:>9.3f}{m / 2**20:>10.1f}{t_ref / t:>9.2f}{m_ref / max(m, 1):>12.2f}{e:>22.2e}")
+    problem, _ = case.problem(damping=PAPER_DAMPING)
+    rec = problem.hypergradient(case.d_batches[0], case.h_batch)
+    print(f"(with the paper's damping {PAPER_DAMPING}: hypergrad CG status {rec.solve.status!r} at this point)")
+    conv = _converged(case)
+    print(f"\nOne alternation: N_U={N_U} upper steps, same theta_P and Hessian batch")
+    print(f"{'variant':<18}{'time s':>9}{'HVPs':>7}{'t_ref/t':>10}{'mean rel err vs converged':>27}")
+    base = None
+    runs = {"reference_cg5": reference_alternation(case), **{k: alternation(case, **v) for k, v in ALTERNATION.items()}}
+    for name, fn in runs.items():
+        t, (grads, hvps) = _time(synced(fn, args.device), reps=2)
+        base = base or t
+        errs = [rel_error(g, e) for g, e in zip(grads, conv)]
+        print(f"{name:<18}{t:>9.3f}{hvps:>7d}{base / t:>10.2f}{sum(errs) / len(errs):>27.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
