@@ -28,7 +28,7 @@ from .peers import peer_versions
 
 BUDGETS = {"small": (4, 32), "full": (2, 8, 32, 128)}
 SOLVE_STEPS = {"small": (1, 4), "full": (1, 5, 20)}
-OVERHEAD_STEPS = {"small": (4,), "full": (20,)}
+OVERHEAD_STEPS = {"small": (4,), "full": (10,)}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,22 +47,30 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(config.getoption("--threads"))
 
 
-def preset_of(config: pytest.Config) -> str:
-    """The ``--preset`` option (read at collection time by the parametrisations)."""
-    return config.getoption("--preset")
-
-
 @pytest.fixture(scope="session")
 def preset(pytestconfig: pytest.Config) -> str:
+    """The ``--preset`` option."""
     return pytestconfig.getoption("--preset")
 
 
 @pytest.fixture(scope="session")
 def device(pytestconfig: pytest.Config) -> str:
+    """The ``--device`` option; skips everything when CUDA is asked for but absent."""
     dev = pytestconfig.getoption("--device")
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda given but no CUDA device is available")
     return dev
+
+
+def _cached(build: Callable[[str], Any]) -> Callable[[str], Any]:
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            cache[name] = build(name)
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -70,14 +78,7 @@ def problems(preset: str, device: str) -> Callable[[str], Any]:
     """``problems(name) -> ProblemCase``, built once per session (float64)."""
     from .problems import build_problem
 
-    cache: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in cache:
-            cache[name] = build_problem(name, preset, device)
-        return cache[name]
-
-    return get
+    return _cached(lambda name: build_problem(name, preset, device))
 
 
 @pytest.fixture(scope="session")
@@ -85,14 +86,7 @@ def models(preset: str, device: str) -> Callable[[str], Any]:
     """``models(name) -> ModelCase``, built once per session (float32)."""
     from .models import build_model
 
-    cache: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in cache:
-            cache[name] = build_model(name, preset, device)
-        return cache[name]
-
-    return get
+    return _cached(lambda name: build_model(name, preset, device))
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict[str, Any]) -> None:

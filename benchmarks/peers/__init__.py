@@ -1,11 +1,11 @@
 """Adapters for peer libraries, one file each; every adapter is optional (skipped when absent).
 
-An adapter module defines ``LIBRARY`` (the distribution name), ``available() -> bool`` and
-``METHODS``: ``{name: build(case, K) -> PeerRun}``. ``PeerRun.run`` is the zero-argument callable
-that gets timed (it computes the whole hypergradient: outer gradient, linear solve or unrolled
+An adapter module defines ``LIBRARY`` (the distribution name) and ``METHODS``:
+``{name: build(case, K) -> PeerRun}``. ``PeerRun.run`` is the zero-argument callable that gets timed (it computes the whole hypergradient: outer gradient, linear solve or unrolled
 steps, cross term, and waits for the device); ``PeerRun.to_grad`` converts its output into a dict
 of float64 CPU tensors keyed like the problem's hyper-parameters, for the check after timing.
-Peers get exactly the data, dtype and inner solution that hypergrad gets.
+Importing an adapter fails with ``ImportError`` when its library is missing. Peers get exactly
+the data, dtype and inner solution that hypergrad gets.
 """
 
 from __future__ import annotations

@@ -29,10 +29,6 @@ from . import PeerRun
 LIBRARY = "betty-ml"
 
 
-def available() -> bool:
-    return True
-
-
 @dataclass
 class _Config:
     cg_iterations: int = 10

@@ -22,10 +22,6 @@ from . import PeerRun
 LIBRARY = "higher"
 
 
-def available() -> bool:
-    return True
-
-
 class _Params(nn.Module):
     def __init__(self, init: dict[str, torch.Tensor]):
         super().__init__()

@@ -31,10 +31,6 @@ from . import PeerRun  # noqa: E402
 LIBRARY = "jaxopt"
 
 
-def available() -> bool:
-    return True
-
-
 def _np(t: torch.Tensor) -> Any:
     return jnp.asarray(t.detach().cpu().numpy())
 

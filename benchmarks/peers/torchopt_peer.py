@@ -22,10 +22,6 @@ from . import PeerRun
 LIBRARY = "torchopt"
 
 
-def available() -> bool:
-    return True
-
-
 def _build(case: ProblemCase, solve: Callable) -> PeerRun:
     if case.kind != "implicit":
         raise NotImplementedError("torchopt adapter: implicit (toy) problems only")
