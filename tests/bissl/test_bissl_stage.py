@@ -89,3 +89,35 @@ def test_byol_stage_runs_and_recreates_the_target(tmp_path, monkeypatch):
     for k, v in seen["target"].items():  # a fresh copy of the online network ...
         assert torch.equal(v, seen["online"][k])
     assert any(not torch.equal(v, pre["target"][k]) for k, v in seen["target"].items())  # ... not the stale one
+
+
+def _ddp_stage(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    cfg = _cfg(tmp, alternations=1)
+    seen = {}
+    real_build = stage.build_problem
+
+    def spy(ssl, upper, head, *a, **kw):
+        seen.update(ssl=ssl, upper=upper, head=head)
+        return real_build(ssl, upper, head, *a, **kw)
+
+    stage.build_problem = spy
+    out = stage.run_bissl(cfg, f"{tmp}/pre.pt")
+    vec = torch.cat([p.detach().reshape(-1) for m in ("ssl", "upper", "head") for p in seen[m].parameters()])
+    vecs = [torch.zeros_like(vec) for _ in range(world)]
+    dist.all_gather(vecs, vec)
+    assert torch.equal(vecs[0], vecs[1]), "ranks diverged: gradients or HVPs were not averaged"
+    if rank == 0:
+        saved = torch.load(out, weights_only=True)["backbone"]
+        for k, p in seen["ssl"].backbone.state_dict().items():
+            assert torch.equal(saved[k], p)
+
+
+@pytest.mark.distributed
+def test_stage_under_two_gloo_ranks_keeps_ranks_identical(tmp_path):
+    from .conftest import run_gloo
+
+    cfg = _cfg(tmp_path, alternations=1)
+    _pretrained(cfg, tmp_path / "pre.pt")
+    run_gloo(_ddp_stage, str(tmp_path))
