@@ -1,14 +1,22 @@
-"""Input validation shared by the public functions. Every error names the argument and the fix."""
+"""Input validation shared by the public functions and classes. Every error names the argument,
+shows the value and says how to fix it.
+
+``owner`` (e.g. ``"CG"``) prefixes a message with the class being constructed. Nothing here imports
+other hypergrad modules, so every layer (solvers included) can use it; the solver check lives next
+to the class it checks, :func:`hypergrad.solvers._base.check_solver`.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .solvers import AbstractLinearSolver
+
+def _prefix(owner: Optional[str]) -> str:
+    return f"{owner}: " if owner else ""
 
 
 def check_tree(name: str, tree: Any, *, finite: bool = True) -> dict[str, Tensor]:
@@ -51,23 +59,10 @@ def check_same_device(a: Mapping[str, Tensor], a_name: str, b: Mapping[str, Tens
         raise ValueError(f"`{a_name}` is on {da} but `{b_name}` is on {db}; move both to one device.")
 
 
-def check_callable(name: str, fn: Any, signature: str) -> None:
+def check_callable(name: str, fn: Any, signature: str, *, owner: Optional[str] = None) -> None:
+    """``fn`` is callable; ``signature`` (e.g. ``"(params, hparams) -> scalar"``) is shown on error."""
     if not callable(fn):
-        raise TypeError(f"`{name}` must be a callable {signature}, got {type(fn).__name__}.")
-
-
-def check_solver(solver: Any) -> AbstractLinearSolver:
-    if isinstance(solver, AbstractLinearSolver):
-        return solver
-    if isinstance(solver, type) and issubclass(solver, AbstractLinearSolver):
-        raise TypeError(
-            f"`solver` must be a solver instance, got the class {solver.__name__}; "
-            f"call it: solver={solver.__name__}()."
-        )
-    hint = ""
-    if isinstance(solver, str):
-        hint = f" Pass an object, e.g. solver=hypergrad.CG(max_steps=10), not the string {solver!r}."
-    raise TypeError(f"`solver` must be a hypergrad.solvers solver, got {type(solver).__name__}.{hint}")
+        raise TypeError(f"{_prefix(owner)}`{name}` must be a callable {signature}, got {type(fn).__name__}.")
 
 
 def check_scalar_loss(name: str, value: Any) -> Tensor:
@@ -85,13 +80,43 @@ def check_scalar_loss(name: str, value: Any) -> Tensor:
     return value.reshape(())
 
 
-def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+def check_positive(
+    name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False, owner: Optional[str] = None
+) -> Optional[float]:
+    """A finite real number ``> 0`` (``>= 0`` with ``allow_zero``; ``None`` passes with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+        optional = "None or " if allow_none else ""
+        raise ValueError(f"{_prefix(owner)}`{name}` must be {optional}a finite number {bound}, got {value!r}.")
     return float(value)
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, owner: Optional[str] = None) -> int:
+    """An ``int`` (not a ``bool``) ``>= minimum``; a float gets a hint to pass an int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        hint = " (a float? pass an int)." if isinstance(value, float) else "."
+        raise ValueError(f"{_prefix(owner)}`{name}` must be an integer >= {minimum}, got {value!r}{hint}")
+    return value
+
+
+def check_truncate(value: Any, steps_name: str, steps: int, *, owner: Optional[str] = None) -> Optional[int]:
+    """``None`` or an ``int`` in ``[1, steps]``: how many of ``steps`` unrolled steps to differentiate."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= steps):
+        raise ValueError(
+            f"{_prefix(owner)}`truncate` must be None or an integer in [1, {steps_name}={steps}], got {value!r}."
+        )
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Collection[Any], *, owner: Optional[str] = None) -> None:
+    """``value`` is one of ``allowed`` (two options read "'a' or 'b'", more "one of [...]")."""
+    if value not in allowed:
+        options = " or ".join(map(repr, allowed)) if len(allowed) == 2 else f"one of {list(allowed)}"
+        raise ValueError(f"{_prefix(owner)}`{name}` must be {options}, got {value!r}.")
 
 
 def loss_grads(

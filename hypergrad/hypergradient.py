@@ -23,17 +23,19 @@ from torch.func import grad
 
 from ._checks import (
     check_callable,
+    check_int,
     check_positive,
     check_same_device,
     check_scalar_loss,
-    check_solver,
     check_tree,
+    check_truncate,
     fill_zeros,
     loss_grads,
 )
 from ._typing import BilevelLoss, FixedPointMap, TensorTree
 from .operators import HessianOperator, FixedPointOperator, HVPMode, _check_mode, mixed_hvp
 from .solvers import AbstractLinearSolver, Solution
+from .solvers._base import check_solver
 from .tree import tree_axpy, tree_check_like, tree_map, tree_sub
 
 __all__ = ["HypergradResult", "UnrolledResult", "implicit_grad", "proximal_grad", "fixed_point_grad", "unrolled_grad"]
@@ -57,6 +59,17 @@ class UnrolledResult(NamedTuple):
 def _outer_grads(outer_loss: BilevelLoss, params: dict, hparams: dict) -> tuple[dict, dict]:
     gp, gh = loss_grads("outer_loss", outer_loss, params, hparams)
     return fill_zeros(gp, params), gh
+
+
+def _check_pair(
+    fn_name: str, fn: object, signature: str, outer_loss: object, params: object, hparams: object
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Check the inner function, ``outer_loss`` and both trees; return detached copies of the trees."""
+    check_callable(fn_name, fn, signature)
+    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
+    params, hparams = check_tree("params", params), check_tree("hparams", hparams)
+    check_same_device(params, "params", hparams, "hparams")
+    return params, hparams
 
 
 def _check_x0(x0: TensorTree | None, params: dict) -> None:
@@ -121,11 +134,7 @@ def implicit_grad(
         Pedregosa (ICML 2016), Hyperparameter optimization with approximate gradient.
         Blondel et al. (NeurIPS 2022), Efficient and modular implicit differentiation.
     """
-    check_callable("inner_loss", inner_loss, "(params, hparams) -> scalar")
-    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
-    params = check_tree("params", params)
-    hparams = check_tree("hparams", hparams)
-    check_same_device(params, "params", hparams, "hparams")
+    params, hparams = _check_pair("inner_loss", inner_loss, "(params, hparams) -> scalar", outer_loss, params, hparams)
     solver = check_solver(solver)
     _check_mode(hvp_mode)
     damping = check_positive("damping", damping, allow_zero=True)
@@ -270,11 +279,7 @@ def fixed_point_grad(
     References:
         Grazzi et al. (ICML 2020), On the iteration complexity of hypergradient computation.
     """
-    check_callable("phi", phi, "(params, hparams) -> params")
-    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
-    params = check_tree("params", params)
-    hparams = check_tree("hparams", hparams)
-    check_same_device(params, "params", hparams, "hparams")
+    params, hparams = _check_pair("phi", phi, "(params, hparams) -> params", outer_loss, params, hparams)
     solver = check_solver(solver)
     if solver.symmetric_only and not symmetric:
         raise ValueError(
@@ -336,16 +341,9 @@ def unrolled_grad(
         Franceschi et al. (ICML 2017), Forward and reverse gradient-based hyperparameter optimization.
         Shaban et al. (AISTATS 2019), Truncated back-propagation for bilevel optimization.
     """
-    check_callable("inner_step", inner_step, "(params, hparams) -> params")
-    check_callable("outer_loss", outer_loss, "(params, hparams) -> scalar")
-    params = check_tree("params", params)
-    hparams = check_tree("hparams", hparams)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be an integer >= 1, got {num_steps!r}.")
-    if truncate is not None and (
-        isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= num_steps
-    ):
-        raise ValueError(f"`truncate` must be None or an integer in [1, num_steps={num_steps}], got {truncate!r}.")
+    params, hparams = _check_pair("inner_step", inner_step, "(params, hparams) -> params", outer_loss, params, hparams)
+    check_int("num_steps", num_steps)
+    check_truncate(truncate, "num_steps", num_steps)
     start = num_steps - (truncate if truncate is not None else num_steps)
     theta = params
     with torch.no_grad():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from ._checks import check_positive
 
 __all__ = ["Level"]
 
@@ -76,10 +77,7 @@ class Level:
             raise TypeError(f"Level: `scheduler` must have step() and state_dict() (a torch.optim.lr_scheduler), got {type(self.scheduler).__name__}.")
         if self.scheduler is not None and getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
             raise ValueError("Level: `scheduler` was built for a different optimizer than `optimizer`; build it on this level's optimizer.")
-        if self.max_grad_norm is not None:
-            ok = isinstance(self.max_grad_norm, (int, float)) and not isinstance(self.max_grad_norm, bool)
-            if not ok or not math.isfinite(self.max_grad_norm) or self.max_grad_norm <= 0:
-                raise ValueError(f"Level: `max_grad_norm` must be None or a finite number > 0, got {self.max_grad_norm!r}.")
+        check_positive("max_grad_norm", self.max_grad_norm, allow_none=True, owner="Level")
         names = {id(p): n for n, p in self.module.named_parameters()}
         held = [p for g in self.optimizer.param_groups for p in g["params"]]
         foreign = [tuple(p.shape) for p in held if id(p) not in names]

@@ -24,11 +24,13 @@ from typing import Any, Callable, Literal
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._checks import check_choice
 from ._typing import TensorTree
 
 __all__ = ["BufferPolicy", "stateless", "module_params", "tracks_running_stats"]
 
 BufferPolicy = Literal["batch_stats", "running_stats"]
+BUFFER_POLICIES: tuple[str, ...] = ("batch_stats", "running_stats")
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -73,8 +75,7 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
         >>> net[1].num_batches_tracked.item()  # running statistics untouched
         0
     """
-    if buffers not in ("batch_stats", "running_stats"):
-        raise ValueError(f"`buffers` must be 'batch_stats' or 'running_stats', got {buffers!r}.")
+    check_choice("buffers", buffers, BUFFER_POLICIES)
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
     norm_prefixes = [name for name, m in module.named_modules() if tracks_running_stats(m)]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
+from ._checks import check_callable, check_choice, check_positive
 from ._typing import FixedPointMap, TensorTree, TreeOrTensor
 from .tree import tree_axpy, tree_check_like, tree_map, tree_norm, tree_scale, tree_sub
 
@@ -52,9 +53,8 @@ class HVPFallbackWarning(UserWarning):
     """Forward-over-reverse failed for this function and ``"auto"`` switched to reverse mode."""
 
 
-def _check_mode(mode: Any, allowed: tuple[str, ...] = HVP_MODES) -> None:
-    if mode not in allowed:
-        raise ValueError(f"`mode` must be one of {list(allowed)}, got {mode!r}.")
+def _check_mode(mode: Any) -> None:
+    check_choice("mode", mode, HVP_MODES)
 
 
 def _detach(tree: TreeOrTensor) -> TreeOrTensor:
@@ -93,8 +93,7 @@ class HessianOperator(LinearOperator):
     """
 
     def __init__(self, fn: Callable[[TensorTree], Tensor], params: TensorTree, *, mode: HVPMode = "auto"):
-        if not callable(fn):
-            raise TypeError(f"HessianOperator: `fn` must be callable params -> scalar, got {type(fn).__name__}.")
+        check_callable("fn", fn, "params -> scalar", owner="HessianOperator")
         _check_mode(mode)
         self.fn = fn
         self.params = _detach(params)
@@ -206,12 +205,9 @@ class Damped(LinearOperator):
     """
 
     def __init__(self, operator: Callable[[TreeOrTensor], TreeOrTensor], mu: float):
-        if not callable(operator):
-            raise TypeError(f"Damped: `operator` must be callable v -> A v, got {type(operator).__name__}.")
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0 or mu == float("inf"):
-            raise ValueError(f"Damped: `mu` must be a finite number >= 0, got {mu!r}.")
+        check_callable("operator", operator, "v -> A v", owner="Damped")
         self.operator = operator
-        self.mu = float(mu)
+        self.mu = check_positive("mu", mu, allow_zero=True, owner="Damped")
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
         return tree_axpy(self.mu, v, self.operator(v))
@@ -240,8 +236,7 @@ class FixedPointOperator(LinearOperator):
     """
 
     def __init__(self, phi: FixedPointMap, params: TensorTree, hparams: TensorTree):
-        if not callable(phi):
-            raise TypeError(f"FixedPointOperator: `phi` must be callable (params, hparams) -> params, got {type(phi).__name__}.")
+        check_callable("phi", phi, "(params, hparams) -> params", owner="FixedPointOperator")
         self.params, self.hparams = _detach(params), _detach(hparams)
         out, self._vjp_fn = vjp(phi, self.params, self.hparams)
         if not isinstance(out, dict):

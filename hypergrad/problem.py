@@ -26,11 +26,12 @@ from typing import Any, Callable, Iterable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_callable, check_choice
 from .checkpoint import get_rng_state, set_rng_state
 from .distributed import all_reduce_mean, broadcast_module, world_size
 from .level import Level
 from .methods import AbstractHypergradMethod, MethodState, _wide
-from .modules import BufferPolicy, stateless
+from .modules import BUFFER_POLICIES, BufferPolicy, stateless
 from .records import NonFiniteError, SolveInfo, StepCallback, StepRecord
 from .tree import tree_norm
 
@@ -116,16 +117,13 @@ class BilevelProblem:
         for name, level in (("inner", inner), ("outer", outer)):
             if not isinstance(level, Level):
                 raise TypeError(f"`{name}` must be a hypergrad.Level(module, optimizer), got {type(level).__name__}.")
-        for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
-            if not callable(fn):
-                raise TypeError(f"`{name}` must be a callable (inner, outer, batch) -> scalar tensor, got {type(fn).__name__}.")
+        check_callable("inner_loss", inner_loss, "(inner, outer, batch) -> scalar tensor")
+        check_callable("outer_loss", outer_loss, "(inner, outer, batch) -> scalar tensor")
         if not isinstance(method, AbstractHypergradMethod):
             hint = " Pass an object, e.g. method=hypergrad.Implicit(solver=hypergrad.CG(max_steps=10))."
             raise TypeError(f"`method` must be a hypergrad method (Implicit, Proximal, Unrolled), got {method!r}.{hint}")
-        if buffers not in ("batch_stats", "running_stats"):
-            raise ValueError(f"`buffers` must be 'batch_stats' or 'running_stats', got {buffers!r}.")
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"`on_nonfinite` must be 'skip' or 'raise', got {on_nonfinite!r}.")
+        check_choice("buffers", buffers, BUFFER_POLICIES)
+        check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
         if distributed not in (None, True, False):
             raise TypeError(f"`distributed` must be None, True or False, got {distributed!r}.")
         if distributed and world_size() == 1:

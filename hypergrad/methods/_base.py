@@ -17,17 +17,18 @@ equals a single process on the concatenated batch.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .._checks import check_choice, check_positive
 from .._typing import TensorTree
 from ..operators import HVP_MODES, HessianOperator, HVPMode
 from ..records import NonFiniteError
 from ..solvers import AbstractLinearSolver, Solution, Status
+from ..solvers._base import check_solver
 from ..tree import tree_all_finite
 
 __all__ = ["AbstractHypergradMethod", "MethodState", "MethodOutput"]
@@ -54,25 +55,10 @@ class MethodOutput(NamedTuple):
     operator_reused: bool
 
 
-def _check_solver(owner: str, solver: Any) -> None:
-    if isinstance(solver, type) and issubclass(solver, AbstractLinearSolver):
-        raise TypeError(f"{owner}: `solver` must be a solver instance, got the class {solver.__name__}; call it: solver={solver.__name__}().")
-    if not isinstance(solver, AbstractLinearSolver):
-        hint = f" Pass an object such as hypergrad.CG(max_steps=10), not the string {solver!r}." if isinstance(solver, str) else ""
-        raise TypeError(f"{owner}: `solver` must be a hypergrad solver, got {type(solver).__name__}.{hint}")
-
-
-def _check_number(owner: str, name: str, value: Any, *, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{owner}: `{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
-
-
 def _check_common(owner: str, solver: Any, hvp_mode: Any, damping: Any, warm_start: Any, reuse_operator: Any) -> None:
-    _check_solver(owner, solver)
-    if hvp_mode not in HVP_MODES:
-        raise ValueError(f"{owner}: `hvp_mode` must be one of {list(HVP_MODES)}, got {hvp_mode!r}.")
-    _check_number(owner, "damping", damping, positive=False)
+    check_solver(solver, owner=owner)
+    check_choice("hvp_mode", hvp_mode, HVP_MODES, owner=owner)
+    check_positive("damping", damping, allow_zero=True, owner=owner)
     for name, flag in (("warm_start", warm_start), ("reuse_operator", reuse_operator)):
         if not isinstance(flag, bool):
             raise TypeError(f"{owner}: `{name}` must be True or False, got {flag!r}.")

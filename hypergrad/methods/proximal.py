@@ -12,7 +12,8 @@ from .._typing import TensorTree
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
 from ..tree import tree_axpy
-from ._base import MethodOutput, PureLoss, _check_common, _check_number, _LinearSolveMethod, check_solution, reduced_outer_grads
+from .._checks import check_positive
+from ._base import MethodOutput, PureLoss, _check_common, _LinearSolveMethod, check_solution, reduced_outer_grads
 
 __all__ = ["Proximal"]
 
@@ -69,7 +70,7 @@ class Proximal(_LinearSolveMethod):
     hessian_depends_on_outer = False
 
     def __post_init__(self) -> None:
-        _check_number("Proximal", "lam", self.lam, positive=True)
+        check_positive("lam", self.lam, owner="Proximal")
         if not isinstance(self.coupling, Mapping) or not self.coupling:
             raise ValueError(
                 f"Proximal: `coupling` must be a non-empty dict {{inner_name: outer_name}}, got {self.coupling!r}; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -14,7 +13,8 @@ from .._typing import TensorTree
 from ..hypergradient import unrolled_grad
 from ..records import NonFiniteError
 from ..tree import tree_axpy
-from ._base import AbstractHypergradMethod, MethodOutput, PureLoss, _check_number, _wide
+from .._checks import check_int, check_positive, check_truncate
+from ._base import AbstractHypergradMethod, MethodOutput, PureLoss, _wide
 
 __all__ = ["Unrolled"]
 
@@ -49,13 +49,9 @@ class Unrolled(AbstractHypergradMethod):
     truncate: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"Unrolled: `steps` must be an integer >= 1, got {self.steps!r}.")
-        _check_number("Unrolled", "lr", self.lr, positive=True)
-        if self.truncate is not None and (
-            isinstance(self.truncate, bool) or not isinstance(self.truncate, int) or not 1 <= self.truncate <= self.steps
-        ):
-            raise ValueError(f"Unrolled: `truncate` must be None or an integer in [1, steps={self.steps}], got {self.truncate!r}.")
+        check_int("steps", self.steps, owner="Unrolled")
+        check_positive("lr", self.lr, owner="Unrolled")
+        check_truncate(self.truncate, "steps", self.steps, owner="Unrolled")
 
     def hypergradient(self, inner_fn, outer_fn, params, hparams, state, reduce, operator_key) -> MethodOutput:
         def sgd_step(theta: TensorTree, lam: TensorTree) -> dict[str, Tensor]:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import abc
 import enum
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .._typing import MatVec, TreeOrTensor
-from ..tree import tree_check_like
+from ..tree import tree_check_like, tree_sub, tree_zeros_like
 
-__all__ = ["AbstractLinearSolver", "Solution", "Status", "SolverError"]
+__all__ = ["AbstractLinearSolver", "Solution", "Status", "SolverError", "check_solver"]
 
 
 class Status(enum.Enum):
@@ -128,19 +127,6 @@ class Solution:
         return self
 
 
-def _check_nonneg_float(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
-
-
-def _check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r}"
-            + (" (a float? pass an int)." if isinstance(value, float) else ".")
-        )
-
-
 class AbstractLinearSolver(abc.ABC):
     """Base of all linear solvers: ``solver(matvec, b, x0=None) -> Solution``.
 
@@ -172,6 +158,29 @@ class AbstractLinearSolver(abc.ABC):
     @abc.abstractmethod
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         """Solve ``A x = b``; ``x0`` has already been validated."""
+
+
+def check_solver(solver: Any, *, owner: Optional[str] = None) -> AbstractLinearSolver:
+    """``solver`` is a solver instance; a class, a string or anything else gets a fix in the message."""
+    prefix = f"{owner}: " if owner else ""
+    if isinstance(solver, AbstractLinearSolver):
+        return solver
+    if isinstance(solver, type) and issubclass(solver, AbstractLinearSolver):
+        raise TypeError(
+            f"{prefix}`solver` must be a solver instance, got the class {solver.__name__}; "
+            f"call it: solver={solver.__name__}()."
+        )
+    hint = ""
+    if isinstance(solver, str):
+        hint = f" Pass an object, e.g. solver=hypergrad.CG(max_steps=10), not the string {solver!r}."
+    raise TypeError(f"{prefix}`solver` must be a hypergrad solver, got {type(solver).__name__}.{hint}")
+
+
+def _start(matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> tuple[TreeOrTensor, TreeOrTensor, int]:
+    """``(x, r, num_matvecs)`` of an iteration started at ``x0``: ``x = 0, r = b`` without one."""
+    if x0 is None:
+        return tree_zeros_like(b), b, 0
+    return x0, tree_sub(b, matvec(x0)), 1
 
 
 def _tolerance(b_norm: Tensor, rtol: float, atol: float) -> Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._typing import MatVec, TreeOrTensor
-from ..tree import tree_axpy, tree_norm, tree_sub, tree_zeros_like
-from ._base import Solution, Status, _tolerance
+from ..tree import tree_axpy, tree_norm
+from ._base import Solution, Status, _start, _tolerance
 
 # The residual of a convergent Richardson iteration on an SPD operator never grows; for a
 # non-normal contraction it can grow transiently, so only a tenfold growth counts as divergence.
@@ -25,12 +25,7 @@ def richardson(
 ) -> Solution:
     """``x <- x + alpha (b - A x)`` with the residual updated as ``r <- r - alpha A r``."""
     check = rtol > 0 or atol > 0
-    num_matvecs = 0
-    if x0 is None:
-        x, r = tree_zeros_like(b), b
-    else:
-        x, r = x0, tree_sub(b, matvec(x0))
-        num_matvecs += 1
+    x, r, num_matvecs = _start(matvec, b, x0)
     r0 = tree_norm(r)
     tol = _tolerance(tree_norm(b), rtol, atol) if check else None
     status = Status.FIXED_BUDGET

@@ -7,15 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from .._typing import MatVec, TreeOrTensor
-from ..tree import tree_axpy, tree_sub, tree_vdot, tree_zeros_like
-from ._base import (
-    AbstractLinearSolver,
-    Solution,
-    Status,
-    _check_nonneg_float,
-    _check_positive_int,
-    _tolerance,
-)
+from .._checks import check_int, check_positive
+from ..tree import tree_axpy, tree_vdot
+from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance
 
 __all__ = ["CG"]
 
@@ -69,18 +63,13 @@ class CG(AbstractLinearSolver):
     symmetric_only = True
 
     def __post_init__(self) -> None:
-        _check_positive_int("CG", "max_steps", self.max_steps)
-        _check_nonneg_float("CG", "rtol", self.rtol)
-        _check_nonneg_float("CG", "atol", self.atol)
+        check_int("max_steps", self.max_steps, owner="CG")
+        check_positive("rtol", self.rtol, allow_zero=True, owner="CG")
+        check_positive("atol", self.atol, allow_zero=True, owner="CG")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         check = self.rtol > 0 or self.atol > 0
-        num_matvecs = 0
-        if x0 is None:
-            x, r = tree_zeros_like(b), b
-        else:
-            x, r = x0, tree_sub(b, matvec(x0))
-            num_matvecs += 1
+        x, r, num_matvecs = _start(matvec, b, x0)
         p = r
         rr = tree_vdot(r, r)
         tol = _tolerance(torch.sqrt(tree_vdot(b, b)), self.rtol, self.atol) if check else None

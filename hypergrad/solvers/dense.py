@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from .._typing import MatVec, TreeOrTensor
+from .._checks import check_int
 from ..tree import tree_ravel
-from ._base import AbstractLinearSolver, Solution, Status, _check_positive_int
+from ._base import AbstractLinearSolver, Solution, Status
 
 __all__ = ["Dense", "materialize"]
 
@@ -63,7 +64,7 @@ class Dense(AbstractLinearSolver):
     max_size: int = 20_000
 
     def __post_init__(self) -> None:
-        _check_positive_int("Dense", "max_size", self.max_size)
+        check_int("max_size", self.max_size, owner="Dense")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         flat_b, unravel = tree_ravel(b)

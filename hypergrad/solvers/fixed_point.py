@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._typing import MatVec, TreeOrTensor
-from ._base import AbstractLinearSolver, Solution, _check_nonneg_float, _check_positive_int
+from .._checks import check_int, check_positive
+from ._base import AbstractLinearSolver, Solution
 from ._richardson import richardson
 
 __all__ = ["FixedPoint"]
@@ -48,8 +49,8 @@ class FixedPoint(AbstractLinearSolver):
     rtol: float = 1e-6
 
     def __post_init__(self) -> None:
-        _check_positive_int("FixedPoint", "max_steps", self.max_steps)
-        _check_nonneg_float("FixedPoint", "rtol", self.rtol)
+        check_int("max_steps", self.max_steps, owner="FixedPoint")
+        check_positive("rtol", self.rtol, allow_zero=True, owner="FixedPoint")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         return richardson(matvec, b, x0, alpha=1.0, max_steps=self.max_steps, rtol=self.rtol, atol=0.0)

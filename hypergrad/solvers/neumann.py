@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._typing import MatVec, TreeOrTensor
-from ._base import AbstractLinearSolver, Solution, _check_nonneg_float, _check_positive_int
+from .._checks import check_int, check_positive
+from ._base import AbstractLinearSolver, Solution
 from ._richardson import richardson
 
 __all__ = ["Neumann"]
@@ -51,12 +52,12 @@ class Neumann(AbstractLinearSolver):
     atol: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_positive_int("Neumann", "max_steps", self.max_steps)
-        _check_nonneg_float("Neumann", "alpha", self.alpha)
+        check_int("max_steps", self.max_steps, owner="Neumann")
+        check_positive("alpha", self.alpha, allow_zero=True, owner="Neumann")
         if self.alpha == 0:
             raise ValueError("Neumann: `alpha` must be > 0, got 0. A typical choice is 1 / lambda_max(A).")
-        _check_nonneg_float("Neumann", "rtol", self.rtol)
-        _check_nonneg_float("Neumann", "atol", self.atol)
+        check_positive("rtol", self.rtol, allow_zero=True, owner="Neumann")
+        check_positive("atol", self.atol, allow_zero=True, owner="Neumann")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         return richardson(matvec, b, x0, alpha=self.alpha, max_steps=self.max_steps,
