@@ -137,7 +137,8 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore generators from :func:`get_rng_state` (CUDA states only where devices exist)."""
     if not isinstance(state, dict) or "torch" not in state:
-        raise TypeError("`state` must be a dict from hypergrad.get_rng_state().")
+        got = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {sorted(map(str, state))[:5]}"
+        raise TypeError(f"`state` must be the dict returned by hypergrad.get_rng_state(), got {got}.")
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])

@@ -261,7 +261,7 @@ class BilevelProblem:
         self._pending_skip = None
         try:
             out = self.method.hypergradient(
-                self._pure(self._G, hb), self._pure(self._F, outer_batch), theta, lam,
+                self._pure(self._G, hb, "inner_loss"), self._pure(self._F, outer_batch, "outer_loss"), theta, lam,
                 self.method_state, self._reduce, key,
             )
             norm = float(tree_norm(out.grad))
@@ -336,10 +336,10 @@ class BilevelProblem:
         return all_reduce_mean(tree) if self.distributed else tree
 
     @staticmethod
-    def _pure(fn: Callable[..., Tensor], batch: Any) -> Callable[[dict, dict], Tensor]:
+    def _pure(fn: Callable[..., Tensor], batch: Any, name: str) -> Callable[[dict, dict], Tensor]:
         def loss(theta: dict, lam: dict) -> Tensor:
             params = {**{"inner." + k: v for k, v in theta.items()}, **{"outer." + k: v for k, v in lam.items()}}
-            return _check_loss("the loss", fn(params, batch))
+            return _check_loss(name, fn(params, batch))
 
         return loss
 

@@ -39,6 +39,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def tree_map(fn: Callable[..., Tensor], tree: TreeOrTensor, *rest: TreeOrTensor) -> TreeOrTensor:
     """Apply ``fn`` leaf-wise to one or more trees with the same keys.
 
+    Args:
+        fn: ``fn(leaf, *other_leaves) -> Tensor``.
+        tree: a dict of tensors or a single tensor.
+        *rest: further trees keyed like ``tree`` (their leaves are passed to ``fn`` in order).
+
+    Returns:
+        A new tree keyed like ``tree`` (a tensor if ``tree`` is one).
+
     Example:
         >>> import torch
         >>> tree_map(torch.neg, {"w": torch.ones(2)})["w"]
@@ -52,6 +60,13 @@ def tree_map(fn: Callable[..., Tensor], tree: TreeOrTensor, *rest: TreeOrTensor)
 def tree_add(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
     """Leaf-wise ``a + b``.
 
+    Args:
+        a: a tree (or tensor).
+        b: a tree keyed like ``a``, leaves broadcastable to ``a``'s.
+
+    Returns:
+        A new tree keyed like ``a``.
+
     Example:
         >>> import torch
         >>> tree_add({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
@@ -63,6 +78,13 @@ def tree_add(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
 def tree_sub(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
     """Leaf-wise ``a - b``.
 
+    Args:
+        a: a tree (or tensor).
+        b: a tree keyed like ``a``, leaves broadcastable to ``a``'s.
+
+    Returns:
+        A new tree keyed like ``a``.
+
     Example:
         >>> import torch
         >>> tree_sub({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
@@ -73,6 +95,13 @@ def tree_sub(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
 
 def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
     """Leaf-wise ``s * a``; ``s`` may be a 0-dim tensor (no host sync).
+
+    Args:
+        a: a tree (or tensor).
+        s: a Python number or a 0-dim tensor (cast to each leaf's dtype).
+
+    Returns:
+        A new tree keyed like ``a``.
 
     Example:
         >>> import torch
@@ -87,6 +116,14 @@ def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
 def tree_axpy(alpha: float | Tensor, x: TreeOrTensor, y: TreeOrTensor) -> TreeOrTensor:
     """Leaf-wise ``alpha * x + y``; ``alpha`` may be a 0-dim tensor (no host sync).
 
+    Args:
+        alpha: a Python number or a 0-dim tensor.
+        x: a tree (or tensor).
+        y: a tree keyed and shaped like ``x``.
+
+    Returns:
+        A new tree keyed like ``x``.
+
     Example:
         >>> import torch
         >>> tree_axpy(2.0, {"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
@@ -99,6 +136,13 @@ def tree_axpy(alpha: float | Tensor, x: TreeOrTensor, y: TreeOrTensor) -> TreeOr
 
 def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
     """Inner product :math:`\\sum_k \\langle a_k, b_k \\rangle` as a 0-dim tensor (>= float32).
+
+    Args:
+        a: a non-empty tree (or tensor).
+        b: a tree keyed and shaped like ``a``.
+
+    Returns:
+        A 0-dim tensor in ``a``'s dtype promoted to at least float32.
 
     Example:
         >>> import torch
@@ -114,12 +158,18 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
         term = torch.sum(v.to(dt) * b[k].to(dt))
         total = term if total is None else total + term
     if total is None:
-        raise ValueError("tree_vdot got an empty tree: pass at least one tensor.")
+        raise ValueError("tree_vdot got an empty tree `a`: pass at least one tensor.")
     return total
 
 
 def tree_norm(a: TreeOrTensor) -> Tensor:
     r"""Euclidean norm of the whole tree, :math:`\sqrt{\sum_k \|a_k\|^2}`, as a 0-dim tensor (>= float32).
+
+    Args:
+        a: a non-empty tree (or tensor).
+
+    Returns:
+        A 0-dim tensor (at least float32).
 
     Example:
         >>> import torch
@@ -132,6 +182,12 @@ def tree_norm(a: TreeOrTensor) -> Tensor:
 def tree_zeros_like(a: TreeOrTensor) -> TreeOrTensor:
     """A tree of zeros shaped like ``a``.
 
+    Args:
+        a: a tree (or tensor).
+
+    Returns:
+        A new tree with the keys, shapes, dtypes and devices of ``a``, filled with zeros.
+
     Example:
         >>> import torch
         >>> tree_zeros_like({"w": torch.ones(2, 1)})["w"].shape
@@ -143,6 +199,13 @@ def tree_zeros_like(a: TreeOrTensor) -> TreeOrTensor:
 def tree_cast(a: TreeOrTensor, dtype: torch.dtype) -> TreeOrTensor:
     """Cast every floating leaf to ``dtype`` (integer leaves are left alone).
 
+    Args:
+        a: a tree (or tensor).
+        dtype: the target floating dtype, e.g. ``torch.float64``.
+
+    Returns:
+        A new tree keyed like ``a``.
+
     Example:
         >>> import torch
         >>> t = tree_cast({"w": torch.ones(1), "n": torch.ones(1, dtype=torch.long)}, torch.float64)
@@ -153,7 +216,19 @@ def tree_cast(a: TreeOrTensor, dtype: torch.dtype) -> TreeOrTensor:
 
 
 def tree_all_finite(a: TreeOrTensor) -> Tensor:
-    """0-dim bool tensor: are all entries of every leaf finite? (no host sync)."""
+    """Whether every entry of every leaf is finite, as a 0-dim bool tensor (no host sync).
+
+    Args:
+        a: a tree (or tensor).
+
+    Returns:
+        A 0-dim ``torch.bool`` tensor (``True`` for an empty tree).
+
+    Example:
+        >>> import torch
+        >>> tree_all_finite({"w": torch.tensor([1.0, float("nan")])})
+        tensor(False)
+    """
     leaves = [a] if isinstance(a, Tensor) else list(a.values())
     flags = [torch.isfinite(x).all() for x in leaves]
     return torch.stack(flags).all() if flags else torch.tensor(True)
@@ -161,6 +236,13 @@ def tree_all_finite(a: TreeOrTensor) -> Tensor:
 
 def tree_ravel(a: TreeOrTensor) -> tuple[Tensor, Callable[[Tensor], TreeOrTensor]]:
     """Flatten a tree into one vector and return it with the inverse map.
+
+    Args:
+        a: a tree (or tensor); leaves are concatenated in key order.
+
+    Returns:
+        ``(flat, unravel)``: a 1-D tensor of length :math:`\\sum_k` ``a[k].numel()`` and a function
+        mapping such a vector back to a tree shaped like ``a``.
 
     Example:
         >>> import torch
@@ -186,7 +268,25 @@ def tree_ravel(a: TreeOrTensor) -> tuple[Tensor, Callable[[Tensor], TreeOrTensor
 
 
 def tree_check_like(name: str, tree: object, reference: TreeOrTensor, ref_name: str) -> None:
-    """Raise a clear error unless ``tree`` has the keys, shapes and devices of ``reference``."""
+    """Raise a clear error unless ``tree`` has the keys and shapes of ``reference``.
+
+    Args:
+        name: how ``tree`` is called in the error message (e.g. ``"x0"``).
+        tree: the tree to check.
+        reference: the tree (or tensor) ``tree`` must match.
+        ref_name: how ``reference`` is called in the error message.
+
+    Raises:
+        TypeError: ``tree`` is not a dict of tensors (or not a tensor, for a tensor ``reference``).
+        ValueError: keys or shapes differ; the message lists the missing/unexpected keys or shapes.
+
+    Example:
+        >>> import torch
+        >>> tree_check_like("x0", {"w": torch.zeros(3)}, {"w": torch.zeros(2)}, "b")
+        Traceback (most recent call last):
+        ...
+        ValueError: `x0['w']` has shape (3,) but `b['w']` has shape (2,); they must match.
+    """
     if isinstance(reference, Tensor):
         if not isinstance(tree, Tensor):
             raise TypeError(f"`{name}` must be a Tensor like `{ref_name}`, got {type(tree).__name__}.")
