@@ -50,7 +50,15 @@ HVP_MODES: tuple[str, ...] = ("auto", "fwd_rev", "rev_rev", "rev_rev_cached", "f
 
 
 class HVPFallbackWarning(UserWarning):
-    """Forward-over-reverse failed for this function and ``"auto"`` switched to reverse mode."""
+    """Forward-over-reverse failed for this function and ``"auto"`` switched to reverse mode.
+
+    Emitted once per :class:`HessianOperator` built with ``mode="auto"``; pass ``mode="rev_rev"``
+    to skip the forward-mode attempt (and the warning).
+
+    Example:
+        >>> import warnings, hypergrad
+        >>> warnings.simplefilter("ignore", hypergrad.HVPFallbackWarning)  # silence it
+    """
 
 
 def _check_mode(mode: Any) -> None:
@@ -62,14 +70,33 @@ def _detach(tree: TreeOrTensor) -> TreeOrTensor:
 
 
 class LinearOperator(abc.ABC):
-    """A linear map ``v -> A v`` on parameter trees. Subclasses implement :meth:`matvec`."""
+    r"""A linear map :math:`v \mapsto A v` on parameter trees. Subclasses implement :meth:`matvec`.
+
+    Calling the operator is :meth:`matvec`, so any operator is a ``MatVec`` for the solvers.
+
+    Example:
+        >>> import torch
+        >>> from hypergrad import LinearOperator
+        >>> class Scale(LinearOperator):
+        ...     def matvec(self, v):
+        ...         return {k: 2.0 * x for k, x in v.items()}
+        >>> Scale()({"w": torch.ones(2)})["w"]
+        tensor([2., 2.])
+    """
 
     def __call__(self, v: TreeOrTensor) -> TreeOrTensor:
         return self.matvec(v)
 
     @abc.abstractmethod
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
-        """Return :math:`A v`."""
+        """Return :math:`A v`.
+
+        Args:
+            v: a tree (or tensor) shaped like the operator's domain.
+
+        Returns:
+            :math:`A v`, shaped like ``v``, detached from any autograd graph.
+        """
 
 
 class HessianOperator(LinearOperator):
@@ -141,6 +168,15 @@ def hvp(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor,
 
     For repeated products at the same point, build a :class:`HessianOperator` instead.
 
+    Args:
+        fn: ``fn(params) -> scalar tensor``.
+        params: the point :math:`\theta`, a dict of floating-point tensors.
+        v: the direction, a tree keyed and shaped like ``params``.
+        mode: one of :data:`HVP_MODES` (see the module docstring).
+
+    Returns:
+        :math:`\nabla^2 f(\theta) v`, a detached tree keyed like ``params``.
+
     Example:
         >>> import torch
         >>> from hypergrad import hvp
@@ -167,7 +203,18 @@ def mixed_hvp(
 
     computed forward-over-reverse as the JVP (in :math:`\theta`, along :math:`v`) of
     :math:`\nabla_\lambda G`, or reverse-over-reverse as the VJP (in :math:`\lambda`) of
-    :math:`\nabla_\theta G`. Returns a dict keyed like ``hparams``.
+    :math:`\nabla_\theta G`.
+
+    Args:
+        fn: :math:`G`, ``fn(params, hparams) -> scalar tensor``.
+        params: :math:`\theta`, a dict of tensors.
+        hparams: :math:`\lambda`, a dict of tensors.
+        v: a tree keyed and shaped like ``params``.
+        mode: one of :data:`HVP_MODES`; ``"auto"`` and ``"fwd_rev"`` use forward-over-reverse,
+            the ``"rev_rev"`` modes reverse-over-reverse.
+
+    Returns:
+        A detached dict keyed like ``hparams``.
 
     Example:
         >>> import torch
@@ -196,6 +243,10 @@ class Damped(LinearOperator):
 
     Wraps any operator; solvers stay unaware of damping. Use it to regularise an indefinite or
     ill-conditioned Hessian (``mu > 0``) before :class:`~hypergrad.solvers.CG`.
+
+    Args:
+        operator: any callable ``v -> A v`` (a :class:`HessianOperator`, a lambda).
+        mu: the damping :math:`\mu \ge 0`.
 
     Example:
         >>> import torch
@@ -250,5 +301,12 @@ class FixedPointOperator(LinearOperator):
         return tree_sub(v, _detach(self._vjp_fn(v)[0]))
 
     def hparam_vjp(self, v: TensorTree) -> TensorTree:
-        r""":math:`\partial_\lambda\Phi(\theta, \lambda)^\top v`, keyed like ``hparams``."""
+        r"""The hyper-parameter VJP :math:`\partial_\lambda\Phi(\theta, \lambda)^\top v` through the stored graph.
+
+        Args:
+            v: a tree keyed and shaped like ``params`` (the solution of the adjoint system).
+
+        Returns:
+            A detached dict keyed like ``hparams``.
+        """
         return _detach(self._vjp_fn(v)[1])
