@@ -23,7 +23,19 @@ __all__ = ["AbstractLinearSolver", "Solution", "Status", "SolverError", "check_s
 
 
 class Status(enum.Enum):
-    """Outcome of a linear solve. ``failed`` statuses carry a remedy in :attr:`message`."""
+    """Outcome of a linear solve. ``failed`` statuses carry a remedy in :attr:`message`.
+
+    ``SUCCESS``: the tolerance was reached. ``FIXED_BUDGET``: no tolerance was asked for and the
+    budget was spent. The others (``MAX_STEPS_REACHED``, ``NONFINITE``, ``NEGATIVE_CURVATURE``,
+    ``DIVERGED``, ``SINGULAR``) are failures.
+
+    Example:
+        >>> from hypergrad import Status
+        >>> Status.FIXED_BUDGET.failed, Status.DIVERGED.failed
+        (False, True)
+        >>> Status.DIVERGED.message.startswith("The residual grew")
+        True
+    """
 
     SUCCESS = "success"
     FIXED_BUDGET = "fixed_budget"
@@ -35,12 +47,20 @@ class Status(enum.Enum):
 
     @property
     def failed(self) -> bool:
-        """True for the statuses after which the solution should not be trusted."""
+        """``True`` for the statuses after which the solution should not be trusted.
+
+        Returns:
+            ``False`` for ``SUCCESS`` and ``FIXED_BUDGET``, ``True`` otherwise.
+        """
         return self not in (Status.SUCCESS, Status.FIXED_BUDGET)
 
     @property
     def message(self) -> str:
-        """What happened and how to fix it."""
+        """What happened and how to fix it.
+
+        Returns:
+            One or two sentences, with a remedy for the failed statuses.
+        """
         return _MESSAGES[self]
 
 
@@ -78,7 +98,25 @@ _MESSAGES = {
 
 
 class SolverError(RuntimeError):
-    """Raised by :meth:`Solution.raise_if_failed` (and ``throw=True`` APIs) for a failed solve."""
+    """Raised by :meth:`Solution.raise_if_failed` (and ``throw=True`` APIs) for a failed solve.
+
+    The message names the solver, the status, the steps and the residual, followed by the
+    status's remedy; the :class:`Solution` is kept in :attr:`solution`.
+
+    Args:
+        solution: the failed solution.
+        solver: the solver that produced it (only its class name is used), or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from hypergrad import CG, SolverError
+        >>> sol = CG(max_steps=1, rtol=1e-12)(lambda v: torch.diag(torch.tensor([1.0, 9.0])) @ v, torch.ones(2))
+        >>> try:
+        ...     sol.raise_if_failed(CG())
+        ... except SolverError as err:
+        ...     print(str(err).split(" (")[0])
+        CG failed with status 'max_steps_reached' after 1 steps
+    """
 
     def __init__(self, solution: "Solution", solver: Any = None):
         self.solution = solution
@@ -101,6 +139,13 @@ class Solution:
         residual_norm: :math:`\\|b - A x\\|_2` of the returned ``x`` (``None`` when not computed,
             as for :class:`~hypergrad.solvers.Identity`).
         stats: solver-specific extras (e.g. ``min_curvature`` for CG).
+
+    Example:
+        >>> import torch
+        >>> from hypergrad import CG
+        >>> sol = CG(max_steps=5, rtol=1e-10)(lambda v: 2.0 * v, torch.ones(3))
+        >>> sol.x, sol.converged, sol.num_matvecs
+        (tensor([0.5000, 0.5000, 0.5000]), True, 1)
     """
 
     x: TreeOrTensor
@@ -112,16 +157,40 @@ class Solution:
 
     @property
     def converged(self) -> bool:
-        """True when a requested tolerance was reached."""
+        """``True`` when a requested tolerance was reached (``status is Status.SUCCESS``).
+
+        Returns:
+            ``False`` for a fixed-budget solve, even an exact one; see :attr:`failed`.
+        """
         return self.status is Status.SUCCESS
 
     @property
     def failed(self) -> bool:
-        """True when the solution should not be trusted (see :class:`Status`)."""
+        """``True`` when the solution should not be trusted (see :class:`Status`).
+
+        Returns:
+            ``status.failed``.
+        """
         return self.status.failed
 
     def raise_if_failed(self, solver: Any = None) -> "Solution":
-        """Raise :class:`SolverError` (with a remedy) if the solve failed; return ``self`` otherwise."""
+        """Raise :class:`SolverError` (with a remedy) if the solve failed; return ``self`` otherwise.
+
+        Args:
+            solver: the solver, named in the message (optional).
+
+        Returns:
+            ``self``, so ``x = solver(matvec, b).raise_if_failed().x`` reads in one line.
+
+        Raises:
+            SolverError: when :attr:`failed`.
+
+        Example:
+            >>> import torch
+            >>> from hypergrad import Dense
+            >>> Dense()(lambda v: 4.0 * v, torch.ones(1)).raise_if_failed().x
+            tensor([0.2500])
+        """
         if self.failed:
             raise SolverError(self, solver)
         return self
@@ -136,11 +205,27 @@ class AbstractLinearSolver(abc.ABC):
     ``symmetric_only`` tells whether the solver assumes a symmetric positive definite operator
     (CG does); fixed-point hypergradients refuse such solvers because their operator is not
     symmetric.
+
+    Example:
+        >>> import hypergrad
+        >>> isinstance(hypergrad.CG(), hypergrad.AbstractLinearSolver), hypergrad.CG.symmetric_only
+        (True, True)
     """
 
     symmetric_only: bool = False
 
     def __call__(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None = None) -> Solution:
+        """Solve :math:`A x = b`.
+
+        Args:
+            matvec: the linear map ``v -> A v`` on trees shaped like ``b``.
+            b: the right-hand side, a dict of tensors or a tensor.
+            x0: optional initial guess shaped like ``b`` (warm start); ``None`` starts from zero.
+
+        Returns:
+            A :class:`Solution`; check :attr:`Solution.failed` or call
+            :meth:`Solution.raise_if_failed`.
+        """
         if not callable(matvec):
             raise TypeError(
                 f"{type(self).__name__}: `matvec` must be a callable v -> A v (for example a "

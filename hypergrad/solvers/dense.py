@@ -21,6 +21,14 @@ def materialize(matvec: MatVec, like: TreeOrTensor) -> Tensor:
     Column :math:`j` is :math:`A e_j` on the flattened tree. The columns are computed in one
     ``torch.func.vmap`` call when the operator supports it, otherwise one by one.
 
+    Args:
+        matvec: the linear map ``v -> A v``.
+        like: a tree (or tensor) with the shapes, dtype and device of the vectors ``matvec`` takes.
+
+    Returns:
+        The :math:`n \times n` matrix, :math:`n` the number of entries of ``like`` (flattened in
+        :func:`hypergrad.tree_ravel` order).
+
     Example:
         >>> import torch
         >>> M = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
