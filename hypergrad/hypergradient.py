@@ -42,15 +42,42 @@ __all__ = ["HypergradResult", "UnrolledResult", "implicit_grad", "proximal_grad"
 
 
 class HypergradResult(NamedTuple):
-    """``(grad, solution)``: the hypergradient (a dict keyed like the hyper-parameters) and the
-    :class:`~hypergrad.solvers.Solution` of the linear solve (steps, residual, status)."""
+    """``(grad, solution)``: the hypergradient and the linear solve behind it.
+
+    Attributes:
+        grad: the hypergradient, a dict keyed like ``hparams`` (like ``params`` for
+            :func:`proximal_grad`).
+        solution: the :class:`~hypergrad.solvers.Solution` of the linear solve (status, steps,
+            residual).
+
+    Example:
+        >>> import torch, hypergrad
+        >>> G = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
+        >>> F = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> res = hypergrad.implicit_grad(G, F, {"w": torch.ones(1)}, {"lam": torch.ones(1)}, solver=hypergrad.Dense())
+        >>> res.grad["lam"], res.solution.status
+        (tensor([1.]), <Status.SUCCESS: 'success'>)
+    """
 
     grad: dict[str, Tensor]
     solution: Solution
 
 
 class UnrolledResult(NamedTuple):
-    """``(grad, params)``: the unrolled hypergradient and the inner parameters after the K steps."""
+    """``(grad, params)``: the unrolled hypergradient and the inner parameters after the K steps.
+
+    Attributes:
+        grad: the hypergradient, a dict keyed like ``hparams``.
+        params: :math:`\\theta_K`, detached, keyed like ``params``.
+
+    Example:
+        >>> import torch, hypergrad
+        >>> step = lambda p, h: {"w": p["w"] - 0.5 * (p["w"] - h["lam"])}
+        >>> F = lambda p, h: (p["w"] ** 2).sum()
+        >>> res = hypergrad.unrolled_grad(step, F, {"w": torch.zeros(1)}, {"lam": torch.ones(1)}, num_steps=2)
+        >>> res.params["w"]
+        tensor([0.7500])
+    """
 
     grad: dict[str, Tensor]
     params: dict[str, Tensor]
@@ -265,6 +292,9 @@ def fixed_point_grad(
         solver: e.g. ``hypergrad.FixedPoint(max_steps=100, rtol=1e-8)``.
         symmetric: assert that :math:`\partial_\theta\Phi` is symmetric (allows CG).
         x0, throw: as in :func:`implicit_grad`.
+
+    Returns:
+        :class:`HypergradResult` ``(grad, solution)``; ``grad`` is keyed like ``hparams``.
 
     Example:
         >>> import torch, hypergrad

@@ -37,6 +37,12 @@ _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 def tracks_running_stats(module: nn.Module) -> bool:
     """True for a normalisation layer that keeps running statistics (BatchNorm and friends).
 
+    Args:
+        module: any module (only its own attributes are inspected, not its children).
+
+    Returns:
+        ``True`` when ``module.track_running_stats`` is set and ``running_mean`` exists.
+
     Example:
         >>> import torch
         >>> tracks_running_stats(torch.nn.BatchNorm1d(3)), tracks_running_stats(torch.nn.LayerNorm(3))
@@ -47,6 +53,14 @@ def tracks_running_stats(module: nn.Module) -> bool:
 
 def module_params(module: nn.Module, *, trainable_only: bool = True) -> dict[str, Tensor]:
     """``dict(module.named_parameters())`` detached, optionally only those with ``requires_grad``.
+
+    Args:
+        module: the network.
+        trainable_only: skip parameters with ``requires_grad=False`` (frozen layers).
+
+    Returns:
+        ``{name: tensor}``, detached views sharing memory with the parameters, ready to pass to
+        the function :func:`stateless` returns.
 
     Example:
         >>> import torch
@@ -66,6 +80,10 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
     Args:
         module: the network.
         buffers: ``"batch_stats"`` or ``"running_stats"``.
+
+    Returns:
+        ``f(params, *args, **kwargs)``: the module's output with ``params`` (a dict keyed by
+        parameter names) in place of the module's own parameters.
 
     Example:
         >>> import torch
