@@ -114,9 +114,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def get_rng_state() -> dict[str, Any]:
-    """The state of every random generator a training loop touches: torch (CPU and each CUDA
-    device), Python's :mod:`random` and NumPy's global generator, as tensors and plain types (so a
-    checkpoint holding it loads with ``weights_only=True``).
+    """The state of every random generator a training loop touches, for a bit-exact resume.
+
+    Covers torch (CPU and each CUDA device), Python's :mod:`random` and NumPy's global generator,
+    stored as tensors and plain types so a checkpoint holding it loads with ``weights_only=True``.
+
+    Returns:
+        ``{"torch": ByteTensor, "cuda": [ByteTensor per device], "python": tuple, "numpy": dict}``;
+        pass it to :func:`set_rng_state`.
 
     Example:
         >>> import torch, hypergrad
@@ -135,7 +140,21 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore generators from :func:`get_rng_state` (CUDA states only where devices exist)."""
+    """Restore every random generator from a :func:`get_rng_state` dict.
+
+    CUDA states are restored for the devices present (a CPU-only machine skips them, a machine
+    with fewer GPUs restores the first ones).
+
+    Args:
+        state: the dict returned by :func:`get_rng_state` (e.g. ``problem.state_dict()["rng"]``
+            after :func:`load_checkpoint`).
+
+    Example:
+        >>> import random, hypergrad
+        >>> state = hypergrad.get_rng_state(); a = random.random()
+        >>> hypergrad.set_rng_state(state); random.random() == a
+        True
+    """
     if not isinstance(state, dict) or "torch" not in state:
         got = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {sorted(map(str, state))[:5]}"
         raise TypeError(f"`state` must be the dict returned by hypergrad.get_rng_state(), got {got}.")

@@ -27,6 +27,9 @@ __all__ = ["world_size", "all_reduce_mean", "broadcast_module"]
 def world_size() -> int:
     """Number of ranks when ``torch.distributed`` is initialised, else 1.
 
+    Returns:
+        ``torch.distributed.get_world_size()``, or 1 outside a process group.
+
     Example:
         >>> import hypergrad
         >>> hypergrad.distributed.world_size()
@@ -67,6 +70,10 @@ def all_reduce_mean(tree: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def broadcast_module(modules: Iterable[nn.Module], src: int = 0) -> None:
     """Copy parameters and buffers of ``modules`` from rank ``src`` to every rank (no-op on one process).
+
+    Args:
+        modules: the modules to synchronise, the same structure on every rank (in place).
+        src: the rank whose values are copied.
 
     Example:
         >>> import torch, hypergrad

@@ -24,6 +24,15 @@ class NonFiniteError(FloatingPointError):
 
     Raised by :class:`~hypergrad.BilevelProblem` with ``on_nonfinite="raise"``; with ``"skip"`` the
     same text is the record's ``reason``. Parameters and optimiser state are untouched either way.
+    A subclass of :class:`FloatingPointError`, so ``except FloatingPointError`` catches it too.
+
+    Example:
+        >>> import hypergrad
+        >>> try:
+        ...     raise hypergrad.NonFiniteError("the outer loss is nan")
+        ... except FloatingPointError as err:
+        ...     print(err)
+        the outer loss is nan
     """
 
 
@@ -41,6 +50,12 @@ class SolveInfo:
         num_matvecs: operator applications by the solver (Hessian-vector products).
         residual_norm: :math:`\\|b - A x\\|` reported by the solver (``None`` if not computed).
         failed: ``True`` when the solver flagged the result as untrustworthy.
+
+    Example:
+        >>> import torch, hypergrad
+        >>> sol = hypergrad.CG(max_steps=3)(lambda v: 2.0 * v, torch.ones(2))
+        >>> hypergrad.SolveInfo.from_solution(sol)
+        SolveInfo(status='fixed_budget', num_steps=3, num_matvecs=3, residual_norm=0.0, failed=False)
     """
 
     status: str
@@ -51,7 +66,14 @@ class SolveInfo:
 
     @classmethod
     def from_solution(cls, solution: Solution) -> "SolveInfo":
-        """Copy the host-side fields of a :class:`~hypergrad.Solution`."""
+        """Copy the host-side fields of a :class:`~hypergrad.Solution`.
+
+        Args:
+            solution: the solver's result (its ``x`` is not kept).
+
+        Returns:
+            A :class:`SolveInfo` of plain Python values.
+        """
         res = solution.residual_norm
         return cls(
             status=solution.status.value,
@@ -81,6 +103,12 @@ class StepRecord:
         times: wall-clock seconds per phase (``"inner"``, ``"hypergradient"``, ``"outer"``).
         skipped: a step was not applied because of a non-finite value.
         reason: why it was skipped (``None`` otherwise).
+
+    Example:
+        >>> import hypergrad
+        >>> record = hypergrad.StepRecord("step", inner_steps=5, outer_steps=1, outer_loss=0.25)
+        >>> record.skipped, record.scalars()["outer_loss"]
+        (False, 0.25)
     """
 
     phase: Phase
@@ -98,6 +126,12 @@ class StepRecord:
 
     def scalars(self) -> dict[str, float]:
         """Flat ``name -> float`` view for loggers and progress bars (absent values omitted).
+
+        Returns:
+            ``{"inner_steps", "outer_steps", "inner_loss", "outer_loss", "hypergrad_norm",
+            "solver_steps", "solver_residual", "solver_failed", "num_hvps", "time_<phase>",
+            "skipped"} -> float`` for the entries present; non-finite values are dropped except
+            for the losses (a NaN loss is worth logging).
 
         Example:
             >>> StepRecord("inner", inner_steps=1, inner_losses=[0.5]).scalars()["inner_loss"]
