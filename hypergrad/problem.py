@@ -169,6 +169,19 @@ class BilevelProblem:
         Returns:
             A :class:`~hypergrad.StepRecord` with phase ``"step"``. A skipped (non-finite) inner
             step does not stop the outer step; a skipped hypergradient skips the outer step.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> record = problem.step([None, None], None)   # the losses ignore the batch
+            >>> record.inner_steps, record.outer_steps, record.solve.status
+            (2, 1, 'success')
         """
         if isinstance(inner_batches, (Tensor, tuple, dict)) or not isinstance(inner_batches, Iterable):
             raise TypeError(
@@ -183,7 +196,30 @@ class BilevelProblem:
         return self._emit(record)
 
     def inner_step(self, batch: Any) -> StepRecord:
-        """One inner optimiser step on ``batch`` (plus the method's proximal term, if any)."""
+        r"""One inner optimiser step on ``batch`` (plus the method's proximal term, if any).
+
+        .. math:: \theta \leftarrow \mathrm{opt}_{\text{inner}}\big(\theta, \nabla_\theta G(\theta, \lambda; b)\big)
+
+        Args:
+            batch: the batch passed to ``inner_loss``.
+
+        Returns:
+            A :class:`~hypergrad.StepRecord` with phase ``"inner"`` and the loss in
+            ``inner_losses``; a non-finite loss or gradient skips the step (``skipped``,
+            ``reason``) or raises, as ``on_nonfinite`` says.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> problem.inner_step(None).inner_losses, w.item()   # w <- w - 0.5 * 2 (w - lam)
+            ([1.0], 1.0)
+        """
         record = StepRecord("inner")
         self._inner(batch, record)
         return self._emit(record)
@@ -199,6 +235,24 @@ class BilevelProblem:
             accumulate: add to existing ``.grad`` instead of overwriting it (e.g. summing over the
                 tasks of a meta-batch). A non-finite hypergradient clears all outer ``.grad`` and
                 makes the next :meth:`outer_step` a skip.
+
+        Returns:
+            A :class:`~hypergrad.StepRecord` with phase ``"hypergradient"``: ``outer_loss``,
+            ``solve``, ``num_hvps``, ``hypergrad_norm``.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> _ = problem.inner_step(None)                  # w = lam = 1
+            >>> record = problem.hypergradient(None)          # dF/dlam = 2 (w - 2) = -2
+            >>> lam.grad, record.outer_loss
+            (tensor([-2.]), 1.0)
         """
         record = StepRecord("hypergradient")
         self._hypergradient(outer_batch, hessian_batch, record, accumulate=accumulate)
@@ -208,6 +262,27 @@ class BilevelProblem:
         """Step the outer optimiser (and scheduler) with the gradients in ``.grad``.
 
         With ``outer_batch`` the hypergradient is computed first (as :meth:`hypergradient`).
+
+        Args:
+            outer_batch: batch of ``outer_loss``; ``None`` uses the ``.grad`` already there.
+            hessian_batch: as in :meth:`hypergradient` (only with ``outer_batch``).
+
+        Returns:
+            A :class:`~hypergrad.StepRecord` with phase ``"outer"``; ``skipped`` when the last
+            hypergradient was non-finite.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> _ = problem.inner_step(None); _ = problem.hypergradient(None)
+            >>> problem.outer_step().outer_steps, round(lam.item(), 4)   # lam <- 1 - 0.1 * (-2)
+            (1, 1.2)
         """
         record = StepRecord("outer")
         if outer_batch is not None:
@@ -216,7 +291,25 @@ class BilevelProblem:
         return self._emit(record)
 
     def add_callback(self, callback: StepCallback) -> None:
-        """Register ``callback(record)``, called after every public call."""
+        """Register ``callback(record)``, called after every public call.
+
+        Args:
+            callback: a callable taking a :class:`~hypergrad.StepRecord` (e.g. a
+                :class:`~hypergrad.MetricsLogger` or :class:`~hypergrad.ProgressHook`).
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> problem.add_callback(lambda record: print(record.phase, record.inner_steps))
+            >>> _ = problem.inner_step(None)
+            inner 1
+        """
         if not callable(callback):
             raise TypeError(f"`callback` must be callable record -> None, got {type(callback).__name__}.")
         self.callbacks.append(callback)
@@ -354,9 +447,30 @@ class BilevelProblem:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-exactly: modules, optimisers, schedulers, the warm-start
-        vector, step counters and RNG states (torch, CUDA, Python, NumPy). Save it with
-        :func:`hypergrad.save_checkpoint`."""
+        """Everything needed to resume bit-exactly, as a dict of tensors and plain types.
+
+        Holds the modules, optimisers, schedulers, the warm-start vector, the step counters and
+        the RNG states (torch, CUDA, Python, NumPy). As with ``nn.Module.state_dict``, module
+        tensors share memory with the live parameters: save it (:func:`hypergrad.save_checkpoint`)
+        or ``copy.deepcopy`` it before training on.
+
+        Returns:
+            A dict with ``format``, ``{inner,outer}_{module,optimizer,scheduler}``, ``warm_start``,
+            ``counters`` and ``rng``.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> _ = problem.step([None], None)
+            >>> problem.state_dict()["counters"]
+            {'inner_steps': 1, 'outer_steps': 1, 'inner_skipped': 0, 'outer_skipped': 0}
+        """
         sched = lambda s: None if s is None else s.state_dict()  # noqa: E731
         x0 = self.method_state.x0
         return {
@@ -374,7 +488,29 @@ class BilevelProblem:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
-        """Restore from :meth:`state_dict` (cached operators are dropped and rebuilt on demand)."""
+        """Restore from :meth:`state_dict` (cached operators are dropped and rebuilt on demand).
+
+        Args:
+            state: a :meth:`state_dict` of a problem built the same way (same modules, optimisers
+                and schedulers), e.g. from :func:`hypergrad.load_checkpoint`.
+            restore_rng: also restore the random generators (needed for a bit-exact resume).
+
+        Example:
+            >>> import torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> problem = hypergrad.BilevelProblem(
+            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
+            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
+            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
+            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
+            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> import copy
+            >>> saved = copy.deepcopy(problem.state_dict())
+            >>> _ = problem.step([None], None)
+            >>> problem.load_state_dict(saved)
+            >>> problem.outer_steps, lam.item()
+            (0, 1.0)
+        """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"`state` is not a BilevelProblem.state_dict() (expected format {_FORMAT!r}).")
         for which, level in (("inner", self.inner), ("outer", self.outer)):
