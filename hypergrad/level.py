@@ -95,5 +95,16 @@ class Level:
             raise ValueError(f"Level: `optimizer` holds parameters with requires_grad=False: {frozen[:5]}; remove them or unfreeze them.")
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
-        """``{name: parameter}`` of the parameters the optimiser trains (names as in ``named_parameters``)."""
+        """``{name: parameter}`` of the parameters the optimiser trains (names as in ``named_parameters``).
+
+        Returns:
+            A new dict of the live ``nn.Parameter`` objects (not copies), in module order.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> net = torch.nn.Linear(2, 1)
+            >>> level = hypergrad.Level(net, torch.optim.SGD([net.weight], lr=0.1))  # bias frozen
+            >>> list(level.trained_parameters())
+            ['weight']
+        """
         return dict(self._trained)

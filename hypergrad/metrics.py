@@ -80,7 +80,20 @@ class MetricsLogger:
         self._closed = False
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record ``metrics`` (name -> number or 1-element tensor) at integer ``step``."""
+        """Record ``metrics`` (name -> number or 1-element tensor) at integer ``step``.
+
+        Args:
+            step: the x-axis value, an ``int`` (e.g. the outer step count).
+            metrics: ``{name: value}``; values are Python numbers or 1-element tensors, and the
+                name ``"step"`` is reserved.
+
+        Example:
+            >>> import tempfile, torch, hypergrad
+            >>> log = hypergrad.MetricsLogger(tempfile.mkdtemp(), csv=False)
+            >>> log.log(3, {"loss": torch.tensor(0.5)})
+            >>> log.close(); print(open(log.jsonl_path).read().strip())
+            {"step": 3, "loss": 0.5}
+        """
         if self._closed:
             raise RuntimeError("MetricsLogger.log called after close(); open a new logger to append.")
         if isinstance(step, bool) or not isinstance(step, int):
@@ -105,13 +118,32 @@ class MetricsLogger:
             self._tb.flush()
 
     def __call__(self, record: StepRecord) -> None:
-        """Use the logger as a :class:`~hypergrad.BilevelProblem` callback (logs ``record.scalars()``
-        at the outer step count, or the inner one for inner-only calls)."""
+        """Use the logger as a :class:`~hypergrad.BilevelProblem` callback.
+
+        Logs ``record.scalars()`` under ``"<phase>/<name>"`` at the outer step count, or at the
+        inner one for ``"inner"`` records.
+
+        Args:
+            record: the :class:`~hypergrad.StepRecord` of one problem call.
+
+        Example:
+            >>> import tempfile, hypergrad
+            >>> log = hypergrad.MetricsLogger(tempfile.mkdtemp(), jsonl=False)
+            >>> log(hypergrad.StepRecord("inner", inner_steps=2, inner_losses=[0.5]))
+            >>> log.close(); print(open(log.csv_path).read().split()[0])
+            step,inner/inner_steps,inner/outer_steps,inner/inner_loss,inner/skipped
+        """
         step = record.outer_steps if record.phase in ("outer", "step", "hypergradient") else record.inner_steps
         self.log(step, {f"{record.phase}/{k}": v for k, v in record.scalars().items()})
 
     def close(self) -> None:
-        """Flush and close every file (idempotent)."""
+        """Flush and close every file (idempotent); also called on leaving a ``with`` block.
+
+        Example:
+            >>> import tempfile, hypergrad
+            >>> log = hypergrad.MetricsLogger(tempfile.mkdtemp())
+            >>> log.close(); log.close()   # a second close is a no-op
+        """
         self._closed = True
         for f in (self._csv_file, self._jsonl_file):
             if f is not None and not f.closed:
@@ -199,6 +231,11 @@ class ProgressHook:
         self.phases = tuple(phases)
 
     def __call__(self, record: StepRecord) -> None:
+        """Advance the bar by one and show the chosen scalars, for records of the chosen phases.
+
+        Args:
+            record: the :class:`~hypergrad.StepRecord` of one problem call.
+        """
         if record.phase not in self.phases:
             return
         scalars = record.scalars()
