@@ -48,6 +48,8 @@ class MethodState:
 
 
 class MethodOutput(NamedTuple):
+    """What :meth:`AbstractHypergradMethod.hypergradient` returns to the problem."""
+
     grad: dict[str, Tensor]
     outer_loss: Tensor
     solution: Optional[Solution]
@@ -107,17 +109,41 @@ def check_solution(solution: Solution, what: str) -> None:
 
 
 class AbstractHypergradMethod(abc.ABC):
-    """Protocol of a hypergradient method used by :class:`~hypergrad.BilevelProblem`."""
+    """Protocol of a hypergradient method used by :class:`~hypergrad.BilevelProblem`.
+
+    A method is a frozen dataclass holding its settings (validated in ``__post_init__``) and
+    implementing :meth:`hypergradient`; :class:`~hypergrad.Implicit`,
+    :class:`~hypergrad.Proximal` and :class:`~hypergrad.Unrolled` are the built-in ones.
+
+    Example:
+        >>> import hypergrad
+        >>> m = hypergrad.Proximal(lam=1.0, coupling={"": ""})
+        >>> isinstance(m, hypergrad.AbstractHypergradMethod), m.hessian_depends_on_outer
+        (True, False)
+    """
 
     #: The Hessian the method uses depends on the outer parameters (so it cannot be reused after
     #: an outer step).
     hessian_depends_on_outer: bool = True
 
     def check(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> None:
-        """Validate the method against the trained parameters (names, shapes); raise ``ValueError``."""
+        """Validate the method against the trained parameters (names, shapes); raise ``ValueError``.
+
+        Args:
+            params: the inner level's trained parameters, ``{name: tensor}``.
+            hparams: the outer level's trained parameters.
+        """
 
     def inner_penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Optional[Tensor]:
-        """A term the inner step adds to the inner loss (``None`` for none)."""
+        """A term the inner step adds to the inner loss (``None`` for none).
+
+        Args:
+            params: the inner parameters (differentiable).
+            hparams: the outer parameters (treated as constants).
+
+        Returns:
+            A scalar tensor, or ``None`` (the default) for no penalty.
+        """
         return None
 
     @abc.abstractmethod
@@ -125,7 +151,21 @@ class AbstractHypergradMethod(abc.ABC):
         self, inner_fn: PureLoss, outer_fn: PureLoss, params: dict[str, Tensor], hparams: dict[str, Tensor],
         state: MethodState, reduce: Reduce, operator_key: Any,
     ) -> MethodOutput:
-        """Compute the hypergradient (keyed like ``hparams``) at ``params``."""
+        """Compute the hypergradient (keyed like ``hparams``) at ``params``.
+
+        Args:
+            inner_fn: :math:`G`, ``inner_fn(params, hparams) -> scalar`` on the Hessian batch.
+            outer_fn: :math:`F`, ``outer_fn(params, hparams) -> scalar`` on the outer batch.
+            params: the inner parameters :math:`\\theta` (detached).
+            hparams: the outer parameters :math:`\\lambda` (detached).
+            state: the problem's :class:`MethodState` (warm start, cached operator), mutated.
+            reduce: averages a tree over data-parallel ranks; apply it to every gradient and HVP.
+            operator_key: identifies the linearisation point; equal keys allow operator reuse.
+
+        Returns:
+            A :class:`MethodOutput` ``(grad, outer_loss, solution, num_hvps, operator_reused)``.
+            Raise :class:`~hypergrad.NonFiniteError` for a non-finite value.
+        """
 
 
 class _LinearSolveMethod(AbstractHypergradMethod):

@@ -82,7 +82,26 @@ class Proximal(_LinearSolveMethod):
         _check_common("Proximal", self.solver, self.hvp_mode, self.damping, self.warm_start, self.reuse_operator)
 
     def pairs(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, str]:
-        """Resolve :attr:`coupling` to ``{inner_param: outer_param}`` (exact names or prefixes)."""
+        """Resolve :attr:`coupling` to ``{inner_param: outer_param}`` (exact names or prefixes).
+
+        Args:
+            params: the inner level's trained parameters, ``{name: tensor}``.
+            hparams: the outer level's trained parameters.
+
+        Returns:
+            ``{inner_name: outer_name}`` for every coupled pair.
+
+        Raises:
+            ValueError: a key matches no inner parameter, a target is not an outer parameter, or
+                the shapes of a pair differ.
+
+        Example:
+            >>> import torch, hypergrad
+            >>> m = hypergrad.Proximal(coupling={"backbone": "net"})
+            >>> inner = {"backbone.w": torch.zeros(2), "head.w": torch.zeros(1)}
+            >>> m.pairs(inner, {"net.w": torch.zeros(2)})
+            {'backbone.w': 'net.w'}
+        """
         out: dict[str, str] = {}
         for src, dst in self.coupling.items():
             if src in params:
