@@ -33,6 +33,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -46,7 +47,7 @@ from .data import TwoViewDataset, get_dataset
 from .models import LinearHead
 from .optim import LARS, warmup_cosine
 from .pretrain import build_pretrain_model, epoch_batches
-from .tasks import build_task, task_classes
+from .tasks import build_task, parse_task, task_classes
 
 __all__ = ["run_bissl", "pretext_dataset"]
 
@@ -89,6 +90,7 @@ def _reduce_grads(params) -> None:
 
 def _warmup_head(cfg: PipelineConfig, backbone: nn.Module, head: nn.Module, ds: Dataset, lr: float, wd: float) -> float:
     b = cfg.bissl
+    device = next(head.parameters()).device
     loader = DataLoader(ds, batch_size=min(b.downstream_batch, len(ds)), shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=b.momentum, weight_decay=wd)
@@ -97,8 +99,8 @@ def _warmup_head(cfg: PipelineConfig, backbone: nn.Module, head: nn.Module, ds: 
     for _ in tqdm(range(b.head_warmup_epochs), desc="head warm-up", leave=False, disable=not dist_utils.is_main_process()):
         for x, y in loader:
             with torch.no_grad():
-                h = backbone(x.to(cfg.device))
-            loss = F.cross_entropy(head(h), y.to(cfg.device))
+                h = backbone(x.to(device))
+            loss = F.cross_entropy(head(h), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             _reduce_grads(head.parameters())
@@ -117,14 +119,17 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
         out_dir: output directory (default ``run_dir/bissl/<task>``).
         resume: continue from ``<out_dir>/checkpoint.pt`` when it exists.
     """
-    b, dev, kind = cfg.bissl, cfg.device, cfg.pretrain.pretext_type
+    b, kind = cfg.bissl, cfg.pretrain.pretext_type
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and dist_utils.is_distributed():
+        dev = torch.device("cuda", dist_utils.local_rank())
     task = b.downstream
     out_dir = out_dir or os.path.join(cfg.run_dir, "bissl", task.replace("@", "_at"))
     main = dist_utils.is_main_process()
     if not os.path.exists(pretrained_path):
         raise FileNotFoundError(f"Pretext checkpoint {pretrained_path!r} not found; run the `pretrain` stage first.")
     torch.manual_seed(cfg.seed)
-    upper_lr, upper_wd = upper_hparams(task, kind)
+    upper_lr, upper_wd = upper_hparams(parse_task(task).dataset, kind)
     upper_lr = b.upper_lr if b.upper_lr is not None else upper_lr
     upper_wd = b.upper_wd if b.upper_wd is not None else upper_wd
 
@@ -163,7 +168,7 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
         problem.load_state_dict(st["problem"])
         start = st["alternation"]
     else:
-        _warmup_head(cfg, ssl.backbone, head, warm_ds, upper_lr, upper_wd)
+        _warmup_head(cfg, ssl.backbone, head, warm_ds, upper_lr, upper_wd)  # backbone frozen, SGD with the upper lr/wd
 
     logger = MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace("@", "_at")), tensorboard=True) if main else None
     bar = tqdm(range(start, b.alternations), desc=f"bissl {task}", disable=not main, initial=start, total=b.alternations)
