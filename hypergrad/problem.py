@@ -171,17 +171,7 @@ class BilevelProblem:
             step does not stop the outer step; a skipped hypergradient skips the outer step.
 
         Example:
-            >>> import torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> record = problem.step([None, None], None)   # the losses ignore the batch
-            >>> record.inner_steps, record.outer_steps, record.solve.status
-            (2, 1, 'success')
+            See the class docstring (a loop of ``step`` calls tuning :math:`\\lambda`).
         """
         if isinstance(inner_batches, (Tensor, tuple, dict)) or not isinstance(inner_batches, Iterable):
             raise TypeError(
@@ -209,16 +199,8 @@ class BilevelProblem:
             ``reason``) or raises, as ``on_nonfinite`` says.
 
         Example:
-            >>> import torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> problem.inner_step(None).inner_losses, w.item()   # w <- w - 0.5 * 2 (w - lam)
-            ([1.0], 1.0)
+            See :meth:`hypergradient` (a hand-written loop of ``inner_step``, ``hypergradient``
+            and ``outer_step``).
         """
         record = StepRecord("inner")
         self._inner(batch, record)
@@ -241,18 +223,26 @@ class BilevelProblem:
             ``solve``, ``num_hvps``, ``hypergrad_norm``.
 
         Example:
+            A hand-written loop, with a callback (what :meth:`step` does in one call):
+
             >>> import torch, hypergrad
             >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> _ = problem.inner_step(None)                  # w = lam = 1
-            >>> record = problem.hypergradient(None)          # dF/dlam = 2 (w - 2) = -2
-            >>> lam.grad, record.outer_loss
-            (tensor([-2.]), 1.0)
+            >>> level = lambda p, lr: hypergrad.Level({"p": p}, torch.optim.SGD([p], lr=lr))
+            >>> problem = hypergrad.BilevelProblem(level(w, 0.5), level(lam, 0.1),  # G: w* = lam
+            ...     lambda i, o, b: ((i.p - o.p) ** 2).sum(), lambda i, o, b: ((i.p - 2.0) ** 2).sum(),
+            ...     hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> problem.add_callback(lambda record: print(record.phase, record.inner_steps))
+            >>> problem.inner_step(None).inner_losses, w.item()   # w <- w - 0.5 * 2 (w - lam)
+            inner 1
+            ([1.0], 1.0)
+            >>> record = problem.hypergradient(None)             # dF/dlam = 2 (w - 2) = -2
+            hypergradient 1
+            >>> lam.grad, record.outer_loss, record.solve.status
+            (tensor([-2.]), 1.0, 'success')
+            >>> record = problem.outer_step()                   # lam <- 1 - 0.1 * (-2)
+            outer 1
+            >>> record.outer_steps, round(lam.item(), 4)
+            (1, 1.2)
         """
         record = StepRecord("hypergradient")
         self._hypergradient(outer_batch, hessian_batch, record, accumulate=accumulate)
@@ -272,17 +262,7 @@ class BilevelProblem:
             hypergradient was non-finite.
 
         Example:
-            >>> import torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> _ = problem.inner_step(None); _ = problem.hypergradient(None)
-            >>> problem.outer_step().outer_steps, round(lam.item(), 4)   # lam <- 1 - 0.1 * (-2)
-            (1, 1.2)
+            See :meth:`hypergradient`.
         """
         record = StepRecord("outer")
         if outer_batch is not None:
@@ -298,17 +278,7 @@ class BilevelProblem:
                 :class:`~hypergrad.MetricsLogger` or :class:`~hypergrad.ProgressHook`).
 
         Example:
-            >>> import torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> problem.add_callback(lambda record: print(record.phase, record.inner_steps))
-            >>> _ = problem.inner_step(None)
-            inner 1
+            See :meth:`hypergradient`.
         """
         if not callable(callback):
             raise TypeError(f"`callback` must be callable record -> None, got {type(callback).__name__}.")
@@ -459,17 +429,7 @@ class BilevelProblem:
             ``counters`` and ``rng``.
 
         Example:
-            >>> import torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> _ = problem.step([None], None)
-            >>> problem.state_dict()["counters"]
-            {'inner_steps': 1, 'outer_steps': 1, 'inner_skipped': 0, 'outer_skipped': 0}
+            See :meth:`load_state_dict`.
         """
         sched = lambda s: None if s is None else s.state_dict()  # noqa: E731
         x0 = self.method_state.x0
@@ -498,14 +458,14 @@ class BilevelProblem:
         Example:
             >>> import torch, hypergrad
             >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> problem = hypergrad.BilevelProblem(
-            ...     hypergrad.Level({"w": w}, torch.optim.SGD([w], lr=0.5)),
-            ...     hypergrad.Level({"lam": lam}, torch.optim.SGD([lam], lr=0.1)),
-            ...     inner_loss=lambda i, o, b: ((i.w - o.lam) ** 2).sum(),    # w* = lam
-            ...     outer_loss=lambda i, o, b: ((i.w - 2.0) ** 2).sum(),
-            ...     method=hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> level = lambda p, lr: hypergrad.Level({"p": p}, torch.optim.SGD([p], lr=lr))
+            >>> problem = hypergrad.BilevelProblem(level(w, 0.5), level(lam, 0.1),  # G: w* = lam
+            ...     lambda i, o, b: ((i.p - o.p) ** 2).sum(), lambda i, o, b: ((i.p - 2.0) ** 2).sum(),
+            ...     hypergrad.Implicit(solver=hypergrad.Dense()))
             >>> import copy
             >>> saved = copy.deepcopy(problem.state_dict())
+            >>> saved["counters"]
+            {'inner_steps': 0, 'outer_steps': 0, 'inner_skipped': 0, 'outer_skipped': 0}
             >>> _ = problem.step([None], None)
             >>> problem.load_state_dict(saved)
             >>> problem.outer_steps, lam.item()
