@@ -9,7 +9,7 @@ to the class it checks, :func:`hypergrad.solvers._base.check_solver`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Collection, Mapping, Optional
+from typing import Any, Callable, Collection, Literal, Mapping, Optional, overload
 
 import torch
 from torch import Tensor
@@ -78,6 +78,18 @@ def check_scalar_loss(name: str, value: Any) -> Tensor:
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"`{name}` returned {value.item()} at the given point; check the inputs and the loss.")
     return value.reshape(())
+
+
+@overload
+def check_positive(
+    name: str, value: Any, *, allow_zero: bool = ..., allow_none: Literal[False] = ..., owner: Optional[str] = ...
+) -> float: ...
+
+
+@overload
+def check_positive(
+    name: str, value: Any, *, allow_zero: bool = ..., allow_none: bool = ..., owner: Optional[str] = ...
+) -> Optional[float]: ...
 
 
 def check_positive(
