@@ -1,8 +1,9 @@
 r"""Data hyper-cleaning on scikit-learn's digits: one weight per (possibly corrupted) training label.
 
 A small, exact version of the benchopt bilevel benchmark's hyper-cleaning problem, built on data
-that ships inside scikit-learn (no download). Used when ``applications.toy`` has no hyper-cleaning
-problem of its own.
+that ships inside scikit-learn (no download), with the :class:`~applications.toy.base.ToyProblem`
+interface and an exact hypergradient. (``applications.toy.hyper_cleaning`` is the training
+application on ``BilevelProblem``; it has no exact reference to benchmark against.)
 """
 
 from __future__ import annotations

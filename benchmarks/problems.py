@@ -123,15 +123,12 @@ def _build_logistic(name: str, s: dict, device: str, dtype: torch.dtype) -> Prob
 
 
 def _build_hyper_cleaning(name: str, s: dict, device: str, dtype: torch.dtype) -> ProblemCase:
-    try:  # prefer the application's version when it exists
-        from applications.toy import HyperCleaningProblem  # type: ignore[attr-defined]
-        source = "applications.toy"
-    except ImportError:
-        from .hyper_cleaning import HyperCleaningProblem
-        source = "benchmarks.hyper_cleaning"
+    # benchmarks.hyper_cleaning has the exact hypergradient; applications.toy.hyper_cleaning is the app.
+    from .hyper_cleaning import HyperCleaningProblem
+
     prob = HyperCleaningProblem(n_train=s["n_train"], n_val=s["n_val"], device=device, dtype=dtype)
     return _toy_case(name, prob, f"data hyper-cleaning on sklearn digits, {s['n_train']} train labels "
-                                 f"(one weight each), {s['n_val']} val ({source})")
+                                 f"(one weight each), {s['n_val']} val")
 
 
 def _dense_hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
