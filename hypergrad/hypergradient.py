@@ -23,6 +23,7 @@ from torch.func import grad
 
 from ._checks import (
     check_callable,
+    check_choice,
     check_int,
     check_positive,
     check_same_device,
@@ -33,7 +34,7 @@ from ._checks import (
     loss_grads,
 )
 from ._typing import BilevelLoss, FixedPointMap, TensorTree
-from .operators import HessianOperator, FixedPointOperator, HVPMode, _check_mode, mixed_hvp
+from .operators import HVP_MODES, FixedPointOperator, HessianOperator, HVPMode, mixed_hvp
 from .solvers import AbstractLinearSolver, Solution
 from .solvers._base import check_solver
 from .tree import tree_axpy, tree_check_like, tree_map, tree_sub
@@ -163,7 +164,7 @@ def implicit_grad(
     """
     params, hparams = _check_pair("inner_loss", inner_loss, "(params, hparams) -> scalar", outer_loss, params, hparams)
     solver = check_solver(solver)
-    _check_mode(hvp_mode)
+    check_choice("hvp_mode", hvp_mode, HVP_MODES)
     damping = check_positive("damping", damping, allow_zero=True)
     _check_x0(x0, params)
 
@@ -247,7 +248,7 @@ def proximal_grad(
     outer_grad = check_tree("outer_grad", outer_grad)
     lam = check_positive("lam", lam)
     solver = check_solver(solver)
-    _check_mode(hvp_mode)
+    check_choice("hvp_mode", hvp_mode, HVP_MODES)
     _check_x0(x0, params)
     operator = HessianOperator(inner_loss, params, mode=hvp_mode)
 

@@ -193,7 +193,7 @@ ERROR_INPUTS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("fixed_point_nan_rtol", lambda: FixedPoint(rtol=float("nan")), ValueError,
      r"FixedPoint: `rtol` must be a finite number >= 0, got nan"),
     ("bad_hvp_mode", _implicit(hvp_mode="fast"), ValueError,
-     r"`mode` must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_rev_cached', 'finite_diff'\], got 'fast'"),
+     r"`hvp_mode` must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_rev_cached', 'finite_diff'\], got 'fast'"),
     ("negative_damping", _implicit(damping=-0.1), ValueError, r"`damping` must be a finite number >= 0, got -0\.1"),
     ("damped_negative_mu", lambda: Damped(lambda v: v, -1.0), ValueError,
      r"Damped: `mu` must be a finite number >= 0, got -1\.0"),
