@@ -5,7 +5,8 @@
 #   bash run.sh demo        # the main job on embedded offline data
 #   bash run.sh test        # the test suite (what CI runs); extra args go to pytest
 #   bash run.sh docs        # build the HTML docs into docs/_build/html
-#   bash run.sh bench       # the small benchmark preset; `bench-full` for the full one
+#   bash run.sh bench       # the small benchmark preset (seconds); `bench-full`: full preset + report
+#   bash run.sh peers       # install the peer libraries (TorchOpt, higher, JAXopt, Betty) for benchmarks
 #   bash run.sh python ...  # run python inside the environment
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -31,5 +32,22 @@ case "$cmd" in
   test) install; exec "$PY" -m pytest "$@" ;;
   docs) install; exec "$PY" -m sphinx -W --keep-going -b html docs docs/_build/html "$@" ;;
   python) install; exec "$PY" "$@" ;;
-  *) sed -n '2,11p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
+  peers)
+    install
+    "$PY" -m pip install --quiet --progress-bar off -e ".[peers]"
+    exec "$PY" -m pip install --quiet --progress-bar off --ignore-requires-python --no-deps betty-ml==0.2.1 ;;
+  bench)
+    install; mkdir -p results/small
+    exec "$PY" -m pytest benchmarks/bench_hvp.py benchmarks/bench_overhead.py benchmarks/bench_solvers.py \
+      benchmarks/bench_warm_start.py benchmarks/bench_peers.py --preset small \
+      --benchmark-json=results/small/bench.json "$@" ;;
+  bench-full)
+    install; mkdir -p results/full
+    for f in hvp overhead peers solvers warm_start bissl_step; do
+      "$PY" -m pytest "benchmarks/bench_$f.py" --preset full --benchmark-min-rounds=3 \
+        --benchmark-max-time=0.5 --benchmark-json="results/full/$f.json" "$@"
+    done
+    exec "$PY" -m benchmarks.report results/full/*.json --out docs/benchmarks --md docs/benchmarks.md \
+      --intro benchmarks/REPORT_INTRO.md ;;
+  *) sed -n '2,12p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
 esac
