@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hypergrad import MetricsLogger
+
 from .config import FinetuneConfig, PipelineConfig
 from .models import LinearHead, build_backbone
 from .augment import eval_transform, train_transform
@@ -176,7 +178,9 @@ def finetune(
         backbone_path: the backbone state dict to start from.
         out_dir: where ``state.json`` / ``result.json`` go (default ``run_dir/finetune/<task>/<origin>``).
         use_hpo: run the random search; otherwise use ``cfg.finetune.lr`` / ``weight_decay``.
-        logger: called with a dict of metrics after every trial and run.
+        logger: called with a dict of metrics after every trial and run (besides the CSV / JSONL /
+            TensorBoard files under ``<logs>/finetune/<task>/<origin>``: HPO trials are steps
+            ``0..T-1``, seeded runs steps ``T..T+R-1``).
 
     Returns:
         ``{"task", "origin", "lr", "weight_decay", "trials", "test_top1", "mean", "std"}``.
@@ -199,6 +203,7 @@ def finetune(
             json.dump(state, f, indent=1)
         os.replace(state_path + ".tmp", state_path)
 
+    metrics = MetricsLogger(os.path.join(cfg.logs, "finetune", task.replace("@", "_at"), origin), tensorboard=True)
     backbone, _ = load_backbone(cfg, backbone_path)
     bstate = {k: v.clone() for k, v in backbone.state_dict().items()}
     m = cfg.model
@@ -225,8 +230,10 @@ def finetune(
         def on_trial(scored: list[Trial]) -> None:
             state["trials"] = [t._asdict() for t in scored]
             save()
+            t = scored[-1]
+            metrics.log(len(scored) - 1, {"hpo_val_top1": t.score, "hpo_lr": t.lr, "hpo_weight_decay": t.weight_decay})
             if logger is not None:
-                logger({"phase": "hpo", "trial": len(scored) - 1, **scored[-1]._asdict()})
+                logger({"phase": "hpo", "trial": len(scored) - 1, **t._asdict()})
 
         trials = sample_trials(ft.hpo_trials, ft.lr_range, ft.wd_range, ft.seed)
         done = [Trial(**t) for t in state["trials"]]
@@ -241,8 +248,10 @@ def finetune(
         acc = evaluate(model, test_loader, cfg.device)
         state["runs"].append(acc)
         save()
+        metrics.log(ft.hpo_trials + seed, {"run_seed": seed, "test_top1": acc, "lr": lr, "weight_decay": wd})
         if logger is not None:
             logger({"phase": "run", "seed": seed, "test_top1": acc, "lr": lr, "weight_decay": wd})
+    metrics.close()
     accs = state["runs"]
     result = {
         "task": task, "origin": origin, "lr": lr, "weight_decay": wd, "trials": state["trials"],

@@ -46,8 +46,11 @@ def test_run_tiny_end_to_end(tmp_path, capsys):
     assert math.isclose(row["gap"], row["bissl_mean"] - row["baseline_mean"])
     assert (run_dir / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert data["meta"]["timings"]["total_s"] > 0 and data["meta"]["config"]["bissl"]["solver"].startswith("CG(")
-    for stage in ("pretrain/pretrained.pt", "bissl/digits/lower_backbone.pt", "finetune/digits/bissl/result.json"):
+    for stage in ("pretrain/pretrained.pt", "bissl/digits/lower_backbone.pt", "finetune/digits/bissl/result.json",
+                  "logs/bissl/digits/metrics.csv"):
         assert (run_dir / stage).exists()
+    rows = (run_dir / "logs" / "finetune" / "digits" / "bissl" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 + 2 and "test_top1" in rows[0]  # header, 2 HPO trials, 2 seeded runs
     # Re-running resumes every stage from its outputs and reproduces the table.
     main(["run", "--preset", "tiny", "--out-dir", str(tmp_path), "--no-progress"])
     torch.set_num_threads(threads)
