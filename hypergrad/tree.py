@@ -150,16 +150,22 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
         tensor(6.)
     """
     if isinstance(a, Tensor):
-        dt = _acc_dtype(a.dtype)
-        return torch.sum(a.to(dt) * b.to(dt))
+        return _dot(a, b)
     total = None
     for k, v in a.items():
-        dt = _acc_dtype(v.dtype)
-        term = torch.sum(v.to(dt) * b[k].to(dt))
+        term = _dot(v, b[k])
         total = term if total is None else total + term
     if total is None:
         raise ValueError("tree_vdot got an empty tree `a`: pass at least one tensor.")
     return total
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    # One fused kernel (torch.dot) per leaf; half-precision leaves are widened to float32 first.
+    dt = _acc_dtype(torch.promote_types(u.dtype, v.dtype))
+    if u.dtype != dt or v.dtype != dt:
+        u, v = u.to(dt), v.to(dt)
+    return torch.dot(u.reshape(-1), v.reshape(-1))
 
 
 def tree_norm(a: TreeOrTensor) -> Tensor:

@@ -74,6 +74,8 @@ class CG(AbstractLinearSolver):
         rr = tree_vdot(r, r)
         tol = _tolerance(torch.sqrt(tree_vdot(b, b)), self.rtol, self.atol) if check else None
         min_curv = torch.full_like(rr, float("inf"))
+        pp = rr  # ||p||^2, updated by CG's recursion below (no extra reduction per step)
+        zero = torch.zeros_like(rr)
         status = Status.FIXED_BUDGET
         steps = 0
         if check and bool(torch.sqrt(rr) <= tol):
@@ -83,16 +85,17 @@ class CG(AbstractLinearSolver):
             ap = matvec(p)
             num_matvecs += 1
             pap = tree_vdot(p, ap)
-            pp = tree_vdot(p, p)
-            positive = pap > 0
-            curv = torch.where(pp > 0, pap / torch.where(pp > 0, pp, 1.0), float("inf"))
-            min_curv = torch.minimum(min_curv, curv)
-            alpha = torch.where(positive, rr / torch.where(positive, pap, 1.0), 0.0)
+            # Rayleigh quotient of the direction; fmin ignores the 0/0 of a zero direction.
+            min_curv = torch.fmin(min_curv, pap / pp)
+            # Never step along a direction of non-positive curvature (alpha = 0 there).
+            alpha = torch.where(pap > 0, rr / pap, zero)
             x = tree_axpy(alpha, p, x)
             r = tree_axpy(-alpha, ap, r)
             rr_new = tree_vdot(r, r)
-            beta = torch.where(rr > 0, rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
+            beta = torch.where(rr > 0, rr_new / rr, zero)
             p = tree_axpy(beta, p, r)
+            # r_{k+1} is orthogonal to p_k, so ||p_{k+1}||^2 = ||r_{k+1}||^2 + beta^2 ||p_k||^2.
+            pp = rr_new + beta * beta * pp
             rr = rr_new
             if check:
                 res, curv_ok = float(torch.sqrt(rr)), float(min_curv) > 0
