@@ -1,4 +1,4 @@
-r"""BiSSL as a :class:`hypergrad.BilevelProblem`: the two losses, the coupling, exact BatchNorm.
+r"""BiSSL as a :class:`hypergrad.BilevelProblem`: the two losses and the coupling.
 
 Notation (BISSL.md): :math:`\theta_P` lower (pretext) backbone, :math:`\theta_D` upper (downstream)
 backbone, :math:`\phi` downstream head, :math:`L_P` pretext loss, :math:`L_D` downstream loss.
@@ -24,7 +24,6 @@ with :math:`H = \nabla^2_{\theta_P} L_P` (backbone only) on the Hessian batch, a
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 import torch
@@ -35,53 +34,11 @@ from hypergrad import BilevelProblem, Level, Proximal
 
 from .config import BiSSLConfig
 
-__all__ = ["HESSIAN", "exact_batch_norm", "inner_loss", "make_outer_loss", "build_problem"]
+__all__ = ["HESSIAN", "inner_loss", "make_outer_loss", "build_problem"]
 
 #: Tag a pretext batch ``(x1, x2, HESSIAN)`` to mark it as the Hessian batch: its SimCLR loss then
 #: uses this rank's negatives only (no ``all_gather`` inside ``torch.func`` transforms).
 HESSIAN = "hessian"
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def _bn_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if self.running_mean is not None:  # an ordinary call: torch's kernel, running statistics updated
-        return self._hg_original_forward(x)
-    dims = [0, *range(2, x.dim())]
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + self.eps)
-    if self.weight is not None:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-    return y
-
-
-def exact_batch_norm(module: nn.Module) -> nn.Module:
-    r"""Make BatchNorm layers differentiable twice under ``torch.func``; returns ``module``.
-
-    With torch 2.15, the second derivatives that ``torch.func`` (``jvp``/``vjp`` of ``grad``, hence
-    every hypergrad HVP mode but ``finite_diff``) produces through ``F.batch_norm`` in training
-    mode are wrong by O(1), while first derivatives and classic double backward are right
-    (``tests/bissl/test_upper_gradient.py`` checks both). After this call, a BatchNorm layer
-    whose running statistics are hidden - as :func:`hypergrad.stateless` does with
-    ``buffers="batch_stats"`` in every hypergradient pass - normalises with the explicit formula
-    :math:`(x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}\,w + b`, the same function built from
-    elementwise ops. Ordinary calls (running statistics present) are unchanged: they still use
-    ``F.batch_norm`` and update the running statistics.
-
-    Example:
-        >>> import hypergrad
-        >>> bn = exact_batch_norm(nn.BatchNorm1d(3))
-        >>> x = torch.randn(8, 3)
-        >>> y = hypergrad.stateless(bn)({}, x)  # functional pass: explicit formula
-        >>> torch.allclose(y, bn(x), atol=1e-5), int(bn.num_batches_tracked)  # ordinary call updates stats
-        (True, 1)
-    """
-    for m in module.modules():
-        if isinstance(m, _BN_TYPES) and not hasattr(m, "_hg_original_forward"):
-            m._hg_original_forward = m.forward
-            m.forward = types.MethodType(_bn_forward, m)
-    return module
 
 
 def inner_loss(inner: nn.Module, outer: nn.Module, batch: Any) -> Tensor:
@@ -151,8 +108,6 @@ def build_problem(
             ``upper`` + ``head``; ``lower_sched``, ``upper_sched`` their schedulers.
         callbacks: passed to :class:`hypergrad.BilevelProblem`.
     """
-    exact_batch_norm(ssl)
-    exact_batch_norm(upper)
     method = Proximal(lam=cfg.lam, damping=cfg.damping, coupling={"backbone": "backbone"}, solver=cfg.solver,
                       hvp_mode=cfg.hvp_mode, warm_start=cfg.warm_start, reuse_operator=cfg.reuse_operator)
     return BilevelProblem(
