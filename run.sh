@@ -2,7 +2,9 @@
 # One entry point for a fresh machine. Each command installs what it needs first (a virtualenv in
 # .venv with the package and its extras), then runs. Exit codes are the commands' own.
 #
-#   bash run.sh demo        # the main job on embedded offline data
+#   bash run.sh demo        # the main job: the BiSSL pipeline (demo preset) on embedded offline data
+#   bash run.sh toy         # hypergradient checks and HPO on toy problems with known answers
+#   bash run.sh mini        # the BiSSL mini replication (installs Debian's dataset-fashion-mnist; ~40 min)
 #   bash run.sh test        # the test suite (what CI runs); extra args go to pytest
 #   bash run.sh docs        # build the HTML docs into docs/_build/html
 #   bash run.sh bench       # the small benchmark preset (seconds); `bench-full`: full preset + report
@@ -28,7 +30,19 @@ cmd="${1:-help}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) install ;;
-  demo) install; exec "$PY" -m applications.toy "$@" ;;
+  demo) install; exec "$PY" -m applications.bissl run --preset demo "$@" ;;
+  toy) install; exec "$PY" -m applications.toy "$@" ;;
+  mini)
+    install
+    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+      else
+        echo "The mini preset needs Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist'." >&2
+        exit 2
+      fi
+    fi
+    exec "$PY" -m applications.bissl run --preset mini "$@" ;;
   test) install; exec "$PY" -m pytest "$@" ;;
   docs) install; exec "$PY" -m sphinx -W --keep-going -b html docs docs/_build/html "$@" ;;
   python) install; exec "$PY" "$@" ;;
@@ -49,5 +63,5 @@ case "$cmd" in
     done
     exec "$PY" -m benchmarks.report results/full/*.json --out docs/benchmarks --md docs/benchmarks.md \
       --intro benchmarks/REPORT_INTRO.md ;;
-  *) sed -n '2,12p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
+  *) sed -n '2,14p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
 esac

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from typing import Any, Iterable
 
 __all__ = ["results_table", "format_markdown", "write_results", "plot_results"]
@@ -76,7 +77,7 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
     ax.set_ylabel("test top-1 (%)")
     lo = min([r[f"{k}_mean"] - r[f"{k}_std"] for r in rows for k in ("baseline", "bissl")] or [0.0])
     ax.set_ylim(max(0.0, lo - 10.0), 100.0)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 40), fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
