@@ -154,13 +154,18 @@ def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrT
     if mode in ("rev_rev", "rev_rev_cached"):
         return vjp(grad(fn), params)[1](v)[0]
     # finite_diff: central difference of gradients with a step scaled to the point and direction.
-    leaf = next(iter(params.values()))
-    eps_mach = torch.finfo(leaf.dtype).eps
-    scale = (1.0 + float(tree_norm(params))) / max(float(tree_norm(v)), 1e-30)
-    eps = (eps_mach ** (1.0 / 3.0)) * scale
-    g_plus = grad(fn)(tree_axpy(eps, v, params))
-    g_minus = grad(fn)(tree_axpy(-eps, v, params))
-    return tree_scale(tree_sub(g_plus, g_minus), 1.0 / (2.0 * eps))
+    # By linearity, H v = |v|_max * H (v / |v|_max): differencing along the rescaled direction keeps
+    # the step well defined when ||v||^2 under- or overflows (a converged solver's tiny residuals).
+    leaves = [v] if isinstance(v, Tensor) else list(v.values())
+    v_max = float(torch.stack([t.detach().abs().max() for t in leaves]).max())
+    if v_max == 0.0:
+        return tree_map(torch.zeros_like, v)
+    u = tree_scale(v, 1.0 / v_max)
+    eps_mach = torch.finfo(next(iter(params.values())).dtype).eps
+    eps = (eps_mach ** (1.0 / 3.0)) * (1.0 + float(tree_norm(params))) / float(tree_norm(u))
+    g_plus = grad(fn)(tree_axpy(eps, u, params))
+    g_minus = grad(fn)(tree_axpy(-eps, u, params))
+    return tree_scale(tree_sub(g_plus, g_minus), v_max / (2.0 * eps))
 
 
 def hvp(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, *, mode: HVPMode = "fwd_rev") -> TreeOrTensor:

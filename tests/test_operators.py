@@ -146,6 +146,25 @@ def test_hvp_finite_diff(problem: str) -> None:
     assert_tree_close(hvp(fn, params, v, mode="finite_diff"), h @ tree_ravel(v)[0], 1e-6)
 
 
+def test_finite_diff_survives_directions_whose_norm_underflows() -> None:
+    """A converged solver hands the operator residuals like 1e-24 in float32, whose squared norm
+    underflows to 0; finite differences must still return the (linear) H v, not NaN."""
+    _, fn, params, reference, _ = PROBLEMS["mlp_tanh"]("cpu")
+    h = dense_hessian(reference, params)
+    v = random_tree(params, 7)
+    hv = h @ tree_ravel(v)[0]
+    p32 = {k: t.float() for k, t in params.items()}
+    fn32 = lambda p: fn({k: t.double() for k, t in p.items()}).float()  # noqa: E731
+    tiny = {k: (t * 1e-24).float() for k, t in v.items()}
+    assert float(torch.sqrt(sum((t * t).sum() for t in tiny.values()))) == 0.0  # the norm underflows
+    out = hvp(fn32, p32, tiny, mode="finite_diff")
+    assert all(bool(torch.isfinite(t).all()) for t in out.values())
+    got = tree_ravel({k: t.double() for k, t in out.items()})[0] / 1e-24
+    assert float(torch.linalg.vector_norm(got - hv) / torch.linalg.vector_norm(hv)) < 1e-2  # float32 FD accuracy
+    zero = hvp(fn32, p32, {k: torch.zeros_like(t) for k, t in p32.items()}, mode="finite_diff")
+    assert all(bool((t == 0).all()) for t in zero.values())
+
+
 def test_batchnorm_running_stats_policy_matches_eval_mode() -> None:
     net, _, params, _, _ = bn_problem("cpu")
     x = torch.randn(12, 3, dtype=F64)
