@@ -17,7 +17,6 @@ Run: ``python -m pytest benchmarks/bench_warm_start.py --preset full --benchmark
 from __future__ import annotations
 
 import pytest
-import torch
 
 import hypergrad
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from applications.bissl.config import get_preset
-from applications.bissl.finetune import Trial, finetune, random_search, sample_trials
+from applications.bissl.finetune import finetune, random_search, sample_trials
 
 
 def test_trials_are_log_uniform_in_range_and_seeded():
