@@ -43,14 +43,16 @@ from torch import nn
 if __package__ in (None, ""):  # `python benchmarks/bench_bissl_step.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hypergrad  # noqa: E402
-from applications.bissl.bilevel import HESSIAN, build_problem  # noqa: E402
-from applications.bissl.config import BiSSLConfig, ModelConfig, PipelineConfig, PretrainConfig  # noqa: E402
-from applications.bissl.pretrain import build_pretrain_model  # noqa: E402
-from benchmarks.measure import peak_memory_bytes, rel_error, synced  # noqa: E402
+import hypergrad
+from applications.bissl.bilevel import HESSIAN, build_problem
+from applications.bissl.config import BiSSLConfig, ModelConfig, PipelineConfig, PretrainConfig
+from applications.bissl.pretrain import build_pretrain_model
+from benchmarks.measure import peak_memory_bytes, rel_error, synced
 
-SIZES = {"small": dict(width=8, image=16, pretext_batch=32, downstream_batch=32),
-         "full": dict(width=16, image=32, pretext_batch=128, downstream_batch=64)}
+SIZES = {
+    "small": dict(width=8, image=16, pretext_batch=32, downstream_batch=32),
+    "full": dict(width=16, image=32, pretext_batch=128, downstream_batch=64),
+}
 # At this randomly initialised point the SimCLR Hessian has eigenvalues below -200, so the paper's
 # I + H / (1e-3 + 10) is indefinite and CG meets negative curvature (hypergrad reports it; the
 # reference divides by it anyway). Agreement needs a positive definite system, so the benchmark
@@ -65,9 +67,19 @@ class Case:
         s = SIZES[preset]
         torch.manual_seed(0)
         self.device = device
-        self.cfg = PipelineConfig(name="bench", model=ModelConfig(arch="resnet18", small_stem=True, width=s["width"],
-                                  in_channels=1, image_size=s["image"], proj_dims=64, pred_hidden=64),
-                                  pretrain=PretrainConfig(dataset="digits"))
+        self.cfg = PipelineConfig(
+            name="bench",
+            model=ModelConfig(
+                arch="resnet18",
+                small_stem=True,
+                width=s["width"],
+                in_channels=1,
+                image_size=s["image"],
+                proj_dims=64,
+                pred_hidden=64,
+            ),
+            pretrain=PretrainConfig(dataset="digits"),
+        )
         self.ssl = build_pretrain_model(self.cfg).to(device)
         self.upper = copy.deepcopy(self.ssl.backbone)
         self.head = nn.Linear(self.ssl.projector[0].in_features, 10).to(device)
@@ -75,15 +87,27 @@ class Case:
         img = (1, s["image"], s["image"])
         x1 = torch.randn(s["pretext_batch"], *img, generator=g)
         self.h_batch = (x1.to(device), (x1 + 0.5 * torch.randn(x1.shape, generator=g)).to(device), HESSIAN)
-        self.d_batches = [(torch.randn(s["downstream_batch"], *img, generator=g).to(device),
-                           torch.randint(0, 10, (s["downstream_batch"],), generator=g).to(device)) for _ in range(N_U)]
+        self.d_batches = [
+            (
+                torch.randn(s["downstream_batch"], *img, generator=g).to(device),
+                torch.randint(0, 10, (s["downstream_batch"],), generator=g).to(device),
+            )
+            for _ in range(N_U)
+        ]
 
     def problem(self, **bissl: Any) -> tuple[hypergrad.BilevelProblem, nn.Module]:
         ssl, upper, head = copy.deepcopy(self.ssl), copy.deepcopy(self.upper), copy.deepcopy(self.head)
-        cfg = BiSSLConfig(lam=LAM, gamma=GAMMA, **{"damping": DAMPING, "solver": hypergrad.CG(max_steps=CG_STEPS), **bissl})
-        p = build_problem(ssl, upper, head, cfg,
-                          lower_opt=torch.optim.SGD([q for q in ssl.parameters() if q.requires_grad], lr=0.0),
-                          upper_opt=torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=0.0))
+        cfg = BiSSLConfig(
+            lam=LAM, gamma=GAMMA, **{"damping": DAMPING, "solver": hypergrad.CG(max_steps=CG_STEPS), **bissl}
+        )
+        p = build_problem(
+            ssl,
+            upper,
+            head,
+            cfg,
+            lower_opt=torch.optim.SGD([q for q in ssl.parameters() if q.requires_grad], lr=0.0),
+            upper_opt=torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=0.0),
+        )
         return p, upper
 
 
@@ -221,7 +245,9 @@ def test_upper_step(benchmark, impl, preset, device):
     out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     err = rel_error(out, _textbook(case))
     benchmark.group = f"bissl upper step ({preset})"
-    benchmark.extra_info.update(rel_error_vs_textbook=err, cg_steps=CG_STEPS, peak_mem_bytes=peak_memory_bytes(fn, device))
+    benchmark.extra_info.update(
+        rel_error_vs_textbook=err, cg_steps=CG_STEPS, peak_mem_bytes=peak_memory_bytes(fn, device)
+    )
     tol = 1.0 if impl == "reference" else 1e-3  # layer-wise CG is a different algorithm
     assert err < tol
 
@@ -265,9 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         fn = synced(make(case), args.device)
         t, out = _time(fn)
         rows[name] = (t, peak_memory_bytes(fn, args.device), rel_error(out, ref))
-    print(f"BiSSL upper step, {args.preset} ({SIZES[args.preset]}), CG steps {CG_STEPS}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"{'implementation':<22}{'time s':>9}{'peak MB':>10}{'t_ref/t':>9}{'mem_ref/mem':>12}{'rel err vs textbook':>22}")
+    print(
+        f"BiSSL upper step, {args.preset} ({SIZES[args.preset]}), CG steps {CG_STEPS}, device {args.device}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(
+        f"{'implementation':<22}{'time s':>9}{'peak MB':>10}{'t_ref/t':>9}{'mem_ref/mem':>12}{'rel err vs textbook':>22}"
+    )
     t_ref, m_ref = rows["reference"][0], rows["reference"][1]
     for name, (t, m, e) in rows.items():
         print(f"{name:<22}{t:>9.3f}{m / 2**20:>10.1f}{t_ref / t:>9.2f}{m_ref / max(m, 1):>12.2f}{e:>22.2e}")

@@ -39,10 +39,19 @@ def _direction(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     preset = metafunc.config.getoption("--preset")
     if "hvp_op" in metafunc.fixturenames:
-        metafunc.parametrize("hvp_op", [pytest.param((m, op), id=f"{m}-{op}") for m in MODELS for op in ("grad",) + MODES])
+        metafunc.parametrize(
+            "hvp_op", [pytest.param((m, op), id=f"{m}-{op}") for m in MODELS for op in ("grad",) + MODES]
+        )
     if "solve_spec" in metafunc.fixturenames:
-        metafunc.parametrize("solve_spec", [pytest.param((m, mode, k), id=f"{m}-{mode}-K{k}")
-                                            for m in MODELS for mode in MODES for k in SOLVE_STEPS[preset]])
+        metafunc.parametrize(
+            "solve_spec",
+            [
+                pytest.param((m, mode, k), id=f"{m}-{mode}-K{k}")
+                for m in MODELS
+                for mode in MODES
+                for k in SOLVE_STEPS[preset]
+            ],
+        )
 
 
 def test_hvp_cost(benchmark, models, device: str, hvp_op: tuple) -> None:
@@ -50,11 +59,14 @@ def test_hvp_cost(benchmark, models, device: str, hvp_op: tuple) -> None:
     case = models(model)
     v = _direction(case.params)
     if op == "grad":
+
         def fn():
             return torch.func.grad(case.fn)(case.params)
     else:
+
         def fn():
             return hypergrad.HessianOperator(case.fn, case.params, mode=op)(v)
+
     benchmark.group = f"hvp:{model}"
     out = benchmark(synced(fn, device))
 
@@ -80,20 +92,30 @@ def test_hvp_solve(benchmark, models, device: str, solve_spec: tuple) -> None:
     lam = 10.0  # proximal strength: I + H / lam is positive definite for these losses near init
 
     def fn():
-        return hypergrad.proximal_grad(case.fn, case.params, b, lam=lam, solver=hypergrad.CG(max_steps=k),
-                                       hvp_mode=mode)
+        return hypergrad.proximal_grad(
+            case.fn, case.params, b, lam=lam, solver=hypergrad.CG(max_steps=k), hvp_mode=mode
+        )
 
     benchmark.group = f"hvp:{model}"
     result = benchmark(synced(fn, device))
 
     assert result.solution.num_matvecs == k
     assert all(bool(torch.isfinite(t).all()) for t in result.grad.values())
-    info = dict(kind="hvp_solve", model=model, op=f"cg{k}[{mode}]", mode=mode, budget=k,
-                num_params=case.num_params, num_hvps=result.solution.num_matvecs,
-                residual_norm=result.solution.residual_norm, status=result.solution.status.value)
+    info = dict(
+        kind="hvp_solve",
+        model=model,
+        op=f"cg{k}[{mode}]",
+        mode=mode,
+        budget=k,
+        num_params=case.num_params,
+        num_hvps=result.solution.num_matvecs,
+        residual_norm=result.solution.residual_norm,
+        status=result.solution.status.value,
+    )
     if mode != "fwd_rev":
-        ref = hypergrad.proximal_grad(case.fn, case.params, b, lam=lam, solver=hypergrad.CG(max_steps=k),
-                                      hvp_mode="fwd_rev")
+        ref = hypergrad.proximal_grad(
+            case.fn, case.params, b, lam=lam, solver=hypergrad.CG(max_steps=k), hvp_mode="fwd_rev"
+        )
         err = rel_error(result.grad, ref.grad)
         info["rel_err_vs_fwd_rev"] = err
         if mode != "finite_diff":

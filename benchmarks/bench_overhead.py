@@ -36,22 +36,34 @@ def _quadratic_case(preset: str, device: str) -> ModelCase:
     dim = 30 if preset == "small" else 1000
     prob = QuadraticProblem(dim=dim, hdim=10, cond=100.0, device=device, dtype=torch.float32)
     lam = prob.init_hparams()
-    return ModelCase("quadratic", lambda p: prob.inner_loss(p, lam), prob.inner_solution(lam), torch.device(device),
-                     f"quadratic inner loss, dim {dim} (float32)")
+    return ModelCase(
+        "quadratic",
+        lambda p: prob.inner_loss(p, lam),
+        prob.inner_solution(lam),
+        torch.device(device),
+        f"quadratic inner loss, dim {dim} (float32)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "overhead_spec" in metafunc.fixturenames:
         ks = OVERHEAD_STEPS[metafunc.config.getoption("--preset")]
-        metafunc.parametrize("overhead_spec", [
-            pytest.param((c, mode, k, variant), id=f"{c}-{mode}-K{k}-{variant}")
-            for c in CASES for mode in MODES for k in ks for variant in ("cg", "bare")
-        ])
+        metafunc.parametrize(
+            "overhead_spec",
+            [
+                pytest.param((c, mode, k, variant), id=f"{c}-{mode}-K{k}-{variant}")
+                for c in CASES
+                for mode in MODES
+                for k in ks
+                for variant in ("cg", "bare")
+            ],
+        )
 
 
 def _bare(case: ModelCase, mode: str, k: int):
     f, params = case.fn, case.params
     if mode == "fwd_rev":
+
         def run():
             g = grad(f)(params)
             hv = g
@@ -59,12 +71,14 @@ def _bare(case: ModelCase, mode: str, k: int):
                 hv = jvp(grad(f), (params,), (g,))[1]
             return g, hv
     else:
+
         def run():
             g, vjp_fn = vjp(grad(f), params)
             hv = g
             for _ in range(k):
                 hv = vjp_fn(g)[0]
             return g, hv
+
     return run
 
 
@@ -90,5 +104,15 @@ def test_overhead(benchmark, models, preset: str, device: str, overhead_spec: tu
         out = out.x
     assert all(bool(torch.isfinite(t).all()) for t in out.values())
     assert all(bool(torch.isfinite(t).all()) for t in g.values())
-    record(benchmark, fn, device, kind="overhead", model=name, mode=mode, budget=k, variant=variant,
-           num_params=case.num_params, description=case.description)
+    record(
+        benchmark,
+        fn,
+        device,
+        kind="overhead",
+        model=name,
+        mode=mode,
+        budget=k,
+        variant=variant,
+        num_params=case.num_params,
+        description=case.description,
+    )

@@ -60,13 +60,20 @@ def _all_methods() -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     preset = metafunc.config.getoption("--preset")
     if "iter_spec" in metafunc.fixturenames:
-        metafunc.parametrize("iter_spec", [
-            pytest.param((p, m, k), id=f"{p}-{m}-K{k}") for p in PEER_PROBLEMS for m in _all_methods()
-            if m != "dense" for k in PEER_BUDGETS[preset]
-        ])
+        metafunc.parametrize(
+            "iter_spec",
+            [
+                pytest.param((p, m, k), id=f"{p}-{m}-K{k}")
+                for p in PEER_PROBLEMS
+                for m in _all_methods()
+                if m != "dense"
+                for k in PEER_BUDGETS[preset]
+            ],
+        )
     if "acc_spec" in metafunc.fixturenames:
-        metafunc.parametrize("acc_spec", [pytest.param((p, m), id=f"{p}-{m}") for p in PEER_PROBLEMS
-                                          for m in _all_methods()])
+        metafunc.parametrize(
+            "acc_spec", [pytest.param((p, m), id=f"{p}-{m}") for p in PEER_PROBLEMS for m in _all_methods()]
+        )
 
 
 def _error(case: ProblemCase, run: PeerRun, out: Any) -> float:
@@ -81,8 +88,19 @@ def test_matched_iterations(benchmark, problems, device: str, iter_spec: tuple) 
     out = benchmark(run.run)
     err = _error(case, run, out)
     assert err == err, "NaN hypergradient"
-    record(benchmark, run.run, device, kind="peer_iters", problem=problem, method=method, library=_library(method),
-           budget=k, num_hvps=run.num_hvps, rel_err=err, description=case.description)
+    record(
+        benchmark,
+        run.run,
+        device,
+        kind="peer_iters",
+        problem=problem,
+        method=method,
+        library=_library(method),
+        budget=k,
+        num_hvps=run.num_hvps,
+        rel_err=err,
+        description=case.description,
+    )
     _no_jax_memory(benchmark, method)
 
 
@@ -133,7 +151,19 @@ def test_matched_accuracy(benchmark, problems, preset: str, device: str, acc_spe
     if reached:
         assert err <= TARGET, f"{method}: calibrated at K={k} (err {cal_err:.2e}) but timed run gave {err:.2e}"
     assert torch.isfinite(torch.tensor(err)) or not reached
-    record(benchmark, run.run, device, kind="peer_acc", problem=problem, method=method, library=_library(method),
-           budget=k, num_hvps=run.num_hvps, rel_err=err, reached=reached, target=TARGET,
-           description=case.description)
+    record(
+        benchmark,
+        run.run,
+        device,
+        kind="peer_acc",
+        problem=problem,
+        method=method,
+        library=_library(method),
+        budget=k,
+        num_hvps=run.num_hvps,
+        rel_err=err,
+        reached=reached,
+        target=TARGET,
+        description=case.description,
+    )
     _no_jax_memory(benchmark, method)

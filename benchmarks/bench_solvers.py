@@ -52,10 +52,23 @@ def test_solver(benchmark, problems, device: str, preset: str, solver_spec: tupl
 
     # Check the result after timing.
     err = rel_error(result.grad, case.exact)
-    info = record(benchmark, fn, device, kind="solver", problem=problem, method=name, budget=budget,
-                  num_params=case.num_params, num_hvps=result.num_hvps, num_steps=result.num_steps,
-                  residual_norm=result.residual_norm, status=result.status, rel_err=err,
-                  description=case.description, condition_number=case.lambda_max / case.lambda_min)
+    info = record(
+        benchmark,
+        fn,
+        device,
+        kind="solver",
+        problem=problem,
+        method=name,
+        budget=budget,
+        num_params=case.num_params,
+        num_hvps=result.num_hvps,
+        num_steps=result.num_steps,
+        residual_norm=result.residual_norm,
+        status=result.status,
+        rel_err=err,
+        description=case.description,
+        condition_number=case.lambda_max / case.lambda_min,
+    )
     assert all(bool(torch.isfinite(g).all()) for g in result.grad.values()), f"non-finite hypergradient: {info}"
     assert sorted(result.grad) == sorted(case.exact)
     if name == "dense":

@@ -42,10 +42,15 @@ def _path(case: ProblemCase, steps: int) -> list[tuple[dict, dict, dict]]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "warm_spec" in metafunc.fixturenames:
-        metafunc.parametrize("warm_spec", [
-            pytest.param((p, regime, warm), id=f"{p}-{regime}-{'warm' if warm else 'cold'}")
-            for p in PROBLEMS[metafunc.config.getoption("--preset")] for regime in SOLVERS for warm in (False, True)
-        ])
+        metafunc.parametrize(
+            "warm_spec",
+            [
+                pytest.param((p, regime, warm), id=f"{p}-{regime}-{'warm' if warm else 'cold'}")
+                for p in PROBLEMS[metafunc.config.getoption("--preset")]
+                for regime in SOLVERS
+                for warm in (False, True)
+            ],
+        )
 
 
 _PATHS: dict[tuple[str, int], list] = {}
@@ -62,8 +67,9 @@ def test_warm_start(benchmark, problems, preset: str, device: str, warm_spec: tu
     def fn():
         x, out = None, []
         for lam, theta, _ in path:
-            res = hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam, solver=solver,
-                                          x0=x if warm else None, validate=False)
+            res = hypergrad.implicit_grad(
+                prob.inner_loss, prob.outer_loss, theta, lam, solver=solver, x0=x if warm else None, validate=False
+            )
             x = res.solution.x
             out.append(res)
         return out
@@ -77,6 +83,17 @@ def test_warm_start(benchmark, problems, preset: str, device: str, warm_spec: tu
         assert all(r.solution.converged for r in results), [r.solution.status for r in results]
         assert max(errs) <= 1e-5, f"converged solves must give accurate hypergradients, max rel_err={max(errs):.2e}"
     assert all(e == e for e in errs)
-    record(benchmark, fn, device, kind="warm_start", problem=name, regime=regime, warm=warm,
-           outer_steps=len(path), total_hvps=hvps, mean_rel_err=sum(errs) / len(errs), max_rel_err=max(errs),
-           description=case.description)
+    record(
+        benchmark,
+        fn,
+        device,
+        kind="warm_start",
+        problem=name,
+        regime=regime,
+        warm=warm,
+        outer_steps=len(path),
+        total_hvps=hvps,
+        mean_rel_err=sum(errs) / len(errs),
+        max_rel_err=max(errs),
+        description=case.description,
+    )

@@ -99,6 +99,8 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
-        "cuda_device": torch.cuda.get_device_name() if config.getoption("--device") == "cuda" and torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name()
+        if config.getoption("--device") == "cuda" and torch.cuda.is_available()
+        else None,
         "peers": peer_versions(),
     }

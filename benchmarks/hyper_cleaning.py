@@ -48,15 +48,25 @@ class HyperCleaningProblem(ToyProblem):
         True
     """
 
-    def __init__(self, n_train: int = 100, n_val: int = 100, corruption: float = 0.5, reg: float = 1e-2,
-                 seed: int = 0, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        n_train: int = 100,
+        n_val: int = 100,
+        corruption: float = 0.5,
+        reg: float = 1e-2,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+    ):
         from sklearn.datasets import load_digits
 
         if not 0 <= corruption <= 1:
             raise ValueError(f"HyperCleaningProblem: `corruption` must be in [0, 1], got {corruption!r}.")
         if n_train < 1 or n_val < 1 or n_train + n_val > 1797:
-            raise ValueError(f"HyperCleaningProblem: need 1 <= n_train, n_val and n_train + n_val <= 1797, "
-                             f"got n_train={n_train!r}, n_val={n_val!r}.")
+            raise ValueError(
+                f"HyperCleaningProblem: need 1 <= n_train, n_val and n_train + n_val <= 1797, "
+                f"got n_train={n_train!r}, n_val={n_val!r}."
+            )
         self.dtype, self.device, self.reg = dtype, torch.device(device), float(reg)
         digits = load_digits()
         gen = torch.Generator().manual_seed(seed)
@@ -70,7 +80,10 @@ class HyperCleaningProblem(ToyProblem):
         y_train[bad] = torch.randint(0, 10, (int(bad.sum()),), generator=gen)
         self.corrupted = bad.to(self.device)
         self.X, self.y = self._tensor(x[:n_train]), y_train.to(self.device)
-        self.X_val, self.y_val = self._tensor(x[n_train:n_train + n_val]), y[n_train:n_train + n_val].to(self.device)
+        self.X_val, self.y_val = (
+            self._tensor(x[n_train : n_train + n_val]),
+            y[n_train : n_train + n_val].to(self.device),
+        )
         self.param_shapes = {"W": (10, x.shape[1])}
         self.n_train = n_train
 

@@ -148,8 +148,13 @@ def _mlp(s: dict, gen: torch.Generator, device: torch.device, dtype: torch.dtype
     x = torch.randn(s["batch"], s["inp"], generator=gen).to(device=device, dtype=dtype)
     y = torch.randint(0, 10, (s["batch"],), generator=gen).to(device)
     f = hypergrad.stateless(net)
-    case = ModelCase("mlp", lambda p: nnf.cross_entropy(f(p, x), y), hypergrad.module_params(net), device,
-                     f"MLP {s['inp']}-{s['hidden']}x{s['depth']}-10 (tanh), batch {s['batch']}")
+    case = ModelCase(
+        "mlp",
+        lambda p: nnf.cross_entropy(f(p, x), y),
+        hypergrad.module_params(net),
+        device,
+        f"MLP {s['inp']}-{s['hidden']}x{s['depth']}-10 (tanh), batch {s['batch']}",
+    )
     return case
 
 
@@ -158,9 +163,14 @@ def _resnet(s: dict, gen: torch.Generator, device: torch.device, dtype: torch.dt
     x = torch.randn(s["batch"], 3, s["hw"], s["hw"], generator=gen).to(device=device, dtype=dtype)
     y = torch.randint(0, 10, (s["batch"],), generator=gen).to(device)
     f = hypergrad.stateless(net, buffers="batch_stats")
-    return ModelCase("resnet", lambda p: nnf.cross_entropy(f(p, x), y), hypergrad.module_params(net), device,
-                     f"ResNet (torchvision BasicBlock, BatchNorm in batch-stats mode) widths {s['widths']}, "
-                     f"input {s['batch']}x3x{s['hw']}x{s['hw']}")
+    return ModelCase(
+        "resnet",
+        lambda p: nnf.cross_entropy(f(p, x), y),
+        hypergrad.module_params(net),
+        device,
+        f"ResNet (torchvision BasicBlock, BatchNorm in batch-stats mode) widths {s['widths']}, "
+        f"input {s['batch']}x3x{s['hw']}x{s['hw']}",
+    )
 
 
 def _transformer(s: dict, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> ModelCase:
@@ -172,9 +182,14 @@ def _transformer(s: dict, gen: torch.Generator, device: torch.device, dtype: tor
         logits = f(p, idx[:, :-1])
         return nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
-    return ModelCase("transformer", loss, hypergrad.module_params(net), device,
-                     f"causal transformer d={s['dim']}, {s['layers']} layer(s), {s['heads']} heads, "
-                     f"{s['batch']}x{s['seq']} tokens (SDPA math backend)")
+    return ModelCase(
+        "transformer",
+        loss,
+        hypergrad.module_params(net),
+        device,
+        f"causal transformer d={s['dim']}, {s['layers']} layer(s), {s['heads']} heads, "
+        f"{s['batch']}x{s['seq']} tokens (SDPA math backend)",
+    )
 
 
 MODELS: dict[str, Callable[[dict, torch.Generator, torch.device, torch.dtype], ModelCase]] = {
@@ -184,8 +199,13 @@ MODELS: dict[str, Callable[[dict, torch.Generator, torch.device, torch.dtype], M
 }
 
 
-def build_model(name: str, preset: str = "small", device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int = 0) -> ModelCase:
+def build_model(
+    name: str,
+    preset: str = "small",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> ModelCase:
     """Build the model case ``name`` at the sizes of ``preset`` ("small" or "full")."""
     if name not in MODELS:
         raise ValueError(f"build_model: unknown model {name!r}; choose one of {sorted(MODELS)}.")

@@ -28,7 +28,15 @@ from applications.toy import LogisticProblem, QuadraticProblem, RidgeProblem
 
 from .models import SmallResNet
 
-__all__ = ["ProblemCase", "PROBLEMS", "build_problem", "problem_names", "problem_kind", "PEER_PROBLEMS", "PROXIMAL_PROBLEMS"]
+__all__ = [
+    "ProblemCase",
+    "PROBLEMS",
+    "build_problem",
+    "problem_names",
+    "problem_kind",
+    "PEER_PROBLEMS",
+    "PROXIMAL_PROBLEMS",
+]
 
 
 @dataclass
@@ -77,8 +85,17 @@ def _toy_case(name: str, problem: Any, description: str) -> ProblemCase:
     hparams = problem.init_hparams()
     params = problem.inner_solution(hparams)
     lo, hi = problem.hessian_bounds(hparams)
-    return ProblemCase(name, "implicit", description, params, problem.exact_hypergradient(hparams), hi, lo,
-                       hparams=hparams, problem=problem)
+    return ProblemCase(
+        name,
+        "implicit",
+        description,
+        params,
+        problem.exact_hypergradient(hparams),
+        hi,
+        lo,
+        hparams=hparams,
+        problem=problem,
+    )
 
 
 _SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -106,20 +123,29 @@ def _quadratic(s: dict, device: str, dtype: torch.dtype) -> QuadraticProblem:
 
 
 def _build_quadratic(name: str, s: dict, device: str, dtype: torch.dtype) -> ProblemCase:
-    return _toy_case(name, _quadratic(s, device, dtype),
-                     f"quadratic, dim {s['dim']}, {s['hdim']} hparams, condition number {s['cond']:g}")
+    return _toy_case(
+        name,
+        _quadratic(s, device, dtype),
+        f"quadratic, dim {s['dim']}, {s['hdim']} hparams, condition number {s['cond']:g}",
+    )
 
 
 def _build_ridge(name: str, s: dict, device: str, dtype: torch.dtype) -> ProblemCase:
     prob = RidgeProblem(n_train=s["n_train"], n_val=s["n_val"], dim=s["dim"], device=device, dtype=dtype)
-    return _toy_case(name, prob, f"ridge regression, {s['n_train']} x {s['dim']} train, {s['n_val']} val, "
-                                 "log-strength hparam (closed form)")
+    return _toy_case(
+        name,
+        prob,
+        f"ridge regression, {s['n_train']} x {s['dim']} train, {s['n_val']} val, log-strength hparam (closed form)",
+    )
 
 
 def _build_logistic(name: str, s: dict, device: str, dtype: torch.dtype) -> ProblemCase:
     prob = LogisticProblem(n_train=s["n_train"], n_val=s["n_val"], dim=s["dim"], device=device, dtype=dtype)
-    return _toy_case(name, prob, f"logistic regression, per-feature L2, {s['n_train']} x {s['dim']} train "
-                                 "(Newton + dense IFT reference)")
+    return _toy_case(
+        name,
+        prob,
+        f"logistic regression, per-feature L2, {s['n_train']} x {s['dim']} train (Newton + dense IFT reference)",
+    )
 
 
 def _build_hyper_cleaning(name: str, s: dict, device: str, dtype: torch.dtype) -> ProblemCase:
@@ -127,8 +153,11 @@ def _build_hyper_cleaning(name: str, s: dict, device: str, dtype: torch.dtype) -
     from .hyper_cleaning import HyperCleaningProblem
 
     prob = HyperCleaningProblem(n_train=s["n_train"], n_val=s["n_val"], device=device, dtype=dtype)
-    return _toy_case(name, prob, f"data hyper-cleaning on sklearn digits, {s['n_train']} train labels "
-                                 f"(one weight each), {s['n_val']} val")
+    return _toy_case(
+        name,
+        prob,
+        f"data hyper-cleaning on sklearn digits, {s['n_train']} train labels (one weight each), {s['n_val']} val",
+    )
 
 
 def _dense_hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -140,7 +169,10 @@ def _dense_hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         g = torch.autograd.grad(fn(x), x, create_graph=True)[0]
-        rows = [torch.autograd.grad(g, x, e, retain_graph=True)[0] for e in torch.eye(len(x), dtype=x.dtype, device=x.device)]
+        rows = [
+            torch.autograd.grad(g, x, e, retain_graph=True)[0]
+            for e in torch.eye(len(x), dtype=x.dtype, device=x.device)
+        ]
     hess = torch.stack(rows).detach()
     return 0.5 * (hess + hess.T)
 
@@ -171,10 +203,20 @@ def _build_bissl(name: str, s: dict, device: str, dtype: torch.dtype) -> Problem
     exact = unravel(torch.linalg.solve(system, g_flat))
     sys_eig = 1.0 + eig / lam
     n = len(flat)
-    return ProblemCase(name, "proximal", f"BiSSL proximal system (I + H/lam) x = g on a ResNet with BatchNorm, "
-                                         f"widths {s['widths']}, {n} params, batch {s['batch']}x3x{s['hw']}x{s['hw']}, "
-                                         f"lam={lam:.3g}", params, exact, float(sys_eig[-1]), float(sys_eig[0]),
-                       loss=loss, outer_grad=outer_grad, lam=lam)
+    return ProblemCase(
+        name,
+        "proximal",
+        f"BiSSL proximal system (I + H/lam) x = g on a ResNet with BatchNorm, "
+        f"widths {s['widths']}, {n} params, batch {s['batch']}x3x{s['hw']}x{s['hw']}, "
+        f"lam={lam:.3g}",
+        params,
+        exact,
+        float(sys_eig[-1]),
+        float(sys_eig[0]),
+        loss=loss,
+        outer_grad=outer_grad,
+        lam=lam,
+    )
 
 
 PROBLEMS: dict[str, Callable[[str, dict, str, torch.dtype], ProblemCase]] = {
@@ -203,7 +245,9 @@ def problem_kind(name: str) -> str:
     return "proximal" if name in PROXIMAL_PROBLEMS else "implicit"
 
 
-def build_problem(name: str, preset: str = "small", device: str = "cpu", dtype: torch.dtype = torch.float64) -> ProblemCase:
+def build_problem(
+    name: str, preset: str = "small", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ProblemCase:
     """Build problem ``name`` at the sizes of ``preset`` on ``device`` (float64 by default)."""
     if name not in PROBLEMS:
         raise ValueError(f"build_problem: unknown problem {name!r}; choose one of {problem_names()}.")

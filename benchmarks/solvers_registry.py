@@ -84,8 +84,16 @@ def _implicit(case: ProblemCase, solver: Any, mode: str, x0: Any) -> Callable[[]
     prob = case.problem
 
     def run() -> RunResult:
-        g, sol = hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, case.params, case.hparams,
-                                         solver=solver, hvp_mode=mode, x0=x0, validate=False)
+        g, sol = hypergrad.implicit_grad(
+            prob.inner_loss,
+            prob.outer_loss,
+            case.params,
+            case.hparams,
+            solver=solver,
+            hvp_mode=mode,
+            x0=x0,
+            validate=False,
+        )
         return _result(g, sol)
 
     return run
@@ -93,8 +101,9 @@ def _implicit(case: ProblemCase, solver: Any, mode: str, x0: Any) -> Callable[[]
 
 def _proximal(case: ProblemCase, solver: Any, mode: str, x0: Any) -> Callable[[], RunResult]:
     def run() -> RunResult:
-        g, sol = hypergrad.proximal_grad(case.loss, case.params, case.outer_grad, lam=case.lam, solver=solver,
-                                         hvp_mode=mode, x0=x0)
+        g, sol = hypergrad.proximal_grad(
+            case.loss, case.params, case.outer_grad, lam=case.lam, solver=solver, hvp_mode=mode, x0=x0
+        )
         return _result(g, sol)
 
     return run
@@ -107,8 +116,9 @@ def _fixed_point(case: ProblemCase, solver: Any, x0: Any) -> Callable[[], RunRes
         return prob.inner_step(p, h, lr)
 
     def run() -> RunResult:
-        g, sol = hypergrad.fixed_point_grad(phi, prob.outer_loss, case.params, case.hparams, solver=solver,
-                                            symmetric=True, x0=x0)
+        g, sol = hypergrad.fixed_point_grad(
+            phi, prob.outer_loss, case.params, case.hparams, solver=solver, symmetric=True, x0=x0
+        )
         return _result(g, sol)
 
     return run
@@ -119,8 +129,9 @@ def _unrolled(case: ProblemCase, budget: int) -> Callable[[], RunResult]:
     theta0 = prob.init_params()
 
     def run() -> RunResult:
-        g, _ = hypergrad.unrolled_grad(lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss, theta0,
-                                       case.hparams, num_steps=budget)
+        g, _ = hypergrad.unrolled_grad(
+            lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss, theta0, case.hparams, num_steps=budget
+        )
         return RunResult(g, budget, budget, None, "fixed_budget")
 
     return run
@@ -134,15 +145,29 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("cg", "implicit", lambda k, c: hypergrad.CG(max_steps=k), solver_class=hypergrad.CG),
-        Method("cg_cached", "implicit", lambda k, c: hypergrad.CG(max_steps=k), hvp_mode="rev_rev_cached",
-               solver_class=hypergrad.CG),
+        Method(
+            "cg_cached",
+            "implicit",
+            lambda k, c: hypergrad.CG(max_steps=k),
+            hvp_mode="rev_rev_cached",
+            solver_class=hypergrad.CG,
+        ),
         Method("neumann", "implicit", _neumann, solver_class=hypergrad.Neumann),
-        Method("fixed_point", "fixed_point", lambda k, c: hypergrad.FixedPoint(max_steps=k, rtol=0.0),
-               solver_class=hypergrad.FixedPoint),
+        Method(
+            "fixed_point",
+            "fixed_point",
+            lambda k, c: hypergrad.FixedPoint(max_steps=k, rtol=0.0),
+            solver_class=hypergrad.FixedPoint,
+        ),
         Method("unrolled", "unrolled"),
         Method("dense", "implicit", lambda k, c: hypergrad.Dense(), uses_budget=False, solver_class=hypergrad.Dense),
-        Method("identity", "implicit", lambda k, c: hypergrad.Identity(), uses_budget=False,
-               solver_class=hypergrad.Identity),
+        Method(
+            "identity",
+            "implicit",
+            lambda k, c: hypergrad.Identity(),
+            uses_budget=False,
+            solver_class=hypergrad.Identity,
+        ),
     ]
 }
 
@@ -150,4 +175,3 @@ METHODS: dict[str, Method] = {
 def methods_for(kind: str) -> list[str]:
     """Names of the methods that apply to problems of ``kind`` (``"implicit"`` or ``"proximal"``)."""
     return [name for name, m in METHODS.items() if m.applies_to(kind)]
-

@@ -3,18 +3,30 @@
 The public API is what this module re-exports; everything else is private.
 """
 
+from . import distributed as distributed
 from . import solvers as solvers
 from . import tree as tree
 from ._typing import BilevelLoss as BilevelLoss
 from ._typing import FixedPointMap as FixedPointMap
 from ._typing import MatVec as MatVec
 from ._typing import TensorTree as TensorTree
+from .checkpoint import get_rng_state as get_rng_state
+from .checkpoint import load_checkpoint as load_checkpoint
+from .checkpoint import save_checkpoint as save_checkpoint
+from .checkpoint import set_rng_state as set_rng_state
 from .hypergradient import HypergradResult as HypergradResult
 from .hypergradient import UnrolledResult as UnrolledResult
 from .hypergradient import fixed_point_grad as fixed_point_grad
 from .hypergradient import implicit_grad as implicit_grad
 from .hypergradient import proximal_grad as proximal_grad
 from .hypergradient import unrolled_grad as unrolled_grad
+from .level import Level as Level
+from .methods import AbstractHypergradMethod as AbstractHypergradMethod
+from .methods import Implicit as Implicit
+from .methods import Proximal as Proximal
+from .methods import Unrolled as Unrolled
+from .metrics import MetricsLogger as MetricsLogger
+from .metrics import ProgressHook as ProgressHook
 from .modules import BufferPolicy as BufferPolicy
 from .modules import module_params as module_params
 from .modules import stateless as stateless
@@ -28,6 +40,11 @@ from .operators import HVPMode as HVPMode
 from .operators import LinearOperator as LinearOperator
 from .operators import hvp as hvp
 from .operators import mixed_hvp as mixed_hvp
+from .problem import BilevelProblem as BilevelProblem
+from .records import NonFiniteError as NonFiniteError
+from .records import SolveInfo as SolveInfo
+from .records import StepCallback as StepCallback
+from .records import StepRecord as StepRecord
 from .solvers import CG as CG
 from .solvers import AbstractLinearSolver as AbstractLinearSolver
 from .solvers import Dense as Dense
@@ -47,23 +64,6 @@ from .tree import tree_scale as tree_scale
 from .tree import tree_sub as tree_sub
 from .tree import tree_vdot as tree_vdot
 from .tree import tree_zeros_like as tree_zeros_like
-from .checkpoint import load_checkpoint as load_checkpoint
-from .checkpoint import save_checkpoint as save_checkpoint
-from .metrics import MetricsLogger as MetricsLogger
-from .metrics import ProgressHook as ProgressHook
-from .records import SolveInfo as SolveInfo
-from .records import StepCallback as StepCallback
-from .records import StepRecord as StepRecord
-from . import distributed as distributed
-from .checkpoint import get_rng_state as get_rng_state
-from .checkpoint import set_rng_state as set_rng_state
-from .level import Level as Level
-from .methods import AbstractHypergradMethod as AbstractHypergradMethod
-from .methods import Implicit as Implicit
-from .methods import Proximal as Proximal
-from .methods import Unrolled as Unrolled
-from .problem import BilevelProblem as BilevelProblem
-from .records import NonFiniteError as NonFiniteError
 
 __version__ = "0.1.0"
 

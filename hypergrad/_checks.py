@@ -22,9 +22,7 @@ def _prefix(owner: Optional[str]) -> str:
 def check_tree(name: str, tree: Any, *, finite: bool = True) -> dict[str, Tensor]:
     """A non-empty dict of floating-point tensors on one device; returns a detached copy."""
     if isinstance(tree, Tensor):
-        raise TypeError(
-            f"`{name}` must be a dict of tensors, got a single Tensor; wrap it: {{'{name}': tensor}}."
-        )
+        raise TypeError(f"`{name}` must be a dict of tensors, got a single Tensor; wrap it: {{'{name}': tensor}}.")
     if not isinstance(tree, Mapping):
         hint = " Use dict(module.named_parameters())." if isinstance(tree, torch.nn.Module) else ""
         raise TypeError(f"`{name}` must be a dict of tensors, got {type(tree).__name__}.{hint}")
@@ -49,7 +47,9 @@ def check_tree(name: str, tree: Any, *, finite: bool = True) -> dict[str, Tensor
     if finite:
         bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
         if bad:
-            raise ValueError(f"`{name}` has non-finite values (NaN or Inf) in {bad}; the hypergradient would be meaningless.")
+            raise ValueError(
+                f"`{name}` has non-finite values (NaN or Inf) in {bad}; the hypergradient would be meaningless."
+            )
     return out
 
 
@@ -149,7 +149,7 @@ def loss_grads(
             )
         grads = torch.autograd.grad(value, [*p.values(), *h.values()], allow_unused=True)
     gp = {k: (g.detach() if g is not None else None) for k, g in zip(p, grads[: len(p)])}
-    gh = {k: (g.detach() if g is not None else None) for k, g in zip(h, grads[len(p):])}
+    gh = {k: (g.detach() if g is not None else None) for k, g in zip(h, grads[len(p) :])}
     return gp, gh
 
 

@@ -27,7 +27,9 @@ class _Bundle(nn.Module):
                 self.register_parameter(name, value)
             else:
                 hint = " Wrap tensors in torch.nn.Parameter." if isinstance(value, Tensor) else ""
-                raise TypeError(f"Level: `module[{name!r}]` must be an nn.Module or nn.Parameter, got {type(value).__name__}.{hint}")
+                raise TypeError(
+                    f"Level: `module[{name!r}]` must be an nn.Module or nn.Parameter, got {type(value).__name__}.{hint}"
+                )
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)
@@ -69,14 +71,28 @@ class Level:
         if isinstance(self.module, Mapping):
             self.module = _Bundle(self.module)
         if not isinstance(self.module, nn.Module):
-            raise TypeError(f"Level: `module` must be an nn.Module or a dict of modules/parameters, got {type(self.module).__name__}.")
+            raise TypeError(
+                f"Level: `module` must be an nn.Module or a dict of modules/parameters, got {type(self.module).__name__}."
+            )
         if not isinstance(self.optimizer, torch.optim.Optimizer):
-            hint = " Construct it: torch.optim.SGD(module.parameters(), lr=...)." if isinstance(self.optimizer, type) else ""
-            raise TypeError(f"Level: `optimizer` must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}.{hint}")
-        if self.scheduler is not None and not (callable(getattr(self.scheduler, "step", None)) and callable(getattr(self.scheduler, "state_dict", None))):
-            raise TypeError(f"Level: `scheduler` must have step() and state_dict() (a torch.optim.lr_scheduler), got {type(self.scheduler).__name__}.")
+            hint = (
+                " Construct it: torch.optim.SGD(module.parameters(), lr=...)."
+                if isinstance(self.optimizer, type)
+                else ""
+            )
+            raise TypeError(
+                f"Level: `optimizer` must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}.{hint}"
+            )
+        if self.scheduler is not None and not (
+            callable(getattr(self.scheduler, "step", None)) and callable(getattr(self.scheduler, "state_dict", None))
+        ):
+            raise TypeError(
+                f"Level: `scheduler` must have step() and state_dict() (a torch.optim.lr_scheduler), got {type(self.scheduler).__name__}."
+            )
         if self.scheduler is not None and getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
-            raise ValueError("Level: `scheduler` was built for a different optimizer than `optimizer`; build it on this level's optimizer.")
+            raise ValueError(
+                "Level: `scheduler` was built for a different optimizer than `optimizer`; build it on this level's optimizer."
+            )
         check_positive("max_grad_norm", self.max_grad_norm, allow_none=True, owner="Level")
         names = {id(p): n for n, p in self.module.named_parameters()}
         held = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -92,7 +108,9 @@ class Level:
         self._trained = {n: p for n, p in self.module.named_parameters() if id(p) in held_ids}
         frozen = [n for n, p in self._trained.items() if not p.requires_grad]
         if frozen:
-            raise ValueError(f"Level: `optimizer` holds parameters with requires_grad=False: {frozen[:5]}; remove them or unfreeze them.")
+            raise ValueError(
+                f"Level: `optimizer` holds parameters with requires_grad=False: {frozen[:5]}; remove them or unfreeze them."
+            )
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         """``{name: parameter}`` of the parameters the optimiser trains (names as in ``named_parameters``).

@@ -55,7 +55,9 @@ class MetricsLogger:
         1,0.5,0.9
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, csv: bool = True, jsonl: bool = True, tensorboard: bool = False):
+    def __init__(
+        self, log_dir: str | os.PathLike[str], *, csv: bool = True, jsonl: bool = True, tensorboard: bool = False
+    ):
         if not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"`log_dir` must be a str or os.PathLike, got {type(log_dir).__name__}.")
         if not (csv or jsonl or tensorboard):

@@ -168,7 +168,9 @@ def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrT
     return tree_scale(tree_sub(g_plus, g_minus), v_max / (2.0 * eps))
 
 
-def hvp(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, *, mode: HVPMode = "fwd_rev") -> TreeOrTensor:
+def hvp(
+    fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, *, mode: HVPMode = "fwd_rev"
+) -> TreeOrTensor:
     r"""One Hessian-vector product :math:`\nabla^2 f(\theta) v`.
 
     For repeated products at the same point, build a :class:`HessianOperator` instead.
@@ -296,9 +298,7 @@ class FixedPointOperator(LinearOperator):
         self.params, self.hparams = _detach(params), _detach(hparams)
         out, self._vjp_fn = vjp(phi, self.params, self.hparams)
         if not isinstance(out, dict):
-            raise TypeError(
-                f"`phi` must return a dict of tensors keyed like `params`, got {type(out).__name__}."
-            )
+            raise TypeError(f"`phi` must return a dict of tensors keyed like `params`, got {type(out).__name__}.")
         tree_check_like("phi(params, hparams)", out, self.params, "params")
         self.phi_value = _detach(out)
 

@@ -55,7 +55,11 @@ class _LossHost(nn.Module):
 
 def _check_loss(name: str, value: Any) -> Tensor:
     if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
-        got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        got = (
+            f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
         raise TypeError(f"`{name}` must return a floating-point scalar tensor, got {got}; reduce it with .mean().")
     return value.reshape(())
 
@@ -121,21 +125,27 @@ class BilevelProblem:
         check_callable("outer_loss", outer_loss, "(inner, outer, batch) -> scalar tensor")
         if not isinstance(method, AbstractHypergradMethod):
             hint = " Pass an object, e.g. method=hypergrad.Implicit(solver=hypergrad.CG(max_steps=10))."
-            raise TypeError(f"`method` must be a hypergrad method (Implicit, Proximal, Unrolled), got {method!r}.{hint}")
+            raise TypeError(
+                f"`method` must be a hypergrad method (Implicit, Proximal, Unrolled), got {method!r}.{hint}"
+            )
         check_choice("buffers", buffers, BUFFER_POLICIES)
         check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
         if distributed not in (None, True, False):
             raise TypeError(f"`distributed` must be None, True or False, got {distributed!r}.")
         if distributed and world_size() == 1:
-            raise ValueError("`distributed=True` but torch.distributed is not initialised with more than one rank; "
-                             "call torch.distributed.init_process_group first (e.g. under torchrun) or pass distributed=None.")
+            raise ValueError(
+                "`distributed=True` but torch.distributed is not initialised with more than one rank; "
+                "call torch.distributed.init_process_group first (e.g. under torchrun) or pass distributed=None."
+            )
         callbacks = list(callbacks)
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"`callbacks` must hold callables record -> None, got {type(cb).__name__}.")
         shared = {id(p) for p in inner.module.parameters()} & {id(p) for p in outer.module.parameters()}
         if shared:
-            raise ValueError(f"`inner` and `outer` share {len(shared)} parameter tensor(s); each parameter must belong to one level.")
+            raise ValueError(
+                f"`inner` and `outer` share {len(shared)} parameter tensor(s); each parameter must belong to one level."
+            )
         self.inner, self.outer = inner, outer
         self.inner_loss, self.outer_loss = inner_loss, outer_loss
         self.method = method
@@ -293,14 +303,16 @@ class BilevelProblem:
             penalty = self.method.inner_penalty(params, self._outer_params)
             total = loss if penalty is None else loss + penalty
             if not total.requires_grad:
-                raise ValueError("`inner_loss` does not depend on the inner level's trained parameters; compute it "
-                                 "with the `inner` module it receives (and check that the optimizer holds its parameters).")
+                raise ValueError(
+                    "`inner_loss` does not depend on the inner level's trained parameters; compute it "
+                    "with the `inner` module it receives (and check that the optimizer holds its parameters)."
+                )
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
         tree = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         tree["__loss__"] = _wide(total).reshape(1)
         tree = self._reduce(tree)
         value = float(tree.pop("__loss__"))
-        for (k, p) in params.items():
+        for k, p in params.items():
             p.grad = tree[k].to(p.dtype)
         reason = None if value == value and abs(value) != float("inf") else f"the inner loss is {value}"
         reason = self._apply(self.inner, "inner", reason)
@@ -324,8 +336,13 @@ class BilevelProblem:
         self._pending_skip = None
         try:
             out = self.method.hypergradient(
-                self._pure(self._G, hb, "inner_loss"), self._pure(self._F, outer_batch, "outer_loss"), theta, lam,
-                self.method_state, self._reduce, key,
+                self._pure(self._G, hb, "inner_loss"),
+                self._pure(self._F, outer_batch, "outer_loss"),
+                theta,
+                lam,
+                self.method_state,
+                self._reduce,
+                key,
             )
             norm = float(tree_norm(out.grad))
             if norm != norm or norm == float("inf"):
@@ -357,7 +374,9 @@ class BilevelProblem:
                 self._skip(record, reason)
         else:
             if all(p.grad is None for p in self._outer_params.values()):
-                raise RuntimeError("outer_step: no outer gradients; call hypergradient(outer_batch) first or pass outer_batch.")
+                raise RuntimeError(
+                    "outer_step: no outer gradients; call hypergradient(outer_batch) first or pass outer_batch."
+                )
             reason = self._apply(self.outer, "outer", None)
             if reason is None:
                 self.outer_steps += 1
@@ -370,7 +389,11 @@ class BilevelProblem:
         """Check, clip and apply the gradients in ``.grad``; clears them. Returns a skip reason."""
         params = [p for p in level.trained_parameters().values() if p.grad is not None]
         if reason is None and params:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])))
+            norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])
+                )
+            )
             if norm != norm or norm == float("inf"):
                 reason = f"the {which} gradient is non-finite (norm {norm})"
         if reason is None:
@@ -413,7 +436,12 @@ class BilevelProblem:
         versions = tuple(p._version for p in self._inner_params.values())
         if self.method.hessian_depends_on_outer:
             versions += tuple(p._version for p in self._outer_params.values())
-        return (id(self._operator_batch), versions, self.inner_steps, self.outer_steps if self.method.hessian_depends_on_outer else 0)
+        return (
+            id(self._operator_batch),
+            versions,
+            self.inner_steps,
+            self.outer_steps if self.method.hessian_depends_on_outer else 0,
+        )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -431,7 +459,7 @@ class BilevelProblem:
         Example:
             See :meth:`load_state_dict`.
         """
-        sched = lambda s: None if s is None else s.state_dict()  # noqa: E731
+        sched = lambda s: None if s is None else s.state_dict()
         x0 = self.method_state.x0
         return {
             "format": _FORMAT,
@@ -442,8 +470,12 @@ class BilevelProblem:
             "inner_scheduler": sched(self.inner.scheduler),
             "outer_scheduler": sched(self.outer.scheduler),
             "warm_start": None if x0 is None else {k: v.detach().cpu() for k, v in x0.items()},
-            "counters": {"inner_steps": self.inner_steps, "outer_steps": self.outer_steps,
-                         "inner_skipped": self.inner_skipped, "outer_skipped": self.outer_skipped},
+            "counters": {
+                "inner_steps": self.inner_steps,
+                "outer_steps": self.outer_steps,
+                "inner_skipped": self.inner_skipped,
+                "outer_skipped": self.outer_skipped,
+            },
             "rng": get_rng_state(),
         }
 
@@ -478,8 +510,10 @@ class BilevelProblem:
             level.optimizer.load_state_dict(state[f"{which}_optimizer"])
             saved = state[f"{which}_scheduler"]
             if (saved is None) != (level.scheduler is None):
-                raise ValueError(f"the checkpoint {'has no' if saved is None else 'has an'} {which} scheduler but this problem "
-                                 f"{'has one' if saved is None else 'has none'}; build the problem as it was saved.")
+                raise ValueError(
+                    f"the checkpoint {'has no' if saved is None else 'has an'} {which} scheduler but this problem "
+                    f"{'has one' if saved is None else 'has none'}; build the problem as it was saved."
+                )
             if saved is not None:
                 level.scheduler.load_state_dict(saved)
         device = next(iter(self._inner_params.values())).device

@@ -19,6 +19,7 @@ from .solvers import Solution
 
 __all__ = ["Phase", "SolveInfo", "StepRecord", "StepCallback", "NonFiniteError"]
 
+
 class NonFiniteError(FloatingPointError):
     """A loss, gradient, Hessian-vector product or hypergradient was NaN or Inf.
 

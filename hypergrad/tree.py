@@ -303,15 +303,11 @@ def tree_check_like(name: str, tree: object, reference: TreeOrTensor, ref_name: 
             )
         return
     if not isinstance(tree, Mapping):
-        raise TypeError(
-            f"`{name}` must be a dict of tensors keyed like `{ref_name}`, got {type(tree).__name__}."
-        )
+        raise TypeError(f"`{name}` must be a dict of tensors keyed like `{ref_name}`, got {type(tree).__name__}.")
     if set(tree.keys()) != set(reference.keys()):
         missing = sorted(set(reference) - set(tree))
         extra = sorted(set(tree) - set(reference))
-        raise ValueError(
-            f"`{name}` must have the same keys as `{ref_name}`: missing {missing}, unexpected {extra}."
-        )
+        raise ValueError(f"`{name}` must have the same keys as `{ref_name}`: missing {missing}, unexpected {extra}.")
     for k, ref in reference.items():
         v = tree[k]
         if not isinstance(v, Tensor):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
 import torch.autograd.functional as AF
+from torch import Tensor, nn
 
 import hypergrad
 
@@ -36,8 +36,8 @@ def dense_implicit(G: Callable, F: Callable, theta: dict, lam: dict) -> dict[str
     returns a wrong, non-symmetric Hessian through training-mode BatchNorm (seen with torch 2.15).
     """
     t0, l0 = flat(theta).detach(), flat(lam).detach()
-    g = lambda t, l: G(unflat(t, theta), unflat(l, lam))  # noqa: E731
-    f = lambda t, l: F(unflat(t, theta), unflat(l, lam))  # noqa: E731
+    g = lambda t, l: G(unflat(t, theta), unflat(l, lam))
+    f = lambda t, l: F(unflat(t, theta), unflat(l, lam))
     H = AF.hessian(lambda t: g(t, l0), t0)
 
     def grad_theta(l: Tensor) -> Tensor:
@@ -82,14 +82,19 @@ class LogLam(nn.Module):
         self.log_lam = nn.Parameter(torch.tensor(value, dtype=torch.float64))
 
 
-def ridge_problem(method: Any, *, inner_lr: float = 0.1, outer_lr: float = 0.1, **kw: Any) -> tuple[hypergrad.BilevelProblem, nn.Module, nn.Module]:
+def ridge_problem(
+    method: Any, *, inner_lr: float = 0.1, outer_lr: float = 0.1, **kw: Any
+) -> tuple[hypergrad.BilevelProblem, nn.Module, nn.Module]:
     inner = nn.Linear(5, 1, bias=False).double()
     outer = LogLam(-1.0)
     G, F = ridge_losses()
     problem = hypergrad.BilevelProblem(
         inner=hypergrad.Level(inner, torch.optim.SGD(inner.parameters(), lr=inner_lr)),
         outer=hypergrad.Level(outer, torch.optim.SGD(outer.parameters(), lr=outer_lr)),
-        inner_loss=G, outer_loss=F, method=method, **kw,
+        inner_loss=G,
+        outer_loss=F,
+        method=method,
+        **kw,
     )
     return problem, inner, outer
 
@@ -139,14 +144,19 @@ def bissl_batches(seed: int = 0, n: int = 16) -> tuple[Tensor, Batch]:
     return pre, (x, y)
 
 
-def bissl_problem(method: hypergrad.Proximal, seed: int = 0, inner_loss: Callable = pretext_loss, **kw: Any) -> tuple[hypergrad.BilevelProblem, Lower, Upper]:
+def bissl_problem(
+    method: hypergrad.Proximal, seed: int = 0, inner_loss: Callable = pretext_loss, **kw: Any
+) -> tuple[hypergrad.BilevelProblem, Lower, Upper]:
     torch.manual_seed(seed)
     lower, upper = Lower().double(), Upper().double()
     upper.backbone.load_state_dict(lower.backbone.state_dict())
     problem = hypergrad.BilevelProblem(
         inner=hypergrad.Level(lower, torch.optim.SGD(lower.parameters(), lr=0.05, momentum=0.9)),
         outer=hypergrad.Level(upper, torch.optim.SGD(upper.parameters(), lr=0.05, momentum=0.9)),
-        inner_loss=inner_loss, outer_loss=downstream_loss, method=method, **kw,
+        inner_loss=inner_loss,
+        outer_loss=downstream_loss,
+        method=method,
+        **kw,
     )
     return problem, lower, upper
 
@@ -175,8 +185,13 @@ def _level(module: nn.Module | None = None, **kw: Any) -> hypergrad.Level:
 
 
 def _problem(**kw: Any) -> hypergrad.BilevelProblem:
-    args = {"inner": _level(), "outer": _level(), "inner_loss": lambda i, o, b: i(b).sum(), "outer_loss": lambda i, o, b: o(b).sum(),
-            "method": hypergrad.Implicit()}
+    args = {
+        "inner": _level(),
+        "outer": _level(),
+        "inner_loss": lambda i, o, b: i(b).sum(),
+        "outer_loss": lambda i, o, b: o(b).sum(),
+        "method": hypergrad.Implicit(),
+    }
     args.update(kw)
     return hypergrad.BilevelProblem(**args)
 
@@ -189,7 +204,9 @@ def _shared() -> hypergrad.BilevelProblem:
 def _other_scheduler() -> hypergrad.Level:
     net = _net()
     other = torch.optim.SGD(_net().parameters(), lr=0.1)
-    return hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.1), scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+    return hypergrad.Level(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), scheduler=torch.optim.lr_scheduler.StepLR(other, 1)
+    )
 
 
 def _frozen() -> hypergrad.Level:
@@ -203,7 +220,7 @@ def _prox(coupling: dict) -> Callable[[], Any]:
 
 
 def _uses_outer(lower: nn.Module, upper: nn.Module, batch: Tensor) -> Tensor:
-    return pretext_loss(lower, upper, batch) + (upper.head.weight ** 2).sum()
+    return pretext_loss(lower, upper, batch) + (upper.head.weight**2).sum()
 
 
 def _prox_inner_uses_outer() -> None:
@@ -227,43 +244,208 @@ X2 = torch.randn(16, 2)
 
 #: (id, builder, exception type, message regex): every configuration error names the argument.
 PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
-    ("implicit-solver-string", lambda: hypergrad.Implicit(solver="cg"), TypeError, r"Implicit: `solver` must be a hypergrad solver, got str\. Pass an object"),
-    ("implicit-solver-class", lambda: hypergrad.Implicit(solver=hypergrad.CG), TypeError, r"got the class CG; call it: solver=CG\(\)"),
-    ("implicit-hvp-mode", lambda: hypergrad.Implicit(hvp_mode="fast"), ValueError, r"Implicit: `hvp_mode` must be one of .* got 'fast'"),
-    ("implicit-damping", lambda: hypergrad.Implicit(damping=-1), ValueError, r"Implicit: `damping` must be a finite number >= 0, got -1"),
-    ("implicit-warm-start", lambda: hypergrad.Implicit(warm_start=1), TypeError, r"Implicit: `warm_start` must be True or False, got 1"),
-    ("reuse-needs-reverse", lambda: hypergrad.Implicit(reuse_operator=True, hvp_mode="fwd_rev"), ValueError, r"`reuse_operator=True` .* needs hvp_mode='auto' or 'rev_rev_cached'"),
-    ("proximal-lam", lambda: hypergrad.Proximal(lam=0, coupling={"": ""}), ValueError, r"Proximal: `lam` must be a finite number > 0, got 0"),
-    ("proximal-no-coupling", lambda: hypergrad.Proximal(lam=1.0), ValueError, r"Proximal: `coupling` must be a non-empty dict"),
-    ("proximal-coupling-type", lambda: hypergrad.Proximal(lam=1.0, coupling={"a": 1}), TypeError, r"`coupling` keys and values must be strings, got 'a': 1"),
-    ("unrolled-steps", lambda: hypergrad.Unrolled(steps=0), ValueError, r"Unrolled: `steps` must be an integer >= 1, got 0"),
-    ("unrolled-lr", lambda: hypergrad.Unrolled(lr=-1.0), ValueError, r"Unrolled: `lr` must be a finite number > 0, got -1.0"),
-    ("unrolled-truncate", lambda: hypergrad.Unrolled(steps=3, truncate=4), ValueError, r"`truncate` must be None or an integer in \[1, steps=3\], got 4"),
-    ("level-module", lambda: hypergrad.Level("net", torch.optim.SGD(_net().parameters(), lr=0.1)), TypeError, r"Level: `module` must be an nn.Module"),
-    ("level-optimizer-class", lambda: hypergrad.Level(_net(), torch.optim.SGD), TypeError, r"Level: `optimizer` must be a torch.optim.Optimizer, got type\. Construct it"),
-    ("level-foreign-params", lambda: hypergrad.Level(_net(), torch.optim.SGD(_net().parameters(), lr=0.1)), ValueError, r"`optimizer` holds 2 tensor\(s\) .* not parameters of `module`"),
-    ("level-grad-norm", lambda: _level(max_grad_norm=0), ValueError, r"Level: `max_grad_norm` must be None or a finite number > 0, got 0"),
+    (
+        "implicit-solver-string",
+        lambda: hypergrad.Implicit(solver="cg"),
+        TypeError,
+        r"Implicit: `solver` must be a hypergrad solver, got str\. Pass an object",
+    ),
+    (
+        "implicit-solver-class",
+        lambda: hypergrad.Implicit(solver=hypergrad.CG),
+        TypeError,
+        r"got the class CG; call it: solver=CG\(\)",
+    ),
+    (
+        "implicit-hvp-mode",
+        lambda: hypergrad.Implicit(hvp_mode="fast"),
+        ValueError,
+        r"Implicit: `hvp_mode` must be one of .* got 'fast'",
+    ),
+    (
+        "implicit-damping",
+        lambda: hypergrad.Implicit(damping=-1),
+        ValueError,
+        r"Implicit: `damping` must be a finite number >= 0, got -1",
+    ),
+    (
+        "implicit-warm-start",
+        lambda: hypergrad.Implicit(warm_start=1),
+        TypeError,
+        r"Implicit: `warm_start` must be True or False, got 1",
+    ),
+    (
+        "reuse-needs-reverse",
+        lambda: hypergrad.Implicit(reuse_operator=True, hvp_mode="fwd_rev"),
+        ValueError,
+        r"`reuse_operator=True` .* needs hvp_mode='auto' or 'rev_rev_cached'",
+    ),
+    (
+        "proximal-lam",
+        lambda: hypergrad.Proximal(lam=0, coupling={"": ""}),
+        ValueError,
+        r"Proximal: `lam` must be a finite number > 0, got 0",
+    ),
+    (
+        "proximal-no-coupling",
+        lambda: hypergrad.Proximal(lam=1.0),
+        ValueError,
+        r"Proximal: `coupling` must be a non-empty dict",
+    ),
+    (
+        "proximal-coupling-type",
+        lambda: hypergrad.Proximal(lam=1.0, coupling={"a": 1}),
+        TypeError,
+        r"`coupling` keys and values must be strings, got 'a': 1",
+    ),
+    (
+        "unrolled-steps",
+        lambda: hypergrad.Unrolled(steps=0),
+        ValueError,
+        r"Unrolled: `steps` must be an integer >= 1, got 0",
+    ),
+    (
+        "unrolled-lr",
+        lambda: hypergrad.Unrolled(lr=-1.0),
+        ValueError,
+        r"Unrolled: `lr` must be a finite number > 0, got -1.0",
+    ),
+    (
+        "unrolled-truncate",
+        lambda: hypergrad.Unrolled(steps=3, truncate=4),
+        ValueError,
+        r"`truncate` must be None or an integer in \[1, steps=3\], got 4",
+    ),
+    (
+        "level-module",
+        lambda: hypergrad.Level("net", torch.optim.SGD(_net().parameters(), lr=0.1)),
+        TypeError,
+        r"Level: `module` must be an nn.Module",
+    ),
+    (
+        "level-optimizer-class",
+        lambda: hypergrad.Level(_net(), torch.optim.SGD),
+        TypeError,
+        r"Level: `optimizer` must be a torch.optim.Optimizer, got type\. Construct it",
+    ),
+    (
+        "level-foreign-params",
+        lambda: hypergrad.Level(_net(), torch.optim.SGD(_net().parameters(), lr=0.1)),
+        ValueError,
+        r"`optimizer` holds 2 tensor\(s\) .* not parameters of `module`",
+    ),
+    (
+        "level-grad-norm",
+        lambda: _level(max_grad_norm=0),
+        ValueError,
+        r"Level: `max_grad_norm` must be None or a finite number > 0, got 0",
+    ),
     ("level-scheduler", _other_scheduler, ValueError, r"Level: `scheduler` was built for a different optimizer"),
-    ("level-dict-tensor", lambda: hypergrad.Level({"w": torch.zeros(2)}, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), TypeError, r"`module\['w'\]` must be an nn.Module or nn.Parameter, got Tensor\. Wrap tensors"),
+    (
+        "level-dict-tensor",
+        lambda: hypergrad.Level({"w": torch.zeros(2)}, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)),
+        TypeError,
+        r"`module\['w'\]` must be an nn.Module or nn.Parameter, got Tensor\. Wrap tensors",
+    ),
     ("level-frozen", _frozen, ValueError, r"`optimizer` holds parameters with requires_grad=False: \['bias'\]"),
-    ("problem-inner-type", lambda: _problem(inner=_net()), TypeError, r"`inner` must be a hypergrad.Level\(module, optimizer\), got Linear"),
-    ("problem-loss-type", lambda: _problem(inner_loss="mse"), TypeError, r"`inner_loss` must be a callable \(inner, outer, batch\)"),
-    ("problem-method-string", lambda: _problem(method="implicit"), TypeError, r"`method` must be a hypergrad method .* got 'implicit'"),
-    ("problem-buffers", lambda: _problem(buffers="eval"), ValueError, r"`buffers` must be 'batch_stats' or 'running_stats', got 'eval'"),
-    ("problem-on-nonfinite", lambda: _problem(on_nonfinite="ignore"), ValueError, r"`on_nonfinite` must be 'skip' or 'raise', got 'ignore'"),
-    ("problem-distributed", lambda: _problem(distributed=True), ValueError, r"`distributed=True` but torch.distributed is not initialised"),
+    (
+        "problem-inner-type",
+        lambda: _problem(inner=_net()),
+        TypeError,
+        r"`inner` must be a hypergrad.Level\(module, optimizer\), got Linear",
+    ),
+    (
+        "problem-loss-type",
+        lambda: _problem(inner_loss="mse"),
+        TypeError,
+        r"`inner_loss` must be a callable \(inner, outer, batch\)",
+    ),
+    (
+        "problem-method-string",
+        lambda: _problem(method="implicit"),
+        TypeError,
+        r"`method` must be a hypergrad method .* got 'implicit'",
+    ),
+    (
+        "problem-buffers",
+        lambda: _problem(buffers="eval"),
+        ValueError,
+        r"`buffers` must be 'batch_stats' or 'running_stats', got 'eval'",
+    ),
+    (
+        "problem-on-nonfinite",
+        lambda: _problem(on_nonfinite="ignore"),
+        ValueError,
+        r"`on_nonfinite` must be 'skip' or 'raise', got 'ignore'",
+    ),
+    (
+        "problem-distributed",
+        lambda: _problem(distributed=True),
+        ValueError,
+        r"`distributed=True` but torch.distributed is not initialised",
+    ),
     ("problem-shared", _shared, ValueError, r"`inner` and `outer` share 2 parameter tensor\(s\)"),
     ("problem-callbacks", lambda: _problem(callbacks=[1]), TypeError, r"`callbacks` must hold callables"),
-    ("coupling-unknown", _prox({"encoder": "backbone"}), ValueError, r"`coupling` key 'encoder' names no trained inner parameter"),
-    ("coupling-missing-outer", _prox({"backbone": "trunk"}), ValueError, r"maps inner 'backbone.0.weight' to outer 'trunk.0.weight', which is not a trained outer parameter"),
-    ("coupling-shape", _prox({"backbone.0.weight": "head.weight"}), ValueError, r"coupled tensors must have equal shapes"),
-    ("proximal-inner-uses-outer", _prox_inner_uses_outer, ValueError, r"`inner_loss` depends on the outer parameters \['head.weight'\] directly"),
-    ("step-tuple", _run(lambda p: p.step((X2, X2), X2)), TypeError, r"`inner_batches` must be a list or iterator of batches, got tuple; for a single batch pass \[batch\]"),
-    ("no-hessian-batch", _run(lambda p: p.hypergradient(X2)), ValueError, r"no inner step has run yet.*pass `hessian_batch=`"),
-    ("outer-step-first", _run(lambda p: p.outer_step()), RuntimeError, r"no outer gradients; call hypergradient\(outer_batch\) first"),
-    ("loss-not-scalar", _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: i(b)), TypeError, r"`inner_loss` must return a floating-point scalar tensor, got a tensor of shape \(16, 1\)"),
-    ("inner-loss-constant", _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: b.sum()), ValueError, r"`inner_loss` does not depend on the inner level's trained parameters"),
-    ("load-format", _run(lambda p: p.load_state_dict({"inner_module": {}})), ValueError, r"`state` is not a BilevelProblem.state_dict\(\)"),
+    (
+        "coupling-unknown",
+        _prox({"encoder": "backbone"}),
+        ValueError,
+        r"`coupling` key 'encoder' names no trained inner parameter",
+    ),
+    (
+        "coupling-missing-outer",
+        _prox({"backbone": "trunk"}),
+        ValueError,
+        r"maps inner 'backbone.0.weight' to outer 'trunk.0.weight', which is not a trained outer parameter",
+    ),
+    (
+        "coupling-shape",
+        _prox({"backbone.0.weight": "head.weight"}),
+        ValueError,
+        r"coupled tensors must have equal shapes",
+    ),
+    (
+        "proximal-inner-uses-outer",
+        _prox_inner_uses_outer,
+        ValueError,
+        r"`inner_loss` depends on the outer parameters \['head.weight'\] directly",
+    ),
+    (
+        "step-tuple",
+        _run(lambda p: p.step((X2, X2), X2)),
+        TypeError,
+        r"`inner_batches` must be a list or iterator of batches, got tuple; for a single batch pass \[batch\]",
+    ),
+    (
+        "no-hessian-batch",
+        _run(lambda p: p.hypergradient(X2)),
+        ValueError,
+        r"no inner step has run yet.*pass `hessian_batch=`",
+    ),
+    (
+        "outer-step-first",
+        _run(lambda p: p.outer_step()),
+        RuntimeError,
+        r"no outer gradients; call hypergradient\(outer_batch\) first",
+    ),
+    (
+        "loss-not-scalar",
+        _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: i(b)),
+        TypeError,
+        r"`inner_loss` must return a floating-point scalar tensor, got a tensor of shape \(16, 1\)",
+    ),
+    (
+        "inner-loss-constant",
+        _run(lambda p: p.inner_step(X2), inner_loss=lambda i, o, b: b.sum()),
+        ValueError,
+        r"`inner_loss` does not depend on the inner level's trained parameters",
+    ),
+    (
+        "load-format",
+        _run(lambda p: p.load_state_dict({"inner_module": {}})),
+        ValueError,
+        r"`state` is not a BilevelProblem.state_dict\(\)",
+    ),
     ("load-scheduler", _load_mismatch, ValueError, r"the checkpoint has an inner scheduler but this problem has none"),
 ]
 
@@ -271,7 +453,7 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
 # ---------------------------------------------------------------- data-parallel equivalence
 def ddp_case(rank: int, world: int) -> dict[str, Tensor]:
     """Run Implicit and Proximal problems on shard ``rank`` of ``world`` (world=1: the full batch)."""
-    shard = lambda t: t.chunk(world)[rank]  # noqa: E731
+    shard = lambda t: t.chunk(world)[rank]
     out: dict[str, Tensor] = {}
     # Implicit on a small network with per-layer weight decay
     torch.manual_seed(0)
@@ -282,7 +464,11 @@ def ddp_case(rank: int, world: int) -> dict[str, Tensor]:
 
     def G(inner: nn.Module, outer: nn.Module, b: Batch) -> Tensor:
         wd = outer["log_wd"].exp()
-        return ((inner(b[0]) - b[1]) ** 2).mean() + wd[0] * (inner[0].weight ** 2).sum() + wd[1] * (inner[2].weight ** 2).sum()
+        return (
+            ((inner(b[0]) - b[1]) ** 2).mean()
+            + wd[0] * (inner[0].weight ** 2).sum()
+            + wd[1] * (inner[2].weight ** 2).sum()
+        )
 
     def F(inner: nn.Module, outer: nn.Module, b: Batch) -> Tensor:
         return ((inner(b[0]) - b[1]) ** 2).mean()
@@ -290,7 +476,9 @@ def ddp_case(rank: int, world: int) -> dict[str, Tensor]:
     problem = hypergrad.BilevelProblem(
         hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)),
         hypergrad.Level(hp, torch.optim.SGD(hp.parameters(), lr=0.1)),
-        G, F, hypergrad.Implicit(solver=hypergrad.CG(max_steps=6), damping=0.1, hvp_mode="rev_rev"),
+        G,
+        F,
+        hypergrad.Implicit(solver=hypergrad.CG(max_steps=6), damping=0.1, hvp_mode="rev_rev"),
     )
     for _ in range(2):
         problem.inner_step((shard(x), shard(y)))
@@ -300,8 +488,15 @@ def ddp_case(rank: int, world: int) -> dict[str, Tensor]:
     out["implicit_inner"] = flat({k: v.detach() for k, v in net.named_parameters()})
     # Proximal (BiSSL-shaped), a full step
     # reverse-mode HVPs: the first forward-mode call costs seconds of one-off set-up per process
-    problem, lower, upper = bissl_problem(hypergrad.Proximal(lam=0.5, damping=1.0, coupling={"backbone": "backbone"},
-                                                             solver=hypergrad.CG(max_steps=5), hvp_mode="rev_rev"))
+    problem, lower, upper = bissl_problem(
+        hypergrad.Proximal(
+            lam=0.5,
+            damping=1.0,
+            coupling={"backbone": "backbone"},
+            solver=hypergrad.CG(max_steps=5),
+            hvp_mode="rev_rev",
+        )
+    )
     pre, (xd, yd) = bissl_batches(n=16)
     problem.step([shard(pre), shard(pre)], (shard(xd), shard(yd)))
     out["proximal_upper"] = flat({k: v.detach() for k, v in upper.named_parameters()})
@@ -342,10 +537,19 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
     opt_u = torch.optim.SGD(upper.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     problem = hypergrad.BilevelProblem(
         hypergrad.Level(lower, opt_l, scheduler=torch.optim.lr_scheduler.StepLR(opt_l, 5, 0.5), max_grad_norm=10.0),
-        hypergrad.Level(upper, opt_u, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt_u, 2 * steps), max_grad_norm=10.0),
-        pretext_loss, downstream_loss,
-        hypergrad.Proximal(lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=4),
-                           warm_start=True, reuse_operator=True),
+        hypergrad.Level(
+            upper, opt_u, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt_u, 2 * steps), max_grad_norm=10.0
+        ),
+        pretext_loss,
+        downstream_loss,
+        hypergrad.Proximal(
+            lam=0.5,
+            damping=1.0,
+            coupling={"backbone": "backbone"},
+            solver=hypergrad.CG(max_steps=4),
+            warm_start=True,
+            reuse_operator=True,
+        ),
     )
     start = 0
     if os.path.exists(ckpt):

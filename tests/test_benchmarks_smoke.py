@@ -25,9 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "small.json"
     files = [f"benchmarks/bench_{name}.py" for name in ("hvp", "overhead", "solvers", "warm_start", "peers")]
-    cmd = [sys.executable, "-m", "pytest", *files, "--preset", "small", "-q", "-x",
-           f"--benchmark-json={out}", "--benchmark-min-rounds=1", "--benchmark-max-time=0.000001",
-           "--benchmark-warmup=off", "--benchmark-disable-gc", "--no-memory"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *files,
+        "--preset",
+        "small",
+        "-q",
+        "-x",
+        f"--benchmark-json={out}",
+        "--benchmark-min-rounds=1",
+        "--benchmark-max-time=0.000001",
+        "--benchmark-warmup=off",
+        "--benchmark-disable-gc",
+        "--no-memory",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"benchmark run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     return json.loads(out.read_text()) | {"_path": str(out)}
@@ -71,7 +84,8 @@ def test_solver_results_match_exact_hypergradients(small_run: dict) -> None:
 def test_hvp_modes_agree_and_all_models_ran(small_run: dict) -> None:
     hvps = _by_kind(small_run, "hvp")
     assert {(h["model"], h["op"]) for h in hvps} == {
-        (m, op) for m in ("mlp", "resnet", "transformer")
+        (m, op)
+        for m in ("mlp", "resnet", "transformer")
         for op in ("grad", "fwd_rev", "rev_rev", "rev_rev_cached", "finite_diff")
     }
     for h in hvps:
@@ -116,8 +130,14 @@ def test_report_builds_markdown_and_plots(small_run: dict, tmp_path: Path) -> No
     out = tmp_path / "report"
     assert main([small_run["_path"], "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    for header in ("## HVP modes", "## Overhead of the solver machinery", "## Solvers x problems",
-                   "## Warm start", "## Peers at matched accuracy", "## Peers at matched iteration counts"):
+    for header in (
+        "## HVP modes",
+        "## Overhead of the solver machinery",
+        "## Solvers x problems",
+        "## Warm start",
+        "## Peers at matched accuracy",
+        "## Peers at matched iteration counts",
+    ):
         assert header in text
     assert "Command: `python -m pytest benchmarks/bench_hvp.py" in text and "--preset small" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -147,7 +167,12 @@ def test_every_exported_solver_is_benchmarked() -> None:
     from benchmarks.solvers_registry import METHODS
 
     exported = {getattr(hypergrad, n) for n in hypergrad.__all__}
-    solver_classes = {c for c in exported if isinstance(c, type) and issubclass(c, hypergrad.AbstractLinearSolver)
-                      and c is not hypergrad.AbstractLinearSolver}
+    solver_classes = {
+        c
+        for c in exported
+        if isinstance(c, type)
+        and issubclass(c, hypergrad.AbstractLinearSolver)
+        and c is not hypergrad.AbstractLinearSolver
+    }
     covered = {m.solver_class for m in METHODS.values() if m.solver_class is not None}
     assert solver_classes <= covered, f"solvers without a benchmark entry: {solver_classes - covered}"

@@ -18,7 +18,12 @@ import hypergrad.checkpoint as checkpoint_module
 
 
 def test_round_trip_plain_types(tmp_path: Path) -> None:
-    state = {"step": 7, "lr": 0.5, "nested": {"w": torch.randn(3, 2), "names": ["a", "b"]}, "rng": torch.get_rng_state()}
+    state = {
+        "step": 7,
+        "lr": 0.5,
+        "nested": {"w": torch.randn(3, 2), "names": ["a", "b"]},
+        "rng": torch.get_rng_state(),
+    }
     path = hypergrad.save_checkpoint(state, tmp_path / "sub" / "last.pt")
     back = hypergrad.load_checkpoint(path)
     assert back["step"] == 7 and back["lr"] == 0.5 and back["nested"]["names"] == ["a", "b"]

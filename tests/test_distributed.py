@@ -16,7 +16,9 @@ from tests.helpers_problem import ddp_case, ddp_worker
 def test_two_gloo_ranks_match_one_process_on_the_full_batch(tmp_path: Path) -> None:
     single = ddp_case(0, 1)  # first, so forked workers inherit the warm imports (seconds saved per rank)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method=method)
+    mp.start_processes(
+        ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method=method
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert set(single) == set(ranks[0])
     for key, ref in single.items():

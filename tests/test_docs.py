@@ -12,8 +12,17 @@ import hypergrad
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Names that are modules or type aliases: described in prose on the API page, not autodoc'd.
 NOT_AUTODOCUMENTED = {
-    "solvers", "tree", "BilevelLoss", "FixedPointMap", "MatVec", "TensorTree", "BufferPolicy",
-    "HVPMode", "HVP_MODES", "StepCallback", "distributed",
+    "solvers",
+    "tree",
+    "BilevelLoss",
+    "FixedPointMap",
+    "MatVec",
+    "TensorTree",
+    "BufferPolicy",
+    "HVPMode",
+    "HVP_MODES",
+    "StepCallback",
+    "distributed",
 }
 
 

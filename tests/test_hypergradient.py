@@ -52,8 +52,12 @@ def test_fixed_point_grad_matches_exact(entry: SolverEntry, problem: str, device
     lr = 1.0 / hi
     solver = entry.factory(ProblemInfo(lo / hi, 1.0, prob.num_params, rtol=1e-12))
     g, sol = hypergrad.fixed_point_grad(
-        lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss, theta, lam,
-        solver=solver, symmetric="symmetric_only" in entry.tags,
+        lambda p, h: prob.inner_step(p, h, lr),
+        prob.outer_loss,
+        theta,
+        lam,
+        solver=solver,
+        symmetric="symmetric_only" in entry.tags,
     )
     assert sol.converged, sol.status
     assert rel_err(g, prob.exact_hypergradient(lam)) <= 1e-8
@@ -62,8 +66,9 @@ def test_fixed_point_grad_matches_exact(entry: SolverEntry, problem: str, device
 @pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_rev_cached", "auto", "finite_diff"])
 def test_implicit_grad_every_hvp_mode(mode: str) -> None:
     prob, lam, theta, (lo, hi) = setup("ridge", "cpu")
-    g, sol = hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam,
-                                     solver=CG(max_steps=50, rtol=1e-12), hvp_mode=mode)
+    g, sol = hypergrad.implicit_grad(
+        prob.inner_loss, prob.outer_loss, theta, lam, solver=CG(max_steps=50, rtol=1e-12), hvp_mode=mode
+    )
     assert rel_err(g, prob.exact_hypergradient(lam)) <= (1e-6 if mode == "finite_diff" else 1e-8)
 
 
@@ -142,8 +147,9 @@ def test_proximal_grad_matches_dense(entry: SolverEntry, device: str) -> None:
 def test_proximal_grad_identity_is_outer_grad() -> None:
     prob = LogisticProblem()
     outer = {"w": torch.linspace(-1, 1, prob.dim, dtype=F64)}
-    g, _ = hypergrad.proximal_grad(lambda p: prob.inner_loss(p, prob.init_hparams()), prob.init_params(), outer,
-                                   lam=2.0, solver=Identity())
+    g, _ = hypergrad.proximal_grad(
+        lambda p: prob.inner_loss(p, prob.init_hparams()), prob.init_params(), outer, lam=2.0, solver=Identity()
+    )
     torch.testing.assert_close(g["w"], outer["w"], rtol=0, atol=0)
 
 
@@ -170,8 +176,9 @@ def reference_unrolled(prob: ToyProblem, lam: dict, lr: float, num_steps: int, t
 def test_unrolled_matches_hand_written_reference(truncate: int | None) -> None:
     prob, lam, _, (lo, hi) = setup("quadratic", "cpu")
     lr = 1.0 / hi
-    g, theta_k = hypergrad.unrolled_grad(lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss,
-                                         prob.init_params(), lam, num_steps=7, truncate=truncate)
+    g, theta_k = hypergrad.unrolled_grad(
+        lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss, prob.init_params(), lam, num_steps=7, truncate=truncate
+    )
     g_ref, theta_ref = reference_unrolled(prob, lam, lr, 7, truncate)
     torch.testing.assert_close(g["lam"], g_ref["lam"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(theta_k["theta"], theta_ref["theta"], rtol=1e-12, atol=1e-14)
@@ -183,8 +190,9 @@ def test_unrolled_converges_to_implicit(device: str) -> None:
     exact = prob.exact_hypergradient(lam)
     errors = []
     for k in (5, 20, 100):
-        g, _ = hypergrad.unrolled_grad(lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss,
-                                       prob.init_params(), lam, num_steps=k)
+        g, _ = hypergrad.unrolled_grad(
+            lambda p, h: prob.inner_step(p, h, lr), prob.outer_loss, prob.init_params(), lam, num_steps=k
+        )
         errors.append(rel_err(g, exact))
     assert errors[0] > errors[1] > errors[2]
     assert errors[0] > 1e-3 and errors[2] <= 1e-8
@@ -201,7 +209,9 @@ def test_truncated_unrolling_differs_and_differentiates_only_t_steps() -> None:
 
     full, theta_full = hypergrad.unrolled_grad(step, prob.outer_loss, prob.init_params(), lam, num_steps=8)
     grad_enabled.clear()
-    trunc, theta_trunc = hypergrad.unrolled_grad(step, prob.outer_loss, prob.init_params(), lam, num_steps=8, truncate=3)
+    trunc, theta_trunc = hypergrad.unrolled_grad(
+        step, prob.outer_loss, prob.init_params(), lam, num_steps=8, truncate=3
+    )
     assert grad_enabled == [False] * 5 + [True] * 3  # 5 steps without a graph, 3 differentiated
     torch.testing.assert_close(theta_trunc["theta"], theta_full["theta"], rtol=1e-13, atol=1e-13)  # same forward
     assert rel_err(trunc, full) > 1e-3
@@ -235,8 +245,20 @@ def test_throw_raises_solver_error() -> None:
     with pytest.raises(SolverError, match=r"CG failed with status 'max_steps_reached'.*Try increasing `max_steps`"):
         hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam, solver=too_short, throw=True)
     with pytest.raises(SolverError, match=r"'diverged'.*lower `alpha`"):  # ... or raised on request
-        hypergrad.fixed_point_grad(lambda p, h: prob.inner_step(p, h, 3.0 / hi), prob.outer_loss, theta, lam,
-                                   solver=hypergrad.Neumann(max_steps=40, alpha=1.0, rtol=1e-10), throw=True)
+        hypergrad.fixed_point_grad(
+            lambda p, h: prob.inner_step(p, h, 3.0 / hi),
+            prob.outer_loss,
+            theta,
+            lam,
+            solver=hypergrad.Neumann(max_steps=40, alpha=1.0, rtol=1e-10),
+            throw=True,
+        )
     with pytest.raises(SolverError, match=r"'max_steps_reached'"):
-        hypergrad.proximal_grad(lambda p: prob.inner_loss(p, lam), theta, {"theta": torch.ones(prob.dim, dtype=F64)},
-                                lam=0.01, solver=CG(max_steps=1, rtol=1e-12), throw=True)
+        hypergrad.proximal_grad(
+            lambda p: prob.inner_loss(p, lam),
+            theta,
+            {"theta": torch.ones(prob.dim, dtype=F64)},
+            lam=0.01,
+            solver=CG(max_steps=1, rtol=1e-12),
+            throw=True,
+        )

@@ -71,7 +71,9 @@ def test_tensorboard_events_are_written(tmp_path: Path) -> None:
 
 
 def test_logger_as_problem_callback(tmp_path: Path) -> None:
-    rec = hypergrad.StepRecord("step", inner_steps=5, outer_steps=2, inner_losses=[0.5], outer_loss=0.25, times={"inner": 0.1})
+    rec = hypergrad.StepRecord(
+        "step", inner_steps=5, outer_steps=2, inner_losses=[0.5], outer_loss=0.25, times={"inner": 0.1}
+    )
     with hypergrad.MetricsLogger(tmp_path, csv=False) as log:
         log(rec)
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -97,7 +99,9 @@ def test_core_import_does_not_load_optional_packages() -> None:
         "import sys, torch; before = set(sys.modules); import hypergrad; "
         "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('tensorboard', 'tqdm', 'sklearn')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
     assert out.stdout.strip() == "[]"
 
 

@@ -65,8 +65,13 @@ def mlp_problem(device: str) -> Problem:
         h = torch.tanh(h @ p["2.weight"].T + p["2.bias"])
         return ((h @ p["4.weight"].T + p["4.bias"] - y) ** 2).mean()
 
-    return Problem(net, lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(net), reference,
-                   lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean())
+    return Problem(
+        net,
+        lambda p: ((f(p, x) - y) ** 2).mean(),
+        hypergrad.module_params(net),
+        reference,
+        lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean(),
+    )
 
 
 def _norm_problem(device: str, norm: nn.Module, dims: tuple[int, ...], batch: int, seed: int) -> Problem:
@@ -86,8 +91,13 @@ def _norm_problem(device: str, norm: nn.Module, dims: tuple[int, ...], batch: in
         z = _norm(x @ p["0.weight"].T + p["0.bias"], dims, net[1].eps) * p["1.weight"] + p["1.bias"]
         return ((torch.tanh(z) @ p["3.weight"].T + p["3.bias"] - y) ** 2).mean()
 
-    return Problem(net, lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(net), reference,
-                   lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean())
+    return Problem(
+        net,
+        lambda p: ((f(p, x) - y) ** 2).mean(),
+        hypergrad.module_params(net),
+        reference,
+        lambda: ((copy.deepcopy(net)(x) - y) ** 2).mean(),
+    )
 
 
 def bn_problem(device: str) -> Problem:
@@ -154,7 +164,7 @@ def test_finite_diff_survives_directions_whose_norm_underflows() -> None:
     v = random_tree(params, 7)
     hv = h @ tree_ravel(v)[0]
     p32 = {k: t.float() for k, t in params.items()}
-    fn32 = lambda p: fn({k: t.double() for k, t in p.items()}).float()  # noqa: E731
+    fn32 = lambda p: fn({k: t.double() for k, t in p.items()}).float()
     tiny = {k: (t * 1e-24).float() for k, t in v.items()}
     assert float(torch.sqrt(sum((t * t).sum() for t in tiny.values()))) == 0.0  # the norm underflows
     out = hvp(fn32, p32, tiny, mode="finite_diff")
@@ -169,7 +179,7 @@ def test_batchnorm_running_stats_policy_matches_eval_mode() -> None:
     net, _, params, _, _ = bn_problem("cpu")
     x = torch.randn(12, 3, dtype=F64)
     f_run = hypergrad.stateless(net, buffers="running_stats")
-    fn = lambda p: (f_run(p, x) ** 2).mean()  # noqa: E731
+    fn = lambda p: (f_run(p, x) ** 2).mean()
     net.eval()
     with torch.no_grad():
         expected_value = (net(x) ** 2).mean()
@@ -188,10 +198,15 @@ def _mixed_problem(device: str) -> tuple:
         z = torch.tanh(x @ p["w"] + p["b"])
         return (torch.exp(h["log_lam"]) * p["w"] ** 2).sum() + (h["scale"] * z**2).mean() + (z * h["shift"]).sum()
 
-    params = {"w": torch.randn(3, generator=gen, dtype=F64).to(device), "b": torch.randn((), generator=gen, dtype=F64).to(device)}
-    hparams = {"log_lam": torch.randn(3, generator=gen, dtype=F64).to(device),
-               "scale": torch.tensor(0.7, dtype=F64, device=device),
-               "shift": torch.tensor(-0.2, dtype=F64, device=device)}
+    params = {
+        "w": torch.randn(3, generator=gen, dtype=F64).to(device),
+        "b": torch.randn((), generator=gen, dtype=F64).to(device),
+    }
+    hparams = {
+        "log_lam": torch.randn(3, generator=gen, dtype=F64).to(device),
+        "scale": torch.tensor(0.7, dtype=F64, device=device),
+        "shift": torch.tensor(-0.2, dtype=F64, device=device),
+    }
     return G, params, hparams
 
 
@@ -235,7 +250,10 @@ def test_fixed_point_operator_matches_dense_jacobian(device: str) -> None:
         return {"z": torch.tanh(w @ p["z"] + u @ h["x"]) * h["gain"]}
 
     params = {"z": torch.randn(5, generator=gen, dtype=F64).to(device)}
-    hparams = {"x": torch.randn(2, generator=gen, dtype=F64).to(device), "gain": torch.tensor(0.9, dtype=F64, device=device)}
+    hparams = {
+        "x": torch.randn(2, generator=gen, dtype=F64).to(device),
+        "gain": torch.tensor(0.9, dtype=F64, device=device),
+    }
     j_theta = jacrev(lambda z: phi({"z": z}, hparams)["z"])(params["z"])  # (5, 5), not symmetric
     j_x = jacrev(lambda x: phi(params, {"x": x, "gain": hparams["gain"]})["z"])(hparams["x"])
     j_gain = jacrev(lambda g: phi(params, {"x": hparams["x"], "gain": g})["z"])(hparams["gain"])
@@ -300,7 +318,9 @@ def test_auto_fallback_inside_implicit_grad_gives_the_right_hypergradient() -> N
     lam = torch.tensor([3.0, 8.0], dtype=F64)
     w_star = -1 + torch.sqrt(1 + lam)  # root of w^2 + 2 w - lam with w > 0
     with pytest.warns(HVPFallbackWarning):
-        g, sol = hypergrad.implicit_grad(G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5, rtol=1e-14))
+        g, sol = hypergrad.implicit_grad(
+            G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5, rtol=1e-14)
+        )
     # dw*/dlam = 1 / (2 w* + 2), dF/dlam = w* dw*/dlam
     torch.testing.assert_close(g["lam"], w_star / (2 * w_star + 2), rtol=1e-12, atol=1e-14)
     assert sol.converged

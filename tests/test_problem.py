@@ -33,7 +33,9 @@ def _ridge_outer(val, w):
 def test_implicit_matches_closed_form_and_finite_differences(hvp_mode: str) -> None:
     train, val = ridge_data()
     log_lam = -1.0
-    problem, inner, outer = ridge_problem(hypergrad.Implicit(solver=hypergrad.CG(max_steps=50, rtol=1e-13), hvp_mode=hvp_mode))
+    problem, inner, outer = ridge_problem(
+        hypergrad.Implicit(solver=hypergrad.CG(max_steps=50, rtol=1e-13), hvp_mode=hvp_mode)
+    )
     w_star = ridge_solve(train, log_lam)
     with torch.no_grad():
         inner.weight.copy_(w_star[None])
@@ -46,7 +48,9 @@ def test_implicit_matches_closed_form_and_finite_differences(hvp_mode: str) -> N
     gF = Xv.T @ (Xv @ w_star - yv) / Xv.shape[0]
     exact = gF @ (-lam * torch.linalg.solve(A, w_star))
     h = 1e-5
-    fd = (_ridge_outer(val, ridge_solve(train, log_lam + h)) - _ridge_outer(val, ridge_solve(train, log_lam - h))) / (2 * h)
+    fd = (_ridge_outer(val, ridge_solve(train, log_lam + h)) - _ridge_outer(val, ridge_solve(train, log_lam - h))) / (
+        2 * h
+    )
     got = outer.log_lam.grad
     assert torch.allclose(got, exact, rtol=1e-10, atol=0)
     assert torch.allclose(got, fd, rtol=1e-7, atol=0)
@@ -65,7 +69,11 @@ def test_implicit_on_a_network_matches_dense_reference() -> None:
 
     def G_mod(inner, outer, batch):
         wd = outer["log_wd"].exp()
-        return ((inner(batch[0]) - batch[1]) ** 2).mean() + wd[0] * (inner[0].weight ** 2).sum() + wd[1] * (inner[2].weight ** 2).sum()
+        return (
+            ((inner(batch[0]) - batch[1]) ** 2).mean()
+            + wd[0] * (inner[0].weight ** 2).sum()
+            + wd[1] * (inner[2].weight ** 2).sum()
+        )
 
     def F_mod(inner, outer, batch):
         return ((inner(batch[0]) - batch[1]) ** 2).mean()
@@ -73,7 +81,9 @@ def test_implicit_on_a_network_matches_dense_reference() -> None:
     problem = hypergrad.BilevelProblem(
         hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.1)),
         hypergrad.Level(hp, torch.optim.SGD(hp.parameters(), lr=0.1)),
-        G_mod, F_mod, hypergrad.Implicit(solver=hypergrad.Dense()),  # exact solve, even if H is indefinite
+        G_mod,
+        F_mod,
+        hypergrad.Implicit(solver=hypergrad.Dense()),  # exact solve, even if H is indefinite
     )
     for _ in range(60):  # approach the inner minimum (the reference is evaluated at the same point anyway)
         problem.inner_step((x, y))
@@ -97,7 +107,12 @@ def test_implicit_on_a_network_matches_dense_reference() -> None:
 def test_proximal_matches_dense_formula_bissl_shape(damping: float) -> None:
     lam_p, gamma = 0.5, 0.5
     problem, lower, upper = bissl_problem(
-        hypergrad.Proximal(lam=lam_p, damping=damping, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=200, rtol=1e-14))
+        hypergrad.Proximal(
+            lam=lam_p,
+            damping=damping,
+            coupling={"backbone": "backbone"},
+            solver=hypergrad.CG(max_steps=200, rtol=1e-14),
+        )
     )
     pre, down = bissl_batches()
     for _ in range(5):
@@ -146,7 +161,9 @@ def test_proximal_inner_step_adds_the_penalty() -> None:
         # SGD with momentum 0.9 on its first step: p <- p - lr * g
         assert torch.allclose(p.detach(), before[k] - 0.05 * (base[k] + pen), rtol=0, atol=1e-14), k
     pen_value = 0.5 * lam_p * sum(((before[k] - omega[k]) ** 2).sum() for k in before if k.startswith("backbone."))
-    assert record.inner_losses[0] == pytest.approx(float(pretext_loss(_Swap(lower, before), None, pre) + pen_value), rel=1e-12)
+    assert record.inner_losses[0] == pytest.approx(
+        float(pretext_loss(_Swap(lower, before), None, pre) + pen_value), rel=1e-12
+    )
 
 
 class _Swap:
@@ -157,7 +174,7 @@ class _Swap:
 
     def __getattr__(self, name: str):
         sub = getattr(self.module, name)
-        p = {k[len(name) + 1:]: v for k, v in self.params.items() if k.startswith(name + ".")}
+        p = {k[len(name) + 1 :]: v for k, v in self.params.items() if k.startswith(name + ".")}
         return lambda *a: torch.func.functional_call(sub, p, a)
 
 
@@ -182,14 +199,18 @@ def test_step_updates_both_levels_with_clipping_and_schedulers() -> None:
     train, val = ridge_data()
     inner = nn.Linear(5, 1, bias=False).double()
     outer = nn.ParameterDict({"log_lam": nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))})
-    G = lambda i, o, b: 0.5 * ((i(b[0]).squeeze(-1) - b[1]) ** 2).mean() + 0.5 * o["log_lam"].exp() * (i.weight ** 2).sum()  # noqa: E731
-    F = lambda i, o, b: 0.5 * ((i(b[0]).squeeze(-1) - b[1]) ** 2).mean()  # noqa: E731
+    G = lambda i, o, b: (
+        0.5 * ((i(b[0]).squeeze(-1) - b[1]) ** 2).mean() + 0.5 * o["log_lam"].exp() * (i.weight**2).sum()
+    )
+    F = lambda i, o, b: 0.5 * ((i(b[0]).squeeze(-1) - b[1]) ** 2).mean()
     opt_o = torch.optim.SGD(outer.parameters(), lr=1.0)
     sched_o = torch.optim.lr_scheduler.StepLR(opt_o, step_size=1, gamma=0.5)
     problem = hypergrad.BilevelProblem(
         hypergrad.Level(inner, torch.optim.SGD(inner.parameters(), lr=0.1)),
         hypergrad.Level(outer, opt_o, scheduler=sched_o, max_grad_norm=1e-3),
-        G, F, hypergrad.Implicit(solver=hypergrad.CG(max_steps=3)),
+        G,
+        F,
+        hypergrad.Implicit(solver=hypergrad.CG(max_steps=3)),
     )
     before = outer["log_lam"].item()
     record = problem.step([train] * 4, val)
@@ -198,7 +219,9 @@ def test_step_updates_both_levels_with_clipping_and_schedulers() -> None:
     assert record.solve.status == "fixed_budget" and record.solve.num_steps == 3 and record.num_hvps == 4
     assert set(record.times) == {"inner", "hypergradient", "outer"} and not record.skipped
     assert record.hypergrad_norm > 1e-3  # so clipping to 1e-3 is active
-    assert abs(outer["log_lam"].item() - before) == pytest.approx(1e-3, rel=1e-5)  # lr 1 * clipped norm (eps 1e-6 in torch)
+    assert abs(outer["log_lam"].item() - before) == pytest.approx(
+        1e-3, rel=1e-5
+    )  # lr 1 * clipped norm (eps 1e-6 in torch)
     assert opt_o.param_groups[0]["lr"] == 0.5 and outer["log_lam"].grad is None
 
 
@@ -212,8 +235,13 @@ def test_operator_reuse_across_outer_steps() -> None:
     pre, down = bissl_batches()
     grads = {}
     for reuse in (False, True):
-        method = hypergrad.Proximal(lam=1e-3, damping=10.0, coupling={"backbone": "backbone"},
-                                    solver=hypergrad.CG(max_steps=5), reuse_operator=reuse)
+        method = hypergrad.Proximal(
+            lam=1e-3,
+            damping=10.0,
+            coupling={"backbone": "backbone"},
+            solver=hypergrad.CG(max_steps=5),
+            reuse_operator=reuse,
+        )
         problem, lower, upper = bissl_problem(method, inner_loss=counting_pretext)
         problem.inner_step(pre)
         counts, reused, out = [], [], []
@@ -282,10 +310,16 @@ def test_dict_levels_expose_entries_in_both_passes() -> None:
     problem = hypergrad.BilevelProblem(
         hypergrad.Level({"net": net}, torch.optim.SGD(net.parameters(), lr=0.1)),
         hypergrad.Level({"w": weights}, torch.optim.SGD([weights], lr=0.1)),
-        G, F, hypergrad.Implicit(solver=hypergrad.CG(max_steps=3), damping=0.1),
+        G,
+        F,
+        hypergrad.Implicit(solver=hypergrad.CG(max_steps=3), damping=0.1),
     )
     rec = problem.step([x] * 3, x)
-    assert weights.grad is None and rec.outer_steps == 1 and not torch.equal(weights.detach(), torch.zeros(20, dtype=torch.float64))
+    assert (
+        weights.grad is None
+        and rec.outer_steps == 1
+        and not torch.equal(weights.detach(), torch.zeros(20, dtype=torch.float64))
+    )
 
 
 def test_proximal_step_same_on_every_device(device: str) -> None:
@@ -293,14 +327,24 @@ def test_proximal_step_same_on_every_device(device: str) -> None:
     pre, down = bissl_batches()
     results = []
     for dev in ("cpu", device):
-        method = hypergrad.Proximal(lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=5),
-                                    warm_start=True, reuse_operator=True)
+        method = hypergrad.Proximal(
+            lam=0.5,
+            damping=1.0,
+            coupling={"backbone": "backbone"},
+            solver=hypergrad.CG(max_steps=5),
+            warm_start=True,
+            reuse_operator=True,
+        )
         problem, lower, upper = bissl_problem(method)
         lower.to(dev), upper.to(dev)
         for opt in (problem.inner.optimizer, problem.outer.optimizer):
             opt.state.clear()
         rec = problem.step([pre.to(dev)] * 3, tuple(t.to(dev) for t in down))
         rec2 = problem.outer_step(tuple(t.to(dev) for t in down), hessian_batch=pre.to(dev))
-        assert not rec.skipped and rec2.operator_reused and problem.method_state.x0["backbone.0.weight"].device.type == torch.device(dev).type
+        assert (
+            not rec.skipped
+            and rec2.operator_reused
+            and problem.method_state.x0["backbone.0.weight"].device.type == torch.device(dev).type
+        )
         results.append(flat({k: v.detach().cpu() for k, v in upper.named_parameters()}))
     assert torch.allclose(results[0], results[1], rtol=1e-10, atol=1e-12)

@@ -33,7 +33,9 @@ def test_killed_run_resumes_bitwise(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # torch.optim's lazy imports, once, before forking
     # the uninterrupted reference run
-    ref = ctx.Process(target=resume_train, args=(str(tmp_path / "ref.pt"), str(tmp_path / "ref_final.pt"), STEPS, SAVE_EVERY))
+    ref = ctx.Process(
+        target=resume_train, args=(str(tmp_path / "ref.pt"), str(tmp_path / "ref_final.pt"), STEPS, SAVE_EVERY)
+    )
     ref.start()
     # a run killed (SIGKILL) as soon as it reports iteration KILL_AFTER
     progress = ctx.Queue()

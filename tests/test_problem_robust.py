@@ -22,7 +22,9 @@ from tests.helpers_problem import (
 
 
 def _prox(**kw):
-    return hypergrad.Proximal(lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=4), **kw)
+    return hypergrad.Proximal(
+        lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=4), **kw
+    )
 
 
 def _nan_like(t: torch.Tensor) -> torch.Tensor:
@@ -46,8 +48,12 @@ def test_nonfinite_never_touches_parameters_or_optimiser_state(policy: str, wher
         "hvp": lambda: problem.outer_step(down, hessian_batch=_nan_like(pre)),
         "step": lambda: problem.step([_nan_like(pre)], bad_down, hessian_batch=pre),
     }
-    expected = {"inner_loss": "inner loss is nan", "outer_loss": "outer loss is nan",
-                "hvp": "linear solve of the proximal hypergradient produced a non-finite", "step": "inner loss is nan"}[where]
+    expected = {
+        "inner_loss": "inner loss is nan",
+        "outer_loss": "outer loss is nan",
+        "hvp": "linear solve of the proximal hypergradient produced a non-finite",
+        "step": "inner loss is nan",
+    }[where]
     if policy == "raise":
         with pytest.raises(hypergrad.NonFiniteError, match=expected):
             calls[where]()
@@ -64,16 +70,19 @@ def test_nonfinite_never_touches_parameters_or_optimiser_state(policy: str, wher
     assert not record.skipped and problem.outer_steps == counters[1] + 1
 
 
-@pytest.mark.parametrize("method", [hypergrad.Implicit(solver=hypergrad.CG(max_steps=2)), hypergrad.Unrolled(steps=2, lr=0.1)])
+@pytest.mark.parametrize(
+    "method", [hypergrad.Implicit(solver=hypergrad.CG(max_steps=2)), hypergrad.Unrolled(steps=2, lr=0.1)]
+)
 def test_infinite_hypergradient_is_skipped(method) -> None:
     inner, outer = nn.Linear(1, 1, bias=False).double(), nn.Linear(1, 1, bias=False).double()
     with torch.no_grad():
         outer.weight.zero_()
-    G = lambda i, o, b: ((i.weight - o.weight) ** 2).sum()  # noqa: E731
-    F = lambda i, o, b: ((i.weight - 1.0) ** 2).sum() + o.weight.abs().sqrt().sum()  # d/d lam sqrt|lam| = inf at 0  # noqa: E731
+    G = lambda i, o, b: ((i.weight - o.weight) ** 2).sum()
+    F = lambda i, o, b: ((i.weight - 1.0) ** 2).sum() + o.weight.abs().sqrt().sum()  # d/d lam sqrt|lam| = inf at 0
     opt = torch.optim.Adam(outer.parameters(), lr=0.1)
-    problem = hypergrad.BilevelProblem(hypergrad.Level(inner, torch.optim.SGD(inner.parameters(), lr=0.1)),
-                                       hypergrad.Level(outer, opt), G, F, method)
+    problem = hypergrad.BilevelProblem(
+        hypergrad.Level(inner, torch.optim.SGD(inner.parameters(), lr=0.1)), hypergrad.Level(outer, opt), G, F, method
+    )
     record = problem.step([None], None)
     assert record.skipped and "hypergradient is non-finite" in record.reason
     assert outer.weight.item() == 0.0 and opt.state == {} and problem.outer_skipped == 1
@@ -102,14 +111,17 @@ def test_batchnorm_policy(policy: str) -> None:
     hp = nn.ParameterDict({"wd": nn.Parameter(torch.tensor(0.1, dtype=torch.float64))})
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
     xv, yv = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
-    G_mod = lambda i, o, b: ((i(b[0]) - b[1]) ** 2).mean() + o["wd"] * sum((p**2).sum() for p in i.parameters())  # noqa: E731
-    F_mod = lambda i, o, b: ((i(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    G_mod = lambda i, o, b: ((i(b[0]) - b[1]) ** 2).mean() + o["wd"] * sum((p**2).sum() for p in i.parameters())
+    F_mod = lambda i, o, b: ((i(b[0]) - b[1]) ** 2).mean()
     problem = hypergrad.BilevelProblem(
         hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.05)),
         hypergrad.Level(hp, torch.optim.SGD(hp.parameters(), lr=0.1)),
-        G_mod, F_mod, hypergrad.Implicit(solver=hypergrad.Dense()), buffers=policy,
+        G_mod,
+        F_mod,
+        hypergrad.Implicit(solver=hypergrad.Dense()),
+        buffers=policy,
     )
-    stats = lambda: [net[1].running_mean.clone(), net[1].running_var.clone(), net[1].num_batches_tracked.clone()]  # noqa: E731
+    stats = lambda: [net[1].running_mean.clone(), net[1].running_var.clone(), net[1].num_batches_tracked.clone()]
     s0 = stats()
     problem.hypergradient((xv, yv), hessian_batch=(x, y))
     assert same(s0, stats())  # Hessian and outer passes never touch running statistics
@@ -120,9 +132,9 @@ def test_batchnorm_policy(policy: str) -> None:
     else:
         ref_net.eval()
     theta = {k: v.detach().clone() for k, v in net.named_parameters()}
-    out = lambda t, inp: torch.func.functional_call(ref_net, t, (inp,))  # noqa: E731
-    G = lambda t, l: ((out(t, x) - y) ** 2).mean() + l["wd"] * sum((v**2).sum() for v in t.values())  # noqa: E731
-    F = lambda t, l: ((out(t, xv) - yv) ** 2).mean()  # noqa: E731
+    out = lambda t, inp: torch.func.functional_call(ref_net, t, (inp,))
+    G = lambda t, l: ((out(t, x) - y) ** 2).mean() + l["wd"] * sum((v**2).sum() for v in t.values())
+    F = lambda t, l: ((out(t, xv) - yv) ** 2).mean()
     ref = dense_implicit(G, F, theta, {"wd": hp["wd"].detach().clone()})["wd"]
     assert torch.allclose(hp["wd"].grad, ref, rtol=1e-9, atol=1e-13)
     problem.outer_step()
@@ -141,7 +153,7 @@ def test_bf16_autocast_keeps_fp32_gradients_and_solver_scalars() -> None:
         out = inner[2](torch.tanh(h))
         return ((out.float() - batch[1]) ** 2).mean() + outer["wd"] * (inner[0].weight ** 2).sum()
 
-    F_mod = lambda inner, outer, batch: ((inner(batch[0]).float() - batch[1]) ** 2).mean()  # noqa: E731
+    F_mod = lambda inner, outer, batch: ((inner(batch[0]).float() - batch[1]) ** 2).mean()
     results = {}
     for amp in (False, True):
         torch.manual_seed(0)
@@ -150,7 +162,9 @@ def test_bf16_autocast_keeps_fp32_gradients_and_solver_scalars() -> None:
         problem = hypergrad.BilevelProblem(
             hypergrad.Level(net, torch.optim.SGD(net.parameters(), lr=0.1)),
             hypergrad.Level(hp, torch.optim.SGD(hp.parameters(), lr=0.01)),
-            G_mod, F_mod, hypergrad.Implicit(solver=hypergrad.CG(max_steps=10), damping=1.0, warm_start=True),
+            G_mod,
+            F_mod,
+            hypergrad.Implicit(solver=hypergrad.CG(max_steps=10), damping=1.0, warm_start=True),
         )
         x, y = torch.randn(64, 8), torch.randn(64, 1)
         dtypes.clear()
@@ -159,7 +173,9 @@ def test_bf16_autocast_keeps_fp32_gradients_and_solver_scalars() -> None:
         assert set(dtypes) == {torch.bfloat16 if amp else torch.float32}  # autocast reached the functional passes
         assert hp["wd"].grad.dtype == torch.float32
         assert problem.method_state.x0["0.weight"].dtype == torch.float32
-        assert isinstance(record.solve.residual_norm, float) and record.solve.residual_norm == record.solve.residual_norm
+        assert (
+            isinstance(record.solve.residual_norm, float) and record.solve.residual_norm == record.solve.residual_norm
+        )
         results[amp] = hp["wd"].grad.clone()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             assert not problem.step([(x, y)], (x, y)).skipped

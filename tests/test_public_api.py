@@ -50,13 +50,26 @@ def test_all_lists_are_unique_and_complete() -> None:
 def test_core_callables_have_examples() -> None:
     """The docstring template asks for a runnable Example: checked here for the hypergradient
     functions, the operators and every solver (the core of the API)."""
-    core = [hypergrad.implicit_grad, hypergrad.proximal_grad, hypergrad.fixed_point_grad, hypergrad.unrolled_grad,
-            hypergrad.hvp, hypergrad.mixed_hvp, hypergrad.HessianOperator, hypergrad.Damped,
-            hypergrad.FixedPointOperator, hypergrad.materialize, hypergrad.stateless]
-    core += [getattr(hypergrad.solvers, n) for n in hypergrad.solvers.__all__
-             if inspect.isclass(getattr(hypergrad.solvers, n))
-             and issubclass(getattr(hypergrad.solvers, n), hypergrad.AbstractLinearSolver)
-             and getattr(hypergrad.solvers, n) is not hypergrad.AbstractLinearSolver]
+    core = [
+        hypergrad.implicit_grad,
+        hypergrad.proximal_grad,
+        hypergrad.fixed_point_grad,
+        hypergrad.unrolled_grad,
+        hypergrad.hvp,
+        hypergrad.mixed_hvp,
+        hypergrad.HessianOperator,
+        hypergrad.Damped,
+        hypergrad.FixedPointOperator,
+        hypergrad.materialize,
+        hypergrad.stateless,
+    ]
+    core += [
+        getattr(hypergrad.solvers, n)
+        for n in hypergrad.solvers.__all__
+        if inspect.isclass(getattr(hypergrad.solvers, n))
+        and issubclass(getattr(hypergrad.solvers, n), hypergrad.AbstractLinearSolver)
+        and getattr(hypergrad.solvers, n) is not hypergrad.AbstractLinearSolver
+    ]
     missing = [obj.__name__ for obj in core if ">>>" not in (inspect.getdoc(obj) or "")]
     assert not missing, f"core callables without a doctest Example: {missing}"
 
@@ -70,7 +83,9 @@ def _private_hypergrad_imports(path: Path) -> list[str]:
             modules = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        private = [m for m in modules if m.split(".")[0] == "hypergrad" and any(p.startswith("_") for p in m.split(".")[1:])]
+        private = [
+            m for m in modules if m.split(".")[0] == "hypergrad" and any(p.startswith("_") for p in m.split(".")[1:])
+        ]
         if private:
             bad.append(f"{path}:{node.lineno}: {private[0]}")
     return bad

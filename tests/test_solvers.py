@@ -260,8 +260,13 @@ def test_dense_singular() -> None:
 
 def test_every_failure_status_has_a_remedy() -> None:
     failed = [s for s in Status if s.failed]
-    assert set(failed) == {Status.MAX_STEPS_REACHED, Status.NONFINITE, Status.NEGATIVE_CURVATURE,
-                           Status.DIVERGED, Status.SINGULAR}
+    assert set(failed) == {
+        Status.MAX_STEPS_REACHED,
+        Status.NONFINITE,
+        Status.NEGATIVE_CURVATURE,
+        Status.DIVERGED,
+        Status.SINGULAR,
+    }
     for status in Status:
         assert len(status.message) > 20
     for status in failed:

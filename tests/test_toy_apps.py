@@ -24,8 +24,21 @@ def test_cli_help(module: str) -> None:
 def test_hyper_cleaning_beats_training_on_noisy_labels(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     args = hyper_cleaning.parse_args(
-        ["--n-train", "300", "--n-val", "100", "--n-test", "300", "--outer-steps", "25", "--inner-steps", "5",
-         "--no-progress", "--log-dir", str(tmp_path)]
+        [
+            "--n-train",
+            "300",
+            "--n-val",
+            "100",
+            "--n-test",
+            "300",
+            "--outer-steps",
+            "25",
+            "--inner-steps",
+            "5",
+            "--no-progress",
+            "--log-dir",
+            str(tmp_path),
+        ]
     )
     r = hyper_cleaning.run(args)
     # seeded smoke run: the learned weights find the corrupted labels and the classifier benefits
@@ -44,7 +57,9 @@ def test_hyper_cleaning_data_corruption() -> None:
     assert data.train.x.shape == (400, 1, 8, 8) and data.num_classes == 10
 
 
-@pytest.mark.skipif(not (hyper_cleaning.FASHION_DIR / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+@pytest.mark.skipif(
+    not (hyper_cleaning.FASHION_DIR / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed"
+)
 def test_fashion_mnist_idx_reader() -> None:
     x, y = hyper_cleaning.load_images("fashion-mnist")
     assert x.shape == (60000, 1, 28, 28) and y.shape == (60000,)
@@ -65,7 +80,9 @@ def test_imaml_meta_training_lowers_test_error(tmp_path: Path) -> None:
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,train_query_mse")
 
 
-@pytest.mark.parametrize("argv, message", [(["--meta-steps", "0"], "--meta-steps must be >= 1"), (["--lam", "0"], "--lam must be > 0")])
+@pytest.mark.parametrize(
+    "argv, message", [(["--meta-steps", "0"], "--meta-steps must be >= 1"), (["--lam", "0"], "--lam must be > 0")]
+)
 def test_imaml_cli_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         imaml.parse_args(argv)

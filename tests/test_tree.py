@@ -103,12 +103,22 @@ def test_vdot_of_empty_tree_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("candidate", "exc", "regex"),
     [
-        ({"bias": torch.ones(4)}, ValueError, r"`x` must have the same keys as `ref`: missing \['conv\.weight', 'scalar'\]"),
+        (
+            {"bias": torch.ones(4)},
+            ValueError,
+            r"`x` must have the same keys as `ref`: missing \['conv\.weight', 'scalar'\]",
+        ),
         ([1, 2], TypeError, r"`x` must be a dict of tensors keyed like `ref`, got list"),
-        ({"conv.weight": torch.ones(2, 3, 2), "bias": torch.ones(5), "scalar": torch.ones(())}, ValueError,
-         r"`x\['bias'\]` has shape \(5,\) but `ref\['bias'\]` has shape \(4,\)"),
-        ({"conv.weight": torch.ones(2, 3, 2), "bias": "b", "scalar": torch.ones(())}, TypeError,
-         r"`x\['bias'\]` must be a Tensor, got str"),
+        (
+            {"conv.weight": torch.ones(2, 3, 2), "bias": torch.ones(5), "scalar": torch.ones(())},
+            ValueError,
+            r"`x\['bias'\]` has shape \(5,\) but `ref\['bias'\]` has shape \(4,\)",
+        ),
+        (
+            {"conv.weight": torch.ones(2, 3, 2), "bias": "b", "scalar": torch.ones(())},
+            TypeError,
+            r"`x\['bias'\]` must be a Tensor, got str",
+        ),
     ],
 )
 def test_check_like_errors(candidate, exc: type[Exception], regex: str) -> None:

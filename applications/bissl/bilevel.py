@@ -108,8 +108,15 @@ def build_problem(
             ``upper`` + ``head``; ``lower_sched``, ``upper_sched`` their schedulers.
         callbacks: passed to :class:`hypergrad.BilevelProblem`.
     """
-    method = Proximal(lam=cfg.lam, damping=cfg.damping, coupling={"backbone": "backbone"}, solver=cfg.solver,
-                      hvp_mode=cfg.hvp_mode, warm_start=cfg.warm_start, reuse_operator=cfg.reuse_operator)
+    method = Proximal(
+        lam=cfg.lam,
+        damping=cfg.damping,
+        coupling={"backbone": "backbone"},
+        solver=cfg.solver,
+        hvp_mode=cfg.hvp_mode,
+        warm_start=cfg.warm_start,
+        reuse_operator=cfg.reuse_operator,
+    )
     return BilevelProblem(
         inner=Level(ssl, lower_opt, lower_sched, max_grad_norm=cfg.clip_norm),
         outer=Level({"backbone": upper, "head": head}, upper_opt, upper_sched, max_grad_norm=cfg.clip_norm),

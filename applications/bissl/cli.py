@@ -81,17 +81,28 @@ SOLVERS = ("cg", "neumann", "dense", "identity")
 def _add(sp: argparse.ArgumentParser, table: dict, title: str) -> None:
     g = sp.add_argument_group(title)
     for flag, (dotted, typ, help_) in table.items():
-        g.add_argument(flag, type=typ, default=None, dest=dotted.replace(".", "__"), help=help_,
-                       metavar=typ.__name__.upper())
+        g.add_argument(
+            flag, type=typ, default=None, dest=dotted.replace(".", "__"), help=help_, metavar=typ.__name__.upper()
+        )
 
 
 def _add_solver(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("implicit-gradient solver")
-    g.add_argument("--solver", choices=SOLVERS, default=None, help="linear solver for (I + H/(lam+damping)) x = g (default cg)")
-    g.add_argument("--solver-steps", type=int, default=None, help="iterations of the solver (default 5, as the authors)")
-    g.add_argument("--warm-start", action="store_true", default=None, help="start each solve from the previous solution")
-    g.add_argument("--reuse-operator", action="store_true", default=None,
-                   help="keep the pretext gradient graph for all upper steps of an alternation (one backward per HVP)")
+    g.add_argument(
+        "--solver", choices=SOLVERS, default=None, help="linear solver for (I + H/(lam+damping)) x = g (default cg)"
+    )
+    g.add_argument(
+        "--solver-steps", type=int, default=None, help="iterations of the solver (default 5, as the authors)"
+    )
+    g.add_argument(
+        "--warm-start", action="store_true", default=None, help="start each solve from the previous solution"
+    )
+    g.add_argument(
+        "--reuse-operator",
+        action="store_true",
+        default=None,
+        help="keep the pretext gradient graph for all upper steps of an alternation (one backward per HVP)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,38 +117,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run}")
     add_pretrain_args(sub)
 
-    sp = sub.add_parser("bissl", help="the bilevel BiSSL stage for one downstream data set (stage 2)",
-                        description="Head warm-up, then alternations of lower (pretext + proximal) and upper "
-                        "(downstream, implicit gradient) steps; saves the lower backbone.")
+    sp = sub.add_parser(
+        "bissl",
+        help="the bilevel BiSSL stage for one downstream data set (stage 2)",
+        description="Head warm-up, then alternations of lower (pretext + proximal) and upper "
+        "(downstream, implicit gradient) steps; saves the lower backbone.",
+    )
     sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
-    sp.add_argument("--d-dset", default=None, dest="bissl__downstream",
-                    help="downstream task, e.g. pets, cifar10, digits, fashion_mnist@20, fashion_mnist_inv@20")
-    sp.add_argument("--pretrained", default=None, help="pretext checkpoint (default <out-dir>/<preset>/pretrain/pretrained.pt)")
+    sp.add_argument(
+        "--d-dset",
+        default=None,
+        dest="bissl__downstream",
+        help="downstream task, e.g. pets, cifar10, digits, fashion_mnist@20, fashion_mnist_inv@20",
+    )
+    sp.add_argument(
+        "--pretrained", default=None, help="pretext checkpoint (default <out-dir>/<preset>/pretrain/pretrained.pt)"
+    )
     sp.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     _add(sp, _COMMON, "data, output, model")
     _add(sp, _BISSL, "BiSSL stage")
     _add_solver(sp)
     sp.set_defaults(func=_cmd_bissl)
 
-    sp = sub.add_parser("finetune", help="fine-tuning with random-search HPO and seeded runs (stage 3)",
-                        description="Full fine-tuning (SGD, cosine) of a backbone plus a linear head: random search "
-                        "over lr ~ logU[1e-4, 1], wd ~ logU[1e-5, 1e-2] on a validation split, then --num-runs seeds.")
+    sp = sub.add_parser(
+        "finetune",
+        help="fine-tuning with random-search HPO and seeded runs (stage 3)",
+        description="Full fine-tuning (SGD, cosine) of a backbone plus a linear head: random search "
+        "over lr ~ logU[1e-4, 1], wd ~ logU[1e-5, 1e-2] on a validation split, then --num-runs seeds.",
+    )
     sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
     sp.add_argument("--dset", required=True, help="downstream task (see bissl --d-dset)")
-    sp.add_argument("--backbone-origin", choices=("pretext", "bissl"), default="bissl",
-                    help="start from the pretext backbone (baseline) or the BiSSL lower backbone")
-    sp.add_argument("--backbone", default=None, help="backbone checkpoint (default: the stage's output under <out-dir>)")
+    sp.add_argument(
+        "--backbone-origin",
+        choices=("pretext", "bissl"),
+        default="bissl",
+        help="start from the pretext backbone (baseline) or the BiSSL lower backbone",
+    )
+    sp.add_argument(
+        "--backbone", default=None, help="backbone checkpoint (default: the stage's output under <out-dir>)"
+    )
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1, help="1: random search; 0: use --lr/--wd")
     sp.add_argument("--lr", type=float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
-    sp.add_argument("--wd", type=float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0")
+    sp.add_argument(
+        "--wd", type=float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
+    )
     sp.add_argument("--epochs", type=int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run")
     _add(sp, _COMMON, "data, output, model")
     _add(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
     sp.set_defaults(func=_cmd_finetune)
 
-    sp = sub.add_parser("run", help="all stages for one preset, ending with the results table",
-                        description="pretrain -> BiSSL -> fine-tuning (baseline and BiSSL) for every downstream task "
-                        "of the preset; writes results.md, results.json and results.png under <out-dir>/<preset>.")
+    sp = sub.add_parser(
+        "run",
+        help="all stages for one preset, ending with the results table",
+        description="pretrain -> BiSSL -> fine-tuning (baseline and BiSSL) for every downstream task "
+        "of the preset; writes results.md, results.json and results.png under <out-dir>/<preset>.",
+    )
     sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
     sp.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: the preset's)")
     sp.add_argument("--no-resume", action="store_true", help="start every stage afresh")
@@ -157,8 +191,12 @@ def _solver(args: Any, current: Any) -> Any:
         return current
     kind = kind or "cg"
     steps = steps if steps is not None else 5
-    return {"cg": lambda: CG(max_steps=steps), "neumann": lambda: Neumann(max_steps=steps),
-            "dense": Dense, "identity": Identity}[kind]()
+    return {
+        "cg": lambda: CG(max_steps=steps),
+        "neumann": lambda: Neumann(max_steps=steps),
+        "dense": Dense,
+        "identity": Identity,
+    }[kind]()
 
 
 def config_from_args(args: Any) -> PipelineConfig:
@@ -212,12 +250,17 @@ def _cmd_finetune(args: Any) -> int:
 
     dist_utils.init_distributed()
     cfg = _setup(config_from_args(args))
-    path = args.backbone or (os.path.join(cfg.run_dir, "pretrain", "pretrained.pt") if args.backbone_origin == "pretext"
-                             else os.path.join(cfg.run_dir, "bissl", args.dset.replace("@", "_at"), "lower_backbone.pt"))
+    path = args.backbone or (
+        os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
+        if args.backbone_origin == "pretext"
+        else os.path.join(cfg.run_dir, "bissl", args.dset.replace("@", "_at"), "lower_backbone.pt")
+    )
     if dist_utils.is_main_process():
         r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo))
-        print(f"{args.dset} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over "
-              f"{len(r['test_top1'])} runs (lr {r['lr']:.4g}, wd {r['weight_decay']:.4g})")
+        print(
+            f"{args.dset} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over "
+            f"{len(r['test_top1'])} runs (lr {r['lr']:.4g}, wd {r['weight_decay']:.4g})"
+        )
     dist_utils.barrier()
     return 0
 

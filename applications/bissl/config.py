@@ -151,7 +151,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.pretext_type not in PRETEXT_TYPES:
-            raise ValueError(f"PretrainConfig: `pretext_type` must be one of {PRETEXT_TYPES}, got {self.pretext_type!r}.")
+            raise ValueError(
+                f"PretrainConfig: `pretext_type` must be one of {PRETEXT_TYPES}, got {self.pretext_type!r}."
+            )
         for name in ("epochs", "batch_size"):
             _pos("PretrainConfig", name, getattr(self, name), integer=True)
         _pos("PretrainConfig", "warmup_epochs", self.warmup_epochs, integer=True, allow_zero=True)
@@ -262,7 +264,9 @@ class FinetuneConfig:
         for name in ("lr_range", "wd_range"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
-                raise ValueError(f"FinetuneConfig: `{name}` must be (low, high) with 0 < low <= high, got {(lo, hi)!r}.")
+                raise ValueError(
+                    f"FinetuneConfig: `{name}` must be (low, high) with 0 < low <= high, got {(lo, hi)!r}."
+                )
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"FinetuneConfig: `val_fraction` must be in (0, 1), got {self.val_fraction!r}.")
 
@@ -316,14 +320,25 @@ def _paper() -> PipelineConfig:
 
 def _mini() -> PipelineConfig:
     return PipelineConfig(
-        name="mini", data_root=OFFLINE_ROOT,
-        model=ModelConfig(arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16,
-                          proj_dims=64, pred_hidden=64),
-        pretrain=PretrainConfig(dataset="fashion_mnist", epochs=4, batch_size=256, lr=1.0, warmup_epochs=1,
-                                max_samples=8000),
-        bissl=BiSSLConfig(downstream="digits", alternations=6, lower_steps=10, upper_steps=4,
-                          head_warmup_epochs=5, lower_warmup_steps=10, pretext_batch=128,
-                          downstream_batch=64, reuse_operator=True),
+        name="mini",
+        data_root=OFFLINE_ROOT,
+        model=ModelConfig(
+            arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16, proj_dims=64, pred_hidden=64
+        ),
+        pretrain=PretrainConfig(
+            dataset="fashion_mnist", epochs=4, batch_size=256, lr=1.0, warmup_epochs=1, max_samples=8000
+        ),
+        bissl=BiSSLConfig(
+            downstream="digits",
+            alternations=6,
+            lower_steps=10,
+            upper_steps=4,
+            head_warmup_epochs=5,
+            lower_warmup_steps=10,
+            pretext_batch=128,
+            downstream_batch=64,
+            reuse_operator=True,
+        ),
         finetune=FinetuneConfig(epochs=5, batch_size=128, hpo_trials=6, hpo_epochs=3, num_runs=10),
         downstream=("digits", "fashion_mnist@20", "fashion_mnist_inv@20"),
         max_test_samples=2000,
@@ -334,14 +349,30 @@ def _mini() -> PipelineConfig:
 def _demo() -> PipelineConfig:
     fm = fashion_mnist_available()
     return PipelineConfig(
-        name="demo", data_root=OFFLINE_ROOT,
-        model=ModelConfig(arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16,
-                          proj_dims=64, pred_hidden=64),
-        pretrain=PretrainConfig(dataset="fashion_mnist" if fm else "digits", epochs=3, batch_size=128,
-                                lr=1.0, warmup_epochs=1, max_samples=2000 if fm else None),
-        bissl=BiSSLConfig(downstream="digits", alternations=5, lower_steps=8, upper_steps=4,
-                          head_warmup_epochs=2, lower_warmup_steps=8, pretext_batch=64,
-                          downstream_batch=64, reuse_operator=True),
+        name="demo",
+        data_root=OFFLINE_ROOT,
+        model=ModelConfig(
+            arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16, proj_dims=64, pred_hidden=64
+        ),
+        pretrain=PretrainConfig(
+            dataset="fashion_mnist" if fm else "digits",
+            epochs=3,
+            batch_size=128,
+            lr=1.0,
+            warmup_epochs=1,
+            max_samples=2000 if fm else None,
+        ),
+        bissl=BiSSLConfig(
+            downstream="digits",
+            alternations=5,
+            lower_steps=8,
+            upper_steps=4,
+            head_warmup_epochs=2,
+            lower_warmup_steps=8,
+            pretext_batch=64,
+            downstream_batch=64,
+            reuse_operator=True,
+        ),
         finetune=FinetuneConfig(epochs=5, batch_size=64, hpo_trials=3, hpo_epochs=2, num_runs=3),
         downstream=("digits",),
         threads=1,
@@ -350,14 +381,23 @@ def _demo() -> PipelineConfig:
 
 def _tiny() -> PipelineConfig:
     return PipelineConfig(
-        name="tiny", data_root=OFFLINE_ROOT,
-        model=ModelConfig(arch="resnet18", small_stem=True, width=4, in_channels=1, image_size=8,
-                          proj_dims=16, pred_hidden=16),
-        pretrain=PretrainConfig(dataset="digits", epochs=1, batch_size=32, lr=0.5, warmup_epochs=0,
-                                max_samples=64),
-        bissl=BiSSLConfig(downstream="digits", alternations=1, lower_steps=2, upper_steps=2,
-                          head_warmup_epochs=1, lower_warmup_steps=1, pretext_batch=32,
-                          downstream_batch=32, solver=CG(max_steps=2)),
+        name="tiny",
+        data_root=OFFLINE_ROOT,
+        model=ModelConfig(
+            arch="resnet18", small_stem=True, width=4, in_channels=1, image_size=8, proj_dims=16, pred_hidden=16
+        ),
+        pretrain=PretrainConfig(dataset="digits", epochs=1, batch_size=32, lr=0.5, warmup_epochs=0, max_samples=64),
+        bissl=BiSSLConfig(
+            downstream="digits",
+            alternations=1,
+            lower_steps=2,
+            upper_steps=2,
+            head_warmup_epochs=1,
+            lower_warmup_steps=1,
+            pretext_batch=32,
+            downstream_batch=32,
+            solver=CG(max_steps=2),
+        ),
         finetune=FinetuneConfig(epochs=1, batch_size=32, hpo_trials=2, hpo_epochs=1, num_runs=2),
         downstream=("digits",),
         max_train_samples=64,

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from hypergrad import MetricsLogger
 
-from .config import FinetuneConfig, PipelineConfig
-from .models import LinearHead, build_backbone
 from .augment import eval_transform, train_transform
+from .config import FinetuneConfig, PipelineConfig
 from .data import train_val_split
+from .models import LinearHead, build_backbone
 from .tasks import build_task, task_classes, with_inversion
 
 __all__ = ["Trial", "sample_trials", "random_search", "train_classifier", "evaluate", "finetune", "load_backbone"]
@@ -85,7 +85,7 @@ def random_search(
         0.09
     """
     scored = list(done or [])
-    for t in tqdm(trials[len(scored):], desc="hpo", leave=False, initial=len(scored), total=len(trials)):
+    for t in tqdm(trials[len(scored) :], desc="hpo", leave=False, initial=len(scored), total=len(trials)):
         scored.append(t._replace(score=float(objective(t.lr, t.weight_decay))))
         if on_trial is not None:
             on_trial(scored)
@@ -141,8 +141,14 @@ def train_classifier(
     model = nn.Sequential(backbone, LinearHead(feat_dim, n_classes)).to(cfg.device)
     ft = cfg.finetune
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=min(ft.batch_size, len(train)), shuffle=True, drop_last=len(train) > ft.batch_size,
-                        generator=g, num_workers=cfg.num_workers)
+    loader = DataLoader(
+        train,
+        batch_size=min(ft.batch_size, len(train)),
+        shuffle=True,
+        drop_last=len(train) > ft.batch_size,
+        generator=g,
+        num_workers=cfg.num_workers,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=ft.momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
     loss_fn = nn.CrossEntropyLoss()
@@ -222,8 +228,17 @@ def finetune(
         val_loader = DataLoader(hpo_val, batch_size=512, num_workers=cfg.num_workers)
 
         def objective(lr_: float, wd_: float) -> float:
-            model = train_classifier(bstate, cfg, n_cls, hpo_train, lr=lr_, weight_decay=wd_,
-                                     epochs=ft.hpo_epochs or ft.epochs, seed=ft.seed, desc="trial")
+            model = train_classifier(
+                bstate,
+                cfg,
+                n_cls,
+                hpo_train,
+                lr=lr_,
+                weight_decay=wd_,
+                epochs=ft.hpo_epochs or ft.epochs,
+                seed=ft.seed,
+                desc="trial",
+            )
             acc = evaluate(model, val_loader, cfg.device)
             return acc if all(torch.isfinite(p).all() for p in model.parameters()) else float("nan")
 
@@ -243,8 +258,9 @@ def finetune(
     state["lr"], state["weight_decay"] = lr, wd
     save()
     for seed in tqdm(range(len(state["runs"]), ft.num_runs), desc=f"runs {task}/{origin}", leave=False):
-        model = train_classifier(bstate, cfg, n_cls, train_aug, lr=lr, weight_decay=wd, epochs=ft.epochs,
-                                 seed=seed, desc=f"run {seed}")
+        model = train_classifier(
+            bstate, cfg, n_cls, train_aug, lr=lr, weight_decay=wd, epochs=ft.epochs, seed=seed, desc=f"run {seed}"
+        )
         acc = evaluate(model, test_loader, cfg.device)
         state["runs"].append(acc)
         save()
@@ -254,8 +270,13 @@ def finetune(
     metrics.close()
     accs = state["runs"]
     result = {
-        "task": task, "origin": origin, "lr": lr, "weight_decay": wd, "trials": state["trials"],
-        "test_top1": accs, "mean": statistics.fmean(accs),
+        "task": task,
+        "origin": origin,
+        "lr": lr,
+        "weight_decay": wd,
+        "trials": state["trials"],
+        "test_top1": accs,
+        "mean": statistics.fmean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
     }
     with open(os.path.join(out_dir, "result.json"), "w") as f:

@@ -22,8 +22,7 @@ __all__ = ["EMA", "BYOLLoss", "NTXentLoss", "create_target"]
 def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(
-            f"{names[0]} and {names[1]} must both have shape (batch, dim); got {tuple(a.shape)} and "
-            f"{tuple(b.shape)}."
+            f"{names[0]} and {names[1]} must both have shape (batch, dim); got {tuple(a.shape)} and {tuple(b.shape)}."
         )
 
 
@@ -117,9 +116,7 @@ class BYOLLoss(nn.Module):
         Grill et al., NeurIPS 2020 (arXiv 2006.07733), Eq. (2) and the symmetrised loss.
     """
 
-    def forward(
-        self, p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
         """Symmetric loss; ``p1``, ``p2`` online predictions, ``t1``, ``t2`` target projections, ``(B, D)``."""
         _check_pair(p1, t2, ("p1", "t2"))
         _check_pair(p2, t1, ("p2", "t1"))

@@ -80,7 +80,7 @@ class LARS(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # noqa: D102 - documented on the class
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -135,9 +135,7 @@ class WarmupCosine:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}.")
         if total_steps < max(1, warmup_steps):
-            raise ValueError(
-                f"total_steps must be >= max(1, warmup_steps={warmup_steps}), got {total_steps!r}."
-            )
+            raise ValueError(f"total_steps must be >= max(1, warmup_steps={warmup_steps}), got {total_steps!r}.")
         if not 0.0 <= final_lr_scale <= 1.0:
             raise ValueError(f"final_lr_scale must lie in [0, 1], got {final_lr_scale!r}.")
         self.warmup_steps = int(warmup_steps)
@@ -153,9 +151,7 @@ class WarmupCosine:
         return c + (1.0 - c) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(
-    optimizer: Optimizer, warmup_steps: int, total_steps: int, final_lr_scale: float = 0.0
-) -> LambdaLR:
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, final_lr_scale: float = 0.0) -> LambdaLR:
     r"""Linear warm-up then cosine decay of every group's base lr (see :class:`WarmupCosine`).
 
     Call ``scheduler.step()`` once after each ``optimizer.step()``.

@@ -41,7 +41,14 @@ from .data import TwoViewDataset, get_dataset
 from .optim import LARS, warmup_cosine
 from .ssl_model import SSLModel, build_ssl_model
 
-__all__ = ["add_pretrain_args", "build_pretrain_model", "config_from_args", "epoch_batches", "pretrain", "run_pretrain_command"]
+__all__ = [
+    "add_pretrain_args",
+    "build_pretrain_model",
+    "config_from_args",
+    "epoch_batches",
+    "pretrain",
+    "run_pretrain_command",
+]
 
 
 def build_pretrain_model(cfg: PipelineConfig) -> SSLModel:
@@ -88,8 +95,7 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     per_rank = batch_size // world
     return [
-        perm[k * batch_size + rank * per_rank : k * batch_size + (rank + 1) * per_rank]
-        for k in range(n // batch_size)
+        perm[k * batch_size + rank * per_rank : k * batch_size + (rank + 1) * per_rank] for k in range(n // batch_size)
     ]
 
 
@@ -192,7 +198,9 @@ def pretrain(
     every = checkpoint_every or steps_per_epoch
 
     model = build_pretrain_model(cfg).to(device)
-    opt = LARS([q for q in model.parameters() if q.requires_grad], lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum)
+    opt = LARS(
+        [q for q in model.parameters() if q.requires_grad], lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum
+    )
     sched = warmup_cosine(opt, p.warmup_epochs * steps_per_epoch, total, final_lr_scale)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     step = 0
@@ -240,7 +248,9 @@ def pretrain(
                 bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
                 if logger is not None:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    logger.log(step, {"loss": mean_loss, "lr": opt.param_groups[0]["lr"], "epoch": epoch, "images_per_s": rate})
+                    logger.log(
+                        step, {"loss": mean_loss, "lr": opt.param_groups[0]["lr"], "epoch": epoch, "images_per_s": rate}
+                    )
             if step % every == 0 or step == total:
                 if main:
                     save_checkpoint(_state(model, opt, sched, step, cfg), ckpt_path)

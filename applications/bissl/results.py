@@ -51,12 +51,16 @@ def results_table(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_markdown(rows: list[dict[str, Any]], title: str | None = None) -> str:
     """A Markdown table: task | baseline | BiSSL | gap | runs (top-1 %, mean +- std)."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| downstream task | baseline (pretext) top-1 % | BiSSL top-1 % | gap (BiSSL - baseline) | runs |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "| downstream task | baseline (pretext) top-1 % | BiSSL top-1 % | gap (BiSSL - baseline) | runs |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        cell = lambda k: "n/a" if math.isnan(r[f"{k}_mean"]) else f"{r[f'{k}_mean']:.2f} ± {r[f'{k}_std']:.2f}"  # noqa: E731
+        cell = lambda k: "n/a" if math.isnan(r[f"{k}_mean"]) else f"{r[f'{k}_mean']:.2f} ± {r[f'{k}_std']:.2f}"
         gap = "n/a" if math.isnan(r["gap"]) else f"{r['gap']:+.2f}"
-        lines.append(f"| {r['task']} | {cell('baseline')} | {cell('bissl')} | {gap} | {r['baseline_runs']} / {r['bissl_runs']} |")
+        lines.append(
+            f"| {r['task']} | {cell('baseline')} | {cell('bissl')} | {gap} | {r['baseline_runs']} / {r['bissl_runs']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -71,8 +75,14 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * n + 1.5), 3.6))
     xs = list(range(n))
     for off, key, label in ((-0.2, "baseline", "baseline (pretext)"), (0.2, "bissl", "BiSSL")):
-        ax.bar([x + off for x in xs], [r[f"{key}_mean"] for r in rows], width=0.38,
-               yerr=[r[f"{key}_std"] for r in rows], capsize=3, label=label)
+        ax.bar(
+            [x + off for x in xs],
+            [r[f"{key}_mean"] for r in rows],
+            width=0.38,
+            yerr=[r[f"{key}_std"] for r in rows],
+            capsize=3,
+            label=label,
+        )
     ax.set_xticks(xs, [r["task"] for r in rows], rotation=15)
     ax.set_ylabel("test top-1 (%)")
     lo = min([r[f"{k}_mean"] - r[f"{k}_std"] for r in rows for k in ("baseline", "bissl")] or [0.0])

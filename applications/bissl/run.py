@@ -71,18 +71,27 @@ def run_pipeline(
             if main:
                 r = finetune(tcfg, task, origin, path)
                 results.append(r)
-                say(f"[run] fine-tune {task}/{origin}: {r['mean']:.2f} ± {r['std']:.2f} "
-                    f"(lr {r['lr']:.3g}, wd {r['weight_decay']:.3g}, {len(r['test_top1'])} runs)")
+                say(
+                    f"[run] fine-tune {task}/{origin}: {r['mean']:.2f} ± {r['std']:.2f} "
+                    f"(lr {r['lr']:.3g}, wd {r['weight_decay']:.3g}, {len(r['test_top1'])} runs)"
+                )
             dist_utils.barrier()  # fine-tuning runs on rank 0; the other ranks wait
             timings[f"finetune[{task}/{origin}]_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
     md = ""
     if main:
         meta = {
-            "preset": cfg.name, "config": cfg.to_dict(), "timings": timings,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "world_size": dist_utils.world_size(),
-                        "device": cfg.device},
+            "preset": cfg.name,
+            "config": cfg.to_dict(),
+            "timings": timings,
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "world_size": dist_utils.world_size(),
+                "device": cfg.device,
+            },
         }
         title = f"BiSSL {cfg.name} preset ({cfg.pretrain.pretext_type}, pretext {cfg.pretrain.dataset})"
         md = write_results(results, cfg.run_dir, title=title, meta=meta)

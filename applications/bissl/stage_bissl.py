@@ -74,7 +74,7 @@ def _batches(ds: Dataset, first: int, count: int, batch: int, seed: int, workers
     while k < end:
         epoch, j = divmod(k, per_epoch)
         n = min(end - k, per_epoch - j)
-        idx = epoch_batches(len(ds), b, epoch, seed, dist_utils.rank(), dist_utils.world_size())[j:j + n]
+        idx = epoch_batches(len(ds), b, epoch, seed, dist_utils.rank(), dist_utils.world_size())[j : j + n]
         if hasattr(ds, "set_epoch"):
             ds.set_epoch(epoch)
         yield from DataLoader(ds, batch_sampler=idx, num_workers=workers)
@@ -91,12 +91,19 @@ def _reduce_grads(params) -> None:
 def _warmup_head(cfg: PipelineConfig, backbone: nn.Module, head: nn.Module, ds: Dataset, lr: float, wd: float) -> float:
     b = cfg.bissl
     device = next(head.parameters()).device
-    loader = DataLoader(ds, batch_size=min(b.downstream_batch, len(ds)), shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers)
+    loader = DataLoader(
+        ds,
+        batch_size=min(b.downstream_batch, len(ds)),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.num_workers,
+    )
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=b.momentum, weight_decay=wd)
     backbone.eval()
     loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(b.head_warmup_epochs), desc="head warm-up", leave=False, disable=not dist_utils.is_main_process()):
+    for _ in tqdm(
+        range(b.head_warmup_epochs), desc="head warm-up", leave=False, disable=not dist_utils.is_main_process()
+    ):
         for x, y in loader:
             with torch.no_grad():
                 h = backbone(x.to(device))
@@ -146,20 +153,35 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
     m = cfg.model
     cap = cfg.max_train_samples
     pre_ds = pretext_dataset(cfg, seed=cfg.seed)
-    down_ds = build_task(task, cfg.data_root, "train", train_transform(m.image_size, m.in_channels),
-                         image_size=m.image_size, max_samples=cap)
-    warm_ds = build_task(task, cfg.data_root, "train", eval_transform(m.image_size, m.in_channels),
-                         image_size=m.image_size, max_samples=cap)
+    down_ds = build_task(
+        task,
+        cfg.data_root,
+        "train",
+        train_transform(m.image_size, m.in_channels),
+        image_size=m.image_size,
+        max_samples=cap,
+    )
+    warm_ds = build_task(
+        task,
+        cfg.data_root,
+        "train",
+        eval_transform(m.image_size, m.in_channels),
+        image_size=m.image_size,
+        max_samples=cap,
+    )
 
-    lower_opt = LARS([p for p in ssl.parameters() if p.requires_grad], lr=b.lower_lr, weight_decay=b.lower_wd,
-                     momentum=b.momentum)
+    lower_opt = LARS(
+        [p for p in ssl.parameters() if p.requires_grad], lr=b.lower_lr, weight_decay=b.lower_wd, momentum=b.momentum
+    )
     n_low, n_up = b.alternations * b.lower_steps, b.alternations * b.upper_steps
     lower_sched = warmup_cosine(lower_opt, min(b.lower_warmup_steps, n_low), n_low, b.final_lr_factor)
-    upper_opt = torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=upper_lr, momentum=b.momentum,
-                                weight_decay=upper_wd)
+    upper_opt = torch.optim.SGD(
+        [*upper.parameters(), *head.parameters()], lr=upper_lr, momentum=b.momentum, weight_decay=upper_wd
+    )
     upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
-    problem = build_problem(ssl, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched,
-                            upper_sched=upper_sched)
+    problem = build_problem(
+        ssl, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched, upper_sched=upper_sched
+    )
 
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     start = 0
@@ -170,12 +192,20 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
     else:
         _warmup_head(cfg, ssl.backbone, head, warm_ds, upper_lr, upper_wd)  # backbone frozen, SGD with the upper lr/wd
 
-    logger = MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace("@", "_at")), tensorboard=True) if main else None
-    bar = tqdm(range(start, b.alternations), desc=f"bissl {task}", disable=not main, initial=start, total=b.alternations)
+    logger = (
+        MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace("@", "_at")), tensorboard=True) if main else None
+    )
+    bar = tqdm(
+        range(start, b.alternations), desc=f"bissl {task}", disable=not main, initial=start, total=b.alternations
+    )
     for alt in bar:
         t0 = time.perf_counter()
-        pre_it = _batches(pre_ds, alt * (b.lower_steps + 1), b.lower_steps + 1, b.pretext_batch, cfg.seed, cfg.num_workers)
-        down_it = _batches(down_ds, alt * b.upper_steps, b.upper_steps, b.downstream_batch, cfg.seed + 1, cfg.num_workers)
+        pre_it = _batches(
+            pre_ds, alt * (b.lower_steps + 1), b.lower_steps + 1, b.pretext_batch, cfg.seed, cfg.num_workers
+        )
+        down_it = _batches(
+            down_ds, alt * b.upper_steps, b.upper_steps, b.downstream_batch, cfg.seed + 1, cfg.num_workers
+        )
         ssl.train()
         inner_losses = []
         for _ in range(b.lower_steps):
@@ -200,20 +230,36 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
                 failed += int(rec.solve.failed)  # e.g. negative curvature: I + H/lam_e not positive definite
                 status = rec.solve.status
         if main:
-            logger.log(alt, {
-                "lower_loss": inner_losses[-1], "upper_loss": outer_losses[-1] if outer_losses else float("nan"),
-                "hvps": hvps, "residual_last": res, "solves_failed": failed, "inner_skipped": problem.inner_skipped,
-                "outer_skipped": problem.outer_skipped, "lower_lr": lower_sched.get_last_lr()[0],
-                "upper_lr": upper_sched.get_last_lr()[0], "time_lower_s": t_low, "time_s": time.perf_counter() - t0,
-            })
-            bar.set_postfix(lower=f"{inner_losses[-1]:.3f}", upper=f"{outer_losses[-1] if outer_losses else float('nan'):.3f}",
-                            hvp=hvps, solve=status)
+            logger.log(
+                alt,
+                {
+                    "lower_loss": inner_losses[-1],
+                    "upper_loss": outer_losses[-1] if outer_losses else float("nan"),
+                    "hvps": hvps,
+                    "residual_last": res,
+                    "solves_failed": failed,
+                    "inner_skipped": problem.inner_skipped,
+                    "outer_skipped": problem.outer_skipped,
+                    "lower_lr": lower_sched.get_last_lr()[0],
+                    "upper_lr": upper_sched.get_last_lr()[0],
+                    "time_lower_s": t_low,
+                    "time_s": time.perf_counter() - t0,
+                },
+            )
+            bar.set_postfix(
+                lower=f"{inner_losses[-1]:.3f}",
+                upper=f"{outer_losses[-1] if outer_losses else float('nan'):.3f}",
+                hvp=hvps,
+                solve=status,
+            )
             save_checkpoint({"alternation": alt + 1, "problem": problem.state_dict()}, ckpt_path)
         dist_utils.barrier()
     out_path = os.path.join(out_dir, "lower_backbone.pt")
     if main:
         logger.close()
-        save_checkpoint({"backbone": ssl.backbone.state_dict(), "upper_backbone": upper.state_dict(),
-                         "head": head.state_dict()}, out_path)
+        save_checkpoint(
+            {"backbone": ssl.backbone.state_dict(), "upper_backbone": upper.state_dict(), "head": head.state_dict()},
+            out_path,
+        )
     dist_utils.barrier()
     return out_path

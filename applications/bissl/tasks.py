@@ -64,7 +64,11 @@ def with_inversion(spec: str, transform: Callable[[Any], Any] | None) -> Callabl
     """``transform`` preceded by the task's pixel inversion when the spec asks for it."""
     if not parse_task(spec).invert:
         return transform
-    return v2.Compose([v2.ToImage(), v2.RandomInvert(p=1.0), transform]) if transform is not None else v2.RandomInvert(p=1.0)
+    return (
+        v2.Compose([v2.ToImage(), v2.RandomInvert(p=1.0), transform])
+        if transform is not None
+        else v2.RandomInvert(p=1.0)
+    )
 
 
 def build_task(

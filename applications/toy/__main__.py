@@ -24,9 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="data seed of the toy problems (default 0)")
     parser.add_argument("--outer-steps", type=int, default=30, help="outer gradient steps of the HPO runs (default 30)")
     parser.add_argument("--ridge-lr", type=float, default=2.0, help="outer SGD step on log_lam for ridge (default 2.0)")
-    parser.add_argument("--logistic-lr", type=float, default=50.0,
-                        help="outer SGD step on log_lam for logistic (default 50.0)")
-    parser.add_argument("--unroll-steps", type=int, default=100, help="inner steps of the unrolled baseline (default 100)")
+    parser.add_argument(
+        "--logistic-lr", type=float, default=50.0, help="outer SGD step on log_lam for logistic (default 50.0)"
+    )
+    parser.add_argument(
+        "--unroll-steps", type=int, default=100, help="inner steps of the unrolled baseline (default 100)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--csv", default=None, help="optional path: write the HPO trajectory as CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
@@ -47,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         [QuadraticProblem(**kw), RidgeProblem(**kw), LogisticProblem(**kw)], unroll_steps=args.unroll_steps
     )
     print(format_table(rows))
-    print("\nIdentity is the first-order baseline and unrolled stops after a fixed number of steps: "
-          "both are approximations by design.\n")
+    print(
+        "\nIdentity is the first-order baseline and unrolled stops after a fixed number of steps: "
+        "both are approximations by design.\n"
+    )
 
     print(f"(b) Hyper-parameter optimisation: {args.outer_steps} SGD steps on log_lam with implicit_grad + CG\n")
     records = []

@@ -116,7 +116,9 @@ class ToyProblem(abc.ABC):
             out[key] = grad.reshape(value.shape)
         return out
 
-    def _init_data(self, sizes: dict[str, int], seed: int, dtype: torch.dtype, device: str | torch.device) -> torch.Generator:
+    def _init_data(
+        self, sizes: dict[str, int], seed: int, dtype: torch.dtype, device: str | torch.device
+    ) -> torch.Generator:
         """Validate the integer sizes, record dtype/device/seed; return the private data generator."""
         for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

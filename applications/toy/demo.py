@@ -62,6 +62,7 @@ def _methods(problem: ToyProblem, lam: dict[str, Tensor], unroll_steps: int) -> 
         def run(p: dict, h: dict) -> tuple:
             g, sol = hypergrad.implicit_grad(G, F, p, h, solver=solver)
             return g, sol.num_matvecs, sol.status.value
+
         return run
 
     def fixed_point(p: dict, h: dict) -> tuple:
@@ -92,8 +93,11 @@ def check_hypergradients(problems: Iterable[ToyProblem], unroll_steps: int = 100
         for name, method in _methods(problem, lam, unroll_steps).items():
             start = time.perf_counter()
             g, matvecs, status = method(theta, lam)
-            rows.append(CheckRow(type(problem).__name__, name, relative_error(g, exact), matvecs, status,
-                                 time.perf_counter() - start))
+            rows.append(
+                CheckRow(
+                    type(problem).__name__, name, relative_error(g, exact), matvecs, status, time.perf_counter() - start
+                )
+            )
     return rows
 
 
@@ -134,13 +138,16 @@ def run_hpo(
         h = {k: v.detach() for k, v in lam.items()}
         theta = problem.inner_solution(h)
         loss = float(problem.outer_loss(theta, h))
-        g, sol = hypergrad.implicit_grad(problem.inner_loss, problem.outer_loss, theta, h, solver=solver, x0=x0,
-                                         throw=True)
+        g, sol = hypergrad.implicit_grad(
+            problem.inner_loss, problem.outer_loss, theta, h, solver=solver, x0=x0, throw=True
+        )
         x0 = sol.x
         records.append(HPORecord(name, step, loss, float(hypergrad.tree_norm(g)), sol.num_matvecs))
         bar.set_postfix(outer_loss=f"{loss:.5f}", matvecs=sol.num_matvecs)
-        log(f"  {name:<16} step {step:>3}  validation loss {loss:.6f}  |hypergrad| "
-            f"{records[-1].hypergrad_norm:.2e}  HVPs {sol.num_matvecs}")
+        log(
+            f"  {name:<16} step {step:>3}  validation loss {loss:.6f}  |hypergrad| "
+            f"{records[-1].hypergrad_norm:.2e}  HVPs {sol.num_matvecs}"
+        )
         opt.zero_grad()
         for k, v in lam.items():
             v.grad = g[k].to(v.dtype)

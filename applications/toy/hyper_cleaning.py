@@ -96,7 +96,9 @@ def make_data(dataset: str, n_train: int, n_val: int, n_test: int, noise: float,
     """Random split; a fraction ``noise`` of training labels moved to a different random class."""
     x, y = load_images(dataset)
     if n_train + n_val + n_test > len(y):
-        raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} exceeds the {len(y)} images of {dataset}.")
+        raise ValueError(
+            f"n_train + n_val + n_test = {n_train + n_val + n_test} exceeds the {len(y)} images of {dataset}."
+        )
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=gen)
     tr, va, te = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val : n_train + n_val + n_test]
@@ -114,8 +116,13 @@ def make_model(kind: str, image_shape: tuple[int, ...], num_classes: int) -> nn.
         return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 64), nn.Tanh(), nn.Linear(64, num_classes))
     if kind == "cnn":
         return nn.Sequential(
-            nn.Conv2d(c, 8, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Conv2d(c, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
             nn.Linear(64, num_classes),
         )
     raise ValueError(f"`model` must be 'mlp' or 'cnn', got {kind!r}.")
@@ -134,7 +141,13 @@ def roc_auc(scores: Tensor, positive: Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def train_weighted(data: CleaningData, args: argparse.Namespace, weights: Optional[Tensor], labels: Tensor, mask: Optional[Tensor] = None) -> float:
+def train_weighted(
+    data: CleaningData,
+    args: argparse.Namespace,
+    weights: Optional[Tensor],
+    labels: Tensor,
+    mask: Optional[Tensor] = None,
+) -> float:
     """Baseline: train a fresh model with fixed example weights; return test accuracy."""
     torch.manual_seed(args.seed)
     model = make_model(args.model, tuple(data.train.x.shape[1:]), data.num_classes).to(args.device)
@@ -178,7 +191,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outer=hypergrad.Level({"w": logits}, torch.optim.Adam([logits], lr=args.outer_lr)),
         inner_loss=inner_loss,
         outer_loss=outer_loss,
-        method=hypergrad.Implicit(solver=hypergrad.CG(max_steps=args.solver_steps), damping=args.damping, warm_start=True),
+        method=hypergrad.Implicit(
+            solver=hypergrad.CG(max_steps=args.solver_steps), damping=args.damping, warm_start=True
+        ),
     )
     start = time.perf_counter()
     for _ in range(args.warmup_steps):  # fit the classifier first, with all weights at sigmoid(0) = 1/2
@@ -191,7 +206,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for step in range(args.outer_steps):
         problem.step([train] * args.inner_steps, val)
         if logger is not None and (step + 1) % 10 == 0:
-            logger.log(problem.outer_steps, {"val_acc": accuracy(model, Split(*val)), "test_acc": accuracy(model, Split(data.test.x.to(dev), data.test.y.to(dev)))})
+            logger.log(
+                problem.outer_steps,
+                {
+                    "val_acc": accuracy(model, Split(*val)),
+                    "test_acc": accuracy(model, Split(data.test.x.to(dev), data.test.y.to(dev))),
+                },
+            )
     bar.close()
     seconds = time.perf_counter() - start
     weights = torch.sigmoid(logits.detach()).cpu()
@@ -217,8 +238,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         description="Data hyper-cleaning with per-example weights learned by implicit differentiation "
         "(hypergrad.BilevelProblem). Default: sklearn digits, 50%% corrupted labels, < 1 min on CPU.",
     )
-    p.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits",
-                   help="digits (default, seconds) or fashion-mnist (28x28; with --model cnn expect minutes on CPU, or use --device cuda)")
+    p.add_argument(
+        "--dataset",
+        choices=["digits", "fashion-mnist"],
+        default="digits",
+        help="digits (default, seconds) or fashion-mnist (28x28; with --model cnn expect minutes on CPU, or use --device cuda)",
+    )
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--n-train", type=int, default=600, help="training examples (labels corrupted), default 600")
     p.add_argument("--n-val", type=int, default=200, help="clean validation examples (outer objective), default 200")
@@ -234,7 +259,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--outer-lr", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (tiny models run fastest on 1), default 1")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch (tiny models run fastest on 1), default 1"
+    )
     p.add_argument("--log-dir", default=None, help="write metrics.csv / metrics.jsonl here")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = p.parse_args(argv)
@@ -256,8 +283,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  test accuracy, trained on the noisy set     : {r['test_acc_noisy']:.3f}")
     print(f"  test accuracy, trained on the clean subset  : {r['test_acc_clean_subset']:.3f}  (oracle)")
     print(f"  test accuracy, hyper-cleaning (hypergrad)   : {r['test_acc_hypercleaning']:.3f}")
-    print(f"  learned weights: mean {r['mean_weight_clean']:.3f} on clean, {r['mean_weight_corrupted']:.3f} on corrupted "
-          f"examples; AUC for spotting corrupted labels {r['weight_auc']:.3f}")
+    print(
+        f"  learned weights: mean {r['mean_weight_clean']:.3f} on clean, {r['mean_weight_corrupted']:.3f} on corrupted "
+        f"examples; AUC for spotting corrupted labels {r['weight_auc']:.3f}"
+    )
     return 0
 
 

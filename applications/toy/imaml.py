@@ -67,7 +67,9 @@ class MetaLearner:
         self.meta = make_net()
         self.learner = make_net()
         self.problem = hypergrad.BilevelProblem(
-            inner=hypergrad.Level(self.learner, torch.optim.SGD(self.learner.parameters(), lr=args.inner_lr), max_grad_norm=10.0),
+            inner=hypergrad.Level(
+                self.learner, torch.optim.SGD(self.learner.parameters(), lr=args.inner_lr), max_grad_norm=10.0
+            ),
             outer=hypergrad.Level(self.meta, torch.optim.Adam(self.meta.parameters(), lr=args.outer_lr)),
             inner_loss=lambda learner, meta, batch: mse(learner, batch[0], batch[1]),
             outer_loss=lambda learner, meta, batch: mse(learner, batch[0], batch[1]),
@@ -124,7 +126,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.log(step + 1, {"train_query_mse": q})
     seconds = time.perf_counter() - start
     after = meta.evaluate(test_tasks)
-    result = {"test_mse_before": before, "test_mse_after": after, "test_mse_zero": zero_predictor(test_tasks), "seconds": seconds}
+    result = {
+        "test_mse_before": before,
+        "test_mse_after": after,
+        "test_mse_zero": zero_predictor(test_tasks),
+        "seconds": seconds,
+    }
     if logger is not None:
         logger.log(args.meta_steps, result)
         logger.close()
@@ -152,7 +159,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--cg-steps", type=int, default=5, help="CG steps per meta-gradient, default 5")
     p.add_argument("--test-tasks", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (tiny models run fastest on 1), default 1")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch (tiny models run fastest on 1), default 1"
+    )
     p.add_argument("--log-dir", default=None, help="write metrics.csv / metrics.jsonl here")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = p.parse_args(argv)

@@ -81,11 +81,13 @@ class LogisticProblem(ToyProblem):
             raise ValueError(f"LogisticProblem: `flip` must be in [0, 0.5), got {flip!r}.")
         self.dim = dim
         self.param_shapes = {"w": (dim,)}
-        self.newton_tol = newton_tol if newton_tol is not None else (
-            1e-13 if dtype == torch.float64 else 1e3 * torch.finfo(dtype).eps
+        self.newton_tol = (
+            newton_tol
+            if newton_tol is not None
+            else (1e-13 if dtype == torch.float64 else 1e3 * torch.finfo(dtype).eps)
         )
         w_true = torch.randn(dim, generator=gen, dtype=torch.float64)
-        w_true[dim // 2:] = 0.0
+        w_true[dim // 2 :] = 0.0
         x, y = _classification_data(n_train, w_true, flip, gen)
         xv, yv = _classification_data(n_val, w_true, flip, gen)
         self.X, self.y, self.X_val, self.y_val = (self._tensor(t) for t in (x, y, xv, yv))
@@ -123,8 +125,10 @@ class LogisticProblem(ToyProblem):
             f0, decrement, t = float(self.inner_loss({"w": w}, hparams)), float(g @ step), 1.0
             # Backtrack (Armijo) only while the predicted decrease is above the loss's rounding
             # level; closer in, the full Newton step converges quadratically.
-            while decrement > 1e-12 * (1 + abs(f0)) and t > 1e-8 and (
-                float(self.inner_loss({"w": w - t * step}, hparams)) > f0 - 1e-4 * t * decrement
+            while (
+                decrement > 1e-12 * (1 + abs(f0))
+                and t > 1e-8
+                and (float(self.inner_loss({"w": w - t * step}, hparams)) > f0 - 1e-4 * t * decrement)
             ):
                 t *= 0.5
             w_new = w - t * step

@@ -69,7 +69,7 @@ def _build(case: ProblemCase, fn: Callable, config: _Config) -> PeerRun:
         f = prob.outer_loss(theta, hp)
         grads = torch.autograd.grad(f, [theta[k] for k in pkeys] + [hp[k] for k in hkeys], allow_unused=True)
         vector = [g if g is not None else torch.zeros_like(theta[k]) for g, k in zip(grads[: len(pkeys)], pkeys)]
-        direct = [g if g is not None else torch.zeros_like(hp[k]) for g, k in zip(grads[len(pkeys):], hkeys)]
+        direct = [g if g is not None else torch.zeros_like(hp[k]) for g, k in zip(grads[len(pkeys) :], hkeys)]
         implicit = fn(vector, inner, outer, False)
         out = [d + (i if i is not None else 0.0) for d, i in zip(direct, implicit)]
         synchronize(case.device)

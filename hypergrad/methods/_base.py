@@ -86,17 +86,23 @@ def value_and_grads(fn: PureLoss, params: TensorTree, hparams: TensorTree) -> tu
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"`outer_loss` must return a scalar tensor, got {shape}; reduce it with .mean().")
         if not value.requires_grad:
-            raise ValueError("`outer_loss` does not depend on the trained parameters of either level; use the modules it is given.")
+            raise ValueError(
+                "`outer_loss` does not depend on the trained parameters of either level; use the modules it is given."
+            )
         grads = torch.autograd.grad(value, [*p.values(), *h.values()], allow_unused=True)
     gp = {k: torch.zeros_like(p[k]) if g is None else g for k, g in zip(p, grads[: len(p)])}
-    gh = {k: torch.zeros_like(h[k]) if g is None else g for k, g in zip(h, grads[len(p):])}
+    gh = {k: torch.zeros_like(h[k]) if g is None else g for k, g in zip(h, grads[len(p) :])}
     return _wide(value), gp, gh
 
 
-def reduced_outer_grads(outer_fn: PureLoss, params: TensorTree, hparams: TensorTree, reduce: Reduce) -> tuple[Tensor, dict, dict]:
+def reduced_outer_grads(
+    outer_fn: PureLoss, params: TensorTree, hparams: TensorTree, reduce: Reduce
+) -> tuple[Tensor, dict, dict]:
     """Outer loss and gradients, averaged over ranks in one all-reduce; raises on a non-finite loss."""
     value, gp, gh = value_and_grads(outer_fn, params, hparams)
-    packed = reduce({**{"p." + k: v for k, v in gp.items()}, **{"h." + k: v for k, v in gh.items()}, "loss": value.reshape(1)})
+    packed = reduce(
+        {**{"p." + k: v for k, v in gp.items()}, **{"h." + k: v for k, v in gh.items()}, "loss": value.reshape(1)}
+    )
     value = packed["loss"].reshape(())
     if not bool(torch.isfinite(value)):
         raise NonFiniteError(f"the outer loss is {value.item()}")
@@ -148,8 +154,14 @@ class AbstractHypergradMethod(abc.ABC):
 
     @abc.abstractmethod
     def hypergradient(
-        self, inner_fn: PureLoss, outer_fn: PureLoss, params: dict[str, Tensor], hparams: dict[str, Tensor],
-        state: MethodState, reduce: Reduce, operator_key: Any,
+        self,
+        inner_fn: PureLoss,
+        outer_fn: PureLoss,
+        params: dict[str, Tensor],
+        hparams: dict[str, Tensor],
+        state: MethodState,
+        reduce: Reduce,
+        operator_key: Any,
     ) -> MethodOutput:
         """Compute the hypergradient (keyed like ``hparams``) at ``params``.
 
@@ -174,7 +186,9 @@ class _LinearSolveMethod(AbstractHypergradMethod):
     warm_start: bool
     reuse_operator: bool
 
-    def _operator(self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, key: Any) -> tuple[Any, bool]:
+    def _operator(
+        self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, key: Any
+    ) -> tuple[Any, bool]:
         """``(operator, reused)``; a reused operator was built by an earlier call with the same key."""
         if not self.reuse_operator:
             return HessianOperator(fn, params, mode=self.hvp_mode), False

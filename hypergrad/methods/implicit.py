@@ -53,7 +53,7 @@ class Implicit(_LinearSolveMethod):
     def hypergradient(self, inner_fn, outer_fn, params, hparams, state, reduce, operator_key) -> MethodOutput:
         value, g_theta, g_lam = reduced_outer_grads(outer_fn, params, hparams, reduce)
         op, reused = self._operator(lambda th: inner_fn(th, hparams), params, state, operator_key)
-        matvec: Any = (lambda v: reduce(op(v)))
+        matvec: Any = lambda v: reduce(op(v))
         if self.damping > 0:
             matvec = Damped(matvec, self.damping)
         solution = self.solver(matvec, g_theta, self._x0(state, g_theta))

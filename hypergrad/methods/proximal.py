@@ -8,11 +8,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from .._checks import check_positive
 from .._typing import TensorTree
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
 from ..tree import tree_axpy
-from .._checks import check_positive
 from ._base import MethodOutput, PureLoss, _check_common, _LinearSolveMethod, check_solution, reduced_outer_grads
 
 __all__ = ["Proximal"]
@@ -108,7 +108,7 @@ class Proximal(_LinearSolveMethod):
                 matches = {src: dst}
             else:
                 pre_s, pre_d = (src + ".") if src else "", (dst + ".") if dst else ""
-                matches = {k: pre_d + k[len(pre_s):] for k in params if k.startswith(pre_s)}
+                matches = {k: pre_d + k[len(pre_s) :] for k in params if k.startswith(pre_s)}
             if not matches:
                 raise ValueError(
                     f"Proximal: `coupling` key {src!r} names no trained inner parameter or module; "
@@ -116,7 +116,9 @@ class Proximal(_LinearSolveMethod):
                 )
             for i, o in matches.items():
                 if o not in hparams:
-                    raise ValueError(f"Proximal: `coupling` maps inner {i!r} to outer {o!r}, which is not a trained outer parameter.")
+                    raise ValueError(
+                        f"Proximal: `coupling` maps inner {i!r} to outer {o!r}, which is not a trained outer parameter."
+                    )
                 if params[i].shape != hparams[o].shape:
                     raise ValueError(
                         f"Proximal: `coupling` pairs inner {i!r} of shape {tuple(params[i].shape)} with outer "

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from .._checks import check_int, check_positive, check_truncate
 from .._typing import TensorTree
 from ..hypergradient import unrolled_grad
 from ..records import NonFiniteError
 from ..tree import tree_axpy
-from .._checks import check_int, check_positive, check_truncate
 from ._base import AbstractHypergradMethod, MethodOutput, PureLoss, _wide
 
 __all__ = ["Unrolled"]

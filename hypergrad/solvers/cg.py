@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._typing import MatVec, TreeOrTensor
 from .._checks import check_int, check_positive
+from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_axpy, tree_vdot
 from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance
 
@@ -79,8 +79,7 @@ class CG(AbstractLinearSolver):
         status = Status.FIXED_BUDGET
         steps = 0
         if check and bool(torch.sqrt(rr) <= tol):
-            return Solution(x, Status.SUCCESS, 0, num_matvecs, float(torch.sqrt(rr)),
-                            {"min_curvature": float("inf")})
+            return Solution(x, Status.SUCCESS, 0, num_matvecs, float(torch.sqrt(rr)), {"min_curvature": float("inf")})
         for steps in range(1, self.max_steps + 1):
             ap = matvec(p)
             num_matvecs += 1
@@ -117,5 +116,3 @@ class CG(AbstractLinearSolver):
         elif check and status is Status.FIXED_BUDGET:
             status = Status.MAX_STEPS_REACHED
         return Solution(x, status, steps, num_matvecs, res, {"min_curvature": mc})
-
-

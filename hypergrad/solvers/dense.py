@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._typing import MatVec, TreeOrTensor
 from .._checks import check_int
+from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_ravel
 from ._base import AbstractLinearSolver, Solution, Status
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._typing import MatVec, TreeOrTensor
 from .._checks import check_int, check_positive
+from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution
 from ._richardson import richardson
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._typing import MatVec, TreeOrTensor
 from .._checks import check_int, check_positive
+from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution
 from ._richardson import richardson
 
@@ -60,5 +60,4 @@ class Neumann(AbstractLinearSolver):
         check_positive("atol", self.atol, allow_zero=True, owner="Neumann")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
-        return richardson(matvec, b, x0, alpha=self.alpha, max_steps=self.max_steps,
-                          rtol=self.rtol, atol=self.atol)
+        return richardson(matvec, b, x0, alpha=self.alpha, max_steps=self.max_steps, rtol=self.rtol, atol=self.atol)

@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, init: bool, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1): ranks share the cores
     if init:
         dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -40,8 +40,11 @@ def test_rgb_views_follow_the_paper_recipe() -> None:
         assert crop.size == (96, 96) and crop.scale == (0.08, 1.0)
         assert any(isinstance(op, v2.RandomHorizontalFlip) and op.p == 0.5 for op in _ops(view))
         assert _random_apply_p(view, v2.ColorJitter) == 0.8
-        jitter = next(op.transforms[0] for op in _ops(view) if isinstance(op, v2.RandomApply)
-                      and isinstance(op.transforms[0], v2.ColorJitter))
+        jitter = next(
+            op.transforms[0]
+            for op in _ops(view)
+            if isinstance(op, v2.RandomApply) and isinstance(op.transforms[0], v2.ColorJitter)
+        )
         assert jitter.brightness == (0.6, 1.4) and jitter.contrast == (0.6, 1.4)
         assert jitter.saturation == (0.8, 1.2) and jitter.hue == (-0.1, 0.1)
         assert any(isinstance(op, v2.RandomGrayscale) and op.p == 0.2 for op in _ops(view))
@@ -54,8 +57,11 @@ def test_rgb_views_follow_the_paper_recipe() -> None:
 
 def test_grayscale_views_drop_colour_only_ops() -> None:
     aug = TwoViewAugment(24, channels=1)
-    jitter = next(op.transforms[0] for op in _ops(aug.view1) if isinstance(op, v2.RandomApply)
-                  and isinstance(op.transforms[0], v2.ColorJitter))
+    jitter = next(
+        op.transforms[0]
+        for op in _ops(aug.view1)
+        if isinstance(op, v2.RandomApply) and isinstance(op.transforms[0], v2.ColorJitter)
+    )
     assert jitter.saturation is None and jitter.hue is None and jitter.brightness == (0.6, 1.4)
     assert not any(isinstance(op, v2.RandomGrayscale) for op in _ops(aug.view1))
     assert _random_apply_p(aug.view1, v2.GaussianBlur) == 1.0
@@ -92,8 +98,15 @@ def test_eval_transform_resizes_by_109_over_96_then_centre_crops() -> None:
     out = eval_transform(96, 3)(img)
     assert out.shape == (3, 96, 96)
     # same pixels as an explicit resize of the short side to 109 and a centre crop of 96
-    ref = v2.Compose([v2.ToImage(), v2.Resize(109, antialias=True), v2.CenterCrop(96),
-                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(*normalize_stats(3))])(img)
+    ref = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(109, antialias=True),
+            v2.CenterCrop(96),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(*normalize_stats(3)),
+        ]
+    )(img)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(eval_transform(96, 3)(img), out)  # deterministic
     assert eval_transform(28, 1)(_gray(40)).shape == (1, 28, 28)
@@ -123,10 +136,12 @@ def test_two_view_dataset_seeds_each_item_and_epoch() -> None:
 
 @pytest.mark.parametrize(
     ("call", "match"),
-    [(lambda: TwoViewAugment(16, channels=2), "channels must be 1"),
-     (lambda: TwoViewAugment(2), "image_size"),
-     (lambda: TwoViewAugment(16, crop_scale=(0.5, 0.2)), "crop_scale"),
-     (lambda: eval_transform(16, 4), "channels")],
+    [
+        (lambda: TwoViewAugment(16, channels=2), "channels must be 1"),
+        (lambda: TwoViewAugment(2), "image_size"),
+        (lambda: TwoViewAugment(16, crop_scale=(0.5, 0.2)), "crop_scale"),
+        (lambda: eval_transform(16, 4), "channels"),
+    ],
 )
 def test_augment_errors(call, match) -> None:
     with pytest.raises(ValueError, match=match):

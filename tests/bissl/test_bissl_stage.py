@@ -80,8 +80,10 @@ def test_byol_stage_runs_and_recreates_the_target(tmp_path, monkeypatch):
 
     def spy(ssl, *a, **kw):
         seen["target"] = {k: v.detach().clone() for k, v in ssl.target.state_dict().items()}
-        seen["online"] = {**{"0." + k: v.clone() for k, v in ssl.backbone.state_dict().items()},
-                          **{"1." + k: v.clone() for k, v in ssl.projector.state_dict().items()}}
+        seen["online"] = {
+            **{"0." + k: v.clone() for k, v in ssl.backbone.state_dict().items()},
+            **{"1." + k: v.clone() for k, v in ssl.projector.state_dict().items()},
+        }
         return real_build(ssl, *a, **kw)
 
     monkeypatch.setattr(stage, "build_problem", spy)

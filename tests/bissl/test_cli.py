@@ -35,20 +35,74 @@ def test_every_help_flag_parses(cmd):
 
 def test_official_flag_names_reach_the_config():
     p = build_parser()
-    args = p.parse_args(["bissl", "--preset", "tiny", "--d-dset", "fashion_mnist@20", "--p-pretext-type", "byol",
-                         "--lam", "0.01", "--damping", "5", "--solver-steps", "7", "--warm-start", "--reuse-operator",
-                         "--alternations", "3", "--device", "cpu", "--data-root", "/x"])
+    args = p.parse_args(
+        [
+            "bissl",
+            "--preset",
+            "tiny",
+            "--d-dset",
+            "fashion_mnist@20",
+            "--p-pretext-type",
+            "byol",
+            "--lam",
+            "0.01",
+            "--damping",
+            "5",
+            "--solver-steps",
+            "7",
+            "--warm-start",
+            "--reuse-operator",
+            "--alternations",
+            "3",
+            "--device",
+            "cpu",
+            "--data-root",
+            "/x",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.bissl.downstream == "fashion_mnist@20" and cfg.pretrain.pretext_type == "byol"
     assert cfg.bissl.lam == 0.01 and cfg.bissl.damping == 5.0 and cfg.bissl.alternations == 3
     assert cfg.bissl.solver == CG(max_steps=7) and cfg.bissl.warm_start and cfg.bissl.reuse_operator
     assert cfg.data_root == "/x" and cfg.name == "tiny"
-    args = p.parse_args(["finetune", "--preset", "mini", "--dset", "digits", "--backbone-origin", "pretext",
-                         "--num-runs", "4", "--use-hpo", "0", "--lr", "0.1", "--wd", "1e-4", "--epochs", "3"])
+    args = p.parse_args(
+        [
+            "finetune",
+            "--preset",
+            "mini",
+            "--dset",
+            "digits",
+            "--backbone-origin",
+            "pretext",
+            "--num-runs",
+            "4",
+            "--use-hpo",
+            "0",
+            "--lr",
+            "0.1",
+            "--wd",
+            "1e-4",
+            "--epochs",
+            "3",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.finetune.num_runs, cfg.finetune.lr, cfg.finetune.weight_decay, cfg.finetune.epochs) == (4, 0.1, 1e-4, 3)
-    args = p.parse_args(["run", "--preset", "demo", "--solver", "neumann", "--tasks", "digits, fashion_mnist@5",
-                         "--pretrain-epochs", "2", "--ft-epochs", "2"])
+    args = p.parse_args(
+        [
+            "run",
+            "--preset",
+            "demo",
+            "--solver",
+            "neumann",
+            "--tasks",
+            "digits, fashion_mnist@5",
+            "--pretrain-epochs",
+            "2",
+            "--ft-epochs",
+            "2",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.bissl.solver == Neumann(max_steps=5) and cfg.downstream == ("digits", "fashion_mnist@5")
     assert cfg.pretrain.epochs == 2 and cfg.finetune.epochs == 2

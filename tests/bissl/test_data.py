@@ -241,8 +241,20 @@ def test_digits_offline_split_and_pixels() -> None:
 
 
 def test_registry_covers_the_paper_sets() -> None:
-    assert set(PAPER_DATASETS) == {"food", "cars", "dtd", "pets", "flowers", "aircraft", "cifar10", "cifar100",
-                                   "caltech101", "sun397", "voc07", "cub200"}
+    assert set(PAPER_DATASETS) == {
+        "food",
+        "cars",
+        "dtd",
+        "pets",
+        "flowers",
+        "aircraft",
+        "cifar10",
+        "cifar100",
+        "caltech101",
+        "sun397",
+        "voc07",
+        "cub200",
+    }
     assert set(PAPER_DATASETS) < set(DATASETS)
     assert num_classes("pets") == 37 and num_classes("Flowers102") == 102 and num_classes("fashion-mnist") == 10
     assert dataset_info("digits").channels == 1 and dataset_info("voc07").multilabel
@@ -310,8 +322,10 @@ def test_pets_food_aircraft_official_splits(tmp_path) -> None:
     assert get_dataset("pets", tmp_path, "test").targets.tolist() == [0]
 
     food = tmp_path / "food-101"
-    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]},
-            "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5"]}}
+    meta = {
+        "train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]},
+        "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5"]},
+    }
     for split, classes in meta.items():
         for items in classes.values():
             for rel in items:
@@ -363,8 +377,9 @@ def test_flowers102_and_stanford_cars_mat_files(tmp_path, monkeypatch) -> None:
     for i in range(1, 7):
         _jpg(flowers / "jpg" / f"image_{i:05d}.jpg")
     savemat(flowers / "imagelabels.mat", {"labels": np.array([[1, 2, 1, 2, 1, 2]])})  # 1-based classes
-    savemat(flowers / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3, 4]]),
-                                    "tstid": np.array([[5, 6]])})
+    savemat(
+        flowers / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3, 4]]), "tstid": np.array([[5, 6]])}
+    )
     # our .mat files cannot match the md5 sums of the real ones; the rest is torchvision's code
     monkeypatch.setattr(torchvision.datasets.flowers102, "check_integrity", lambda *a, **k: True)
     train = get_dataset("flowers", tmp_path, "train")  # official train + val
@@ -380,7 +395,9 @@ def test_flowers102_and_stanford_cars_mat_files(tmp_path, monkeypatch) -> None:
             _jpg(cars / folder / name)
         mat.parent.mkdir(parents=True, exist_ok=True)
         savemat(mat, {"annotations": np.array(rows, dtype=record)})
-    savemat(cars / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Acura RL"], dtype=object)})
+    savemat(
+        cars / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Acura RL"], dtype=object)}
+    )
     cars_train = get_dataset("cars", tmp_path, "train")
     assert cars_train.targets.tolist() == [1, 0] and cars_train.classes == ["AM General Hummer", "Acura RL"]
     assert get_dataset("cars", tmp_path, "test").targets.tolist() == [1, 1]

@@ -22,9 +22,22 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_preset_runs_end_to_end_and_writes_the_table(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "applications.bissl", "run", "--preset", "demo",
-         "--out-dir", str(tmp_path), "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+        [
+            sys.executable,
+            "-m",
+            "applications.bissl",
+            "run",
+            "--preset",
+            "demo",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "demo"

@@ -26,7 +26,7 @@ def test_trials_are_log_uniform_in_range_and_seeded():
 
 def test_random_search_picks_best_validation_trial():
     trials = sample_trials(12, (1e-4, 1.0), (1e-5, 1e-2), seed=0)
-    score = lambda lr, wd: -abs(math.log10(lr) + 1.5) - abs(math.log10(wd) + 3.5)  # noqa: E731
+    score = lambda lr, wd: -abs(math.log10(lr) + 1.5) - abs(math.log10(wd) + 3.5)
     best, scored = random_search(score, trials)
     assert len(scored) == 12 and best == max(scored, key=lambda t: t.score)
     assert best.score == max(score(t.lr, t.weight_decay) for t in trials)

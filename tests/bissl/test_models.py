@@ -16,8 +16,10 @@ def _shapes(module: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize(("arch", "factory", "dim"), [("resnet18", torchvision.models.resnet18, 512),
-                                                      ("resnet50", torchvision.models.resnet50, 2048)])
+@pytest.mark.parametrize(
+    ("arch", "factory", "dim"),
+    [("resnet18", torchvision.models.resnet18, 512), ("resnet50", torchvision.models.resnet50, 2048)],
+)
 def test_width_64_is_torchvision_resnet_without_fc(arch, factory, dim) -> None:
     net, feature_dim = build_backbone(arch)
     reference = factory(weights=None)
@@ -33,8 +35,12 @@ def test_small_width_small_stem_grayscale() -> None:
     assert dim == 128
     assert net.conv1.in_channels == 1 and net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, nn.Identity)
-    assert [net.layer1[0].conv1.out_channels, net.layer2[0].conv1.out_channels,
-            net.layer3[0].conv1.out_channels, net.layer4[0].conv1.out_channels] == [16, 32, 64, 128]
+    assert [
+        net.layer1[0].conv1.out_channels,
+        net.layer2[0].conv1.out_channels,
+        net.layer3[0].conv1.out_channels,
+        net.layer4[0].conv1.out_channels,
+    ] == [16, 32, 64, 128]
     assert all(isinstance(b, BasicBlock) for layer in (net.layer1, net.layer4) for b in layer)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 1 + 4 * 2 * 2 + 3
     x = torch.randn(2, 1, 28, 28)
@@ -55,8 +61,11 @@ def test_tiny_resnet50_uses_bottlenecks() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"arch": "vgg11"}, "arch must be one of"), ({"width": 0}, "width must be a positive int"),
-     ({"in_channels": 4}, "in_channels must be 1")],
+    [
+        ({"arch": "vgg11"}, "arch must be one of"),
+        ({"width": 0}, "width must be a positive int"),
+        ({"in_channels": 4}, "in_channels must be 1"),
+    ],
 )
 def test_backbone_errors(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -16,7 +16,13 @@ import torch
 
 from applications.bissl.config import PipelineConfig, get_preset
 from applications.bissl.models import Projector, build_backbone
-from applications.bissl.pretrain import add_pretrain_args, build_pretrain_model, config_from_args, epoch_batches, pretrain
+from applications.bissl.pretrain import (
+    add_pretrain_args,
+    build_pretrain_model,
+    config_from_args,
+    epoch_batches,
+    pretrain,
+)
 from tests.bissl.conftest import run_gloo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,8 +101,18 @@ def test_kill_and_resume_matches_an_uninterrupted_run_bitwise(tmp_path) -> None:
     script = tmp_path / "killer.py"
     script.write_text(_KILLER.format(repo=str(REPO)))
     stage = tmp_path / "interrupted"
-    args = [*SMALL, "--pretext-type", "byol", "--stage-dir", str(stage), "--checkpoint-every", "2",
-            "--log-every", "1", "--no-progress"]
+    args = [
+        *SMALL,
+        "--pretext-type",
+        "byol",
+        "--stage-dir",
+        str(stage),
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert torch.load(stage / "checkpoint.pt", weights_only=True)["step"] == 4
@@ -157,10 +173,16 @@ def test_ddp_two_gloo_ranks(tmp_path) -> None:
 def test_cli_overrides_and_errors(tmp_path) -> None:
     parser = argparse.ArgumentParser()
     add_pretrain_args(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["pretrain", *SMALL, "--pretext-type", "byol", "--lr", "0.2", "--out-dir", str(tmp_path),
-                              "--width", "8"])
+    args = parser.parse_args(
+        ["pretrain", *SMALL, "--pretext-type", "byol", "--lr", "0.2", "--out-dir", str(tmp_path), "--width", "8"]
+    )
     cfg = config_from_args(args)
-    assert (cfg.pretrain.pretext_type, cfg.pretrain.lr, cfg.pretrain.batch_size, cfg.model.width) == ("byol", 0.2, 16, 8)
+    assert (cfg.pretrain.pretext_type, cfg.pretrain.lr, cfg.pretrain.batch_size, cfg.model.width) == (
+        "byol",
+        0.2,
+        16,
+        8,
+    )
     assert cfg.out_dir == str(tmp_path) and cfg.name == "tiny" and args.func.__name__ == "run_pretrain_command"
     bad = parser.parse_args(["pretrain", "--preset", "tiny", "--pretext-type", "moco"])
     with pytest.raises(ValueError, match="pretext_type"):

@@ -12,17 +12,21 @@ from applications.bissl.results import format_markdown, results_table
 
 
 def test_results_table_statistics():
-    rows = results_table([
-        {"task": "a", "origin": "pretext", "test_top1": [80.0, 82.0, 84.0]},
-        {"task": "a", "origin": "bissl", "test_top1": [85.0, 85.0, 88.0]},
-        {"task": "b", "origin": "pretext", "test_top1": [50.0]},
-    ])
+    rows = results_table(
+        [
+            {"task": "a", "origin": "pretext", "test_top1": [80.0, 82.0, 84.0]},
+            {"task": "a", "origin": "bissl", "test_top1": [85.0, 85.0, 88.0]},
+            {"task": "b", "origin": "pretext", "test_top1": [50.0]},
+        ]
+    )
     a, b = rows
     assert (a["baseline_mean"], a["baseline_std"], a["bissl_mean"]) == (82.0, 2.0, 86.0)
     assert math.isclose(a["bissl_std"], math.sqrt(3.0)) and a["gap"] == 4.0 and a["bissl_runs"] == 3
     assert math.isnan(b["bissl_mean"]) and math.isnan(b["gap"])
     md = format_markdown(rows)
-    assert "| a | 82.00 ± 2.00 | 86.00 ± 1.73 | +4.00 | 3 / 3 |" in md and "| b | 50.00 ± 0.00 | n/a | n/a | 1 / 0 |" in md
+    assert (
+        "| a | 82.00 ± 2.00 | 86.00 ± 1.73 | +4.00 | 3 / 3 |" in md and "| b | 50.00 ± 0.00 | n/a | n/a | 1 / 0 |" in md
+    )
 
 
 def test_run_tiny_end_to_end(tmp_path, capsys):
@@ -46,8 +50,12 @@ def test_run_tiny_end_to_end(tmp_path, capsys):
     assert math.isclose(row["gap"], row["bissl_mean"] - row["baseline_mean"])
     assert (run_dir / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert data["meta"]["timings"]["total_s"] > 0 and data["meta"]["config"]["bissl"]["solver"].startswith("CG(")
-    for stage in ("pretrain/pretrained.pt", "bissl/digits/lower_backbone.pt", "finetune/digits/bissl/result.json",
-                  "logs/bissl/digits/metrics.csv"):
+    for stage in (
+        "pretrain/pretrained.pt",
+        "bissl/digits/lower_backbone.pt",
+        "finetune/digits/bissl/result.json",
+        "logs/bissl/digits/metrics.csv",
+    ):
         assert (run_dir / stage).exists()
     rows = (run_dir / "logs" / "finetune" / "digits" / "bissl" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 + 2 and "test_top1" in rows[0]  # header, 2 HPO trials, 2 seeded runs

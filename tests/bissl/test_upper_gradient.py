@@ -39,7 +39,10 @@ def _setup(kind: str, **cfg_kw):
     cfg = BiSSLConfig(**{"clip_norm": 1e9, **cfg_kw})
     reference = (copy.deepcopy(ssl), copy.deepcopy(upper), copy.deepcopy(head))
     problem = build_problem(
-        ssl, upper, head, cfg,
+        ssl,
+        upper,
+        head,
+        cfg,
         lower_opt=torch.optim.SGD([p for p in ssl.parameters() if p.requires_grad], lr=1.0),
         upper_opt=torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=1.0),
     )
@@ -63,7 +66,7 @@ def _reference(kind, reference, h_batch, d_batch):
         out, i = {}, 0
         for k, s in zip(names, shapes):
             n = s.numel()
-            out[k] = v[i:i + n].reshape(s)
+            out[k] = v[i : i + n].reshape(s)
             i += n
         return out
 
@@ -76,11 +79,13 @@ def _reference(kind, reference, h_batch, d_batch):
         return torch.func.functional_call(bb, unflat(v), (x,))
 
     if kind == "simclr":
-        lp = lambda v: NTXentLoss(0.5, gather=False)(ssl.projector(feats(v, x1)), ssl.projector(feats(v, x2)))  # noqa: E731
+        lp = lambda v: NTXentLoss(0.5, gather=False)(ssl.projector(feats(v, x1)), ssl.projector(feats(v, x2)))
     else:
         with torch.no_grad():
             t1, t2 = (ssl.target[1](ssl.target[0](x)) for x in (x1, x2))
-        lp = lambda v: BYOLLoss()(ssl.predictor(ssl.projector(feats(v, x1))), ssl.predictor(ssl.projector(feats(v, x2))), t1, t2)  # noqa: E731
+        lp = lambda v: BYOLLoss()(
+            ssl.predictor(ssl.projector(feats(v, x1))), ssl.predictor(ssl.projector(feats(v, x2))), t1, t2
+        )
     H = torch.autograd.functional.hessian(lp, flat0)  # double backward
     up = copy.deepcopy(upper)
     for m in up.modules():
@@ -124,7 +129,8 @@ def _upper_grad(upper: nn.Module) -> torch.Tensor:
 def test_upper_gradient_matches_dense_formula(kind, lam, damping, solver, reuse):
     gamma = 0.7
     problem, (ssl, upper, head), ref, h_batch, d_batch, cfg = _setup(
-        kind, lam=lam, damping=damping, gamma=gamma, solver=solver, reuse_operator=reuse)
+        kind, lam=lam, damping=damping, gamma=gamma, solver=solver, reuse_operator=reuse
+    )
     rec = problem.hypergradient(d_batch, h_batch)
     assert not rec.skipped and rec.solve is not None
     H, g, gd, gh_p, gh_d = _reference(kind, ref, h_batch, d_batch)
@@ -149,8 +155,14 @@ def test_upper_gradient_matches_dense_formula(kind, lam, damping, solver, reuse)
 def test_default_five_step_cg_matches_textbook_cg(reuse):
     lam_eff = 1e-3 + 4.0  # H has eigenvalues down to about -3.5 here: SPD, yet far from identity
     problem, (ssl, upper, head), ref, h_batch, d_batch, cfg = _setup(
-        "simclr", lam=1e-3, damping=4.0, gamma=1.0, solver=hypergrad.CG(max_steps=5), reuse_operator=reuse,
-        warm_start=True)
+        "simclr",
+        lam=1e-3,
+        damping=4.0,
+        gamma=1.0,
+        solver=hypergrad.CG(max_steps=5),
+        reuse_operator=reuse,
+        warm_start=True,
+    )
     H, g, gd, _, _ = _reference("simclr", ref, h_batch, d_batch)
     A = torch.eye(H.shape[0], dtype=H.dtype) + H / lam_eff
     rec = problem.hypergradient(d_batch, h_batch)
@@ -184,7 +196,7 @@ def test_proximal_term_touches_backbone_only():
             assert torch.equal(p.detach(), up[k])  # theta_D is a constant of the lower problem
     for k, d in deltas[0.5].items():
         if k.startswith("backbone."):
-            prox = -0.5 * (before[k] - up[k[len("backbone."):]])
+            prox = -0.5 * (before[k] - up[k[len("backbone.") :]])
             torch.testing.assert_close(d - deltas[1e-12][k], prox, rtol=1e-8, atol=1e-12)
             assert prox.abs().max() > 0
         else:

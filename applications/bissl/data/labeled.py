@@ -98,9 +98,7 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def stratified_split(
-    targets: torch.Tensor, fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split positions into (rest, picked) with ``fraction`` of every class picked (seeded).
 
     Multi-label targets ``(N, C)`` are split uniformly at random instead (no stratification).

@@ -84,9 +84,7 @@ def _digit_images(image_size: int) -> tuple[list[Image.Image], torch.Tensor]:
 
     bunch = load_digits()
     pixels = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    images = [
-        Image.fromarray(p, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR) for p in pixels
-    ]
+    images = [Image.fromarray(p, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR) for p in pixels]
     return images, torch.as_tensor(bunch.target, dtype=torch.long)
 
 

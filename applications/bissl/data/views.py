@@ -33,7 +33,9 @@ class TwoViewDataset(Dataset):
         True
     """
 
-    def __init__(self, dataset: Any, augment: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> None:
+    def __init__(
+        self, dataset: Any, augment: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], seed: int = 0
+    ) -> None:
         self.dataset = dataset
         self.augment = augment
         self.seed = int(seed)
