@@ -5,7 +5,8 @@
 #   bash run.sh demo        # the main job: the BiSSL pipeline (demo preset) on embedded offline data
 #   bash run.sh toy         # hypergradient checks and HPO on toy problems with known answers
 #   bash run.sh mini        # the BiSSL mini replication (installs Debian's dataset-fashion-mnist; ~40 min)
-#   bash run.sh test        # the test suite (what CI runs); extra args go to pytest
+#   bash run.sh test        # lint + type check + the test suite (what CI runs); extra args go to pytest
+#   bash run.sh lint        # ruff (lint + format check) and mypy only
 #   bash run.sh docs        # build the HTML docs into docs/_build/html
 #   bash run.sh bench       # the small benchmark preset (seconds); `bench-full`: full preset + report
 #   bash run.sh peers       # install the peer libraries (TorchOpt, higher, JAXopt, Betty) for benchmarks
@@ -26,6 +27,14 @@ install() {
   fi
 }
 
+# ruff (lint + formatting) and mypy (hypergrad/); a finding fails the command (set -e).
+lint() {
+  echo "== ruff check / ruff format --check / mypy" >&2
+  "$PY" -m ruff check --quiet .
+  "$PY" -m ruff format --check --quiet .
+  "$PY" -m mypy
+}
+
 cmd="${1:-help}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -43,7 +52,8 @@ case "$cmd" in
       fi
     fi
     exec "$PY" -m applications.bissl run --preset mini "$@" ;;
-  test) install; exec "$PY" -m pytest "$@" ;;
+  lint) install; lint ;;
+  test) install; lint; exec "$PY" -m pytest "$@" ;;
   docs) install; exec "$PY" -m sphinx -W --keep-going -b html docs docs/_build/html "$@" ;;
   python) install; exec "$PY" "$@" ;;
   peers)
@@ -63,5 +73,5 @@ case "$cmd" in
     done
     exec "$PY" -m benchmarks.report results/full/*.json --out docs/benchmarks --md docs/benchmarks.md \
       --intro benchmarks/REPORT_INTRO.md ;;
-  *) sed -n '2,14p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
+  *) sed -n '2,15p' "$0"; [ "$cmd" = help ] && exit 0 || exit 2 ;;
 esac
