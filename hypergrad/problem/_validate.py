@@ -15,8 +15,8 @@ from torch import Tensor, nn
 _MAX_DEPTH = 4  # how deep a batch's containers are searched for meta tensors
 
 
-def check_inner_batches(inner_batches: Any) -> list[Any]:
-    """The inner batches of :meth:`BilevelProblem.step` as a list (an iterator is consumed)."""
+def check_inner_batches(inner_batches: Any) -> Iterator[Any]:
+    """The inner batches of :meth:`BilevelProblem.step`, each checked as it is drawn (iterators stay lazy)."""
     if isinstance(inner_batches, (str, bytes)):
         raise TypeError(
             f"`inner_batches` must be a list or iterator of batches, got the string {inner_batches[:20]!r}; "
@@ -27,10 +27,13 @@ def check_inner_batches(inner_batches: Any) -> list[Any]:
             f"`inner_batches` must be a list or iterator of batches, got {type(inner_batches).__name__}; "
             "for a single batch pass [batch]."
         )
-    batches = list(inner_batches)
+    return _checked(inner_batches)
+
+
+def _checked(batches: Iterable[Any]) -> Iterator[Any]:
     for i, batch in enumerate(batches):
         check_batch(f"inner_batches[{i}]", batch)
-    return batches
+        yield batch
 
 
 def check_batch(name: str, batch: Any) -> None:
