@@ -40,8 +40,12 @@ from .operators import HVPMode as HVPMode
 from .operators import LinearOperator as LinearOperator
 from .operators import hvp as hvp
 from .operators import mixed_hvp as mixed_hvp
+from .problem import AbstractReduction as AbstractReduction
 from .problem import BilevelProblem as BilevelProblem
+from .problem import DataParallelMean as DataParallelMean
+from .problem import LocalReduction as LocalReduction
 from .records import NonFiniteError as NonFiniteError
+from .records import SolveFailedWarning as SolveFailedWarning
 from .records import SolveInfo as SolveInfo
 from .records import StepCallback as StepCallback
 from .records import StepRecord as StepRecord
@@ -136,4 +140,8 @@ __all__ = [
     "Unrolled",
     "BilevelProblem",
     "NonFiniteError",
+    "SolveFailedWarning",
+    "AbstractReduction",
+    "LocalReduction",
+    "DataParallelMean",
 ]

@@ -420,7 +420,7 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
         "no-hessian-batch",
         _run(lambda p: p.hypergradient(X2)),
         ValueError,
-        r"no inner step has run yet.*pass `hessian_batch=`",
+        r"no inner step has been applied yet.*pass `hessian_batch=`",
     ),
     (
         "outer-step-first",
@@ -520,7 +520,8 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
     """A small BiSSL-like run that checkpoints every ``save_every`` iterations and resumes from ``ckpt``.
 
     Exercises everything a checkpoint must carry: momentum, two schedulers, the warm-start vector,
-    counters and the global RNG (batches are drawn with ``torch.randint``/``torch.randn``).
+    counters and (opt-in, next to the problem's state) the global RNG: batches are drawn with
+    ``torch.randint``/``torch.randn``.
     """
     import os
     import random
@@ -554,7 +555,8 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
     start = 0
     if os.path.exists(ckpt):
         state = hypergrad.load_checkpoint(ckpt)
-        problem.load_state_dict(state)
+        problem.load_state_dict(state["problem"])
+        hypergrad.set_rng_state(state["rng"])  # opt-in, outside the problem's state dict
         start = state["iteration"]
     gen = torch.Generator().manual_seed(5)
     pool_x, pool_y = torch.randn(64, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
@@ -564,10 +566,12 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
         down = (pool_x[idx] + 0.01 * torch.randn(8, 3, dtype=torch.float64), pool_y[idx])
         for b in pre:
             problem.inner_step(b)
+        problem.new_hessian_batch(pre[-1])
         for _ in range(2):  # BiSSL-style: several outer steps on one Hessian batch (operator reused)
-            problem.outer_step(down, hessian_batch=pre[-1])
+            problem.outer_step(down)
         if (it + 1) % save_every == 0:
-            hypergrad.save_checkpoint({**problem.state_dict(), "iteration": it + 1}, ckpt)
+            state = {"problem": problem.state_dict(), "rng": hypergrad.get_rng_state(), "iteration": it + 1}
+            hypergrad.save_checkpoint(state, ckpt)
         if progress is not None:
             progress.put(it + 1)
     torch.save(problem.state_dict(), out)
