@@ -376,7 +376,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
         t = t.int_repr()
     t = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
     if t.numel():
-        h.update(memoryview(t.view(torch.uint8).numpy()))
+        h.update(t.view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -417,7 +417,7 @@ def get_rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
