@@ -10,6 +10,7 @@ from ._typing import BilevelLoss as BilevelLoss
 from ._typing import FixedPointMap as FixedPointMap
 from ._typing import MatVec as MatVec
 from ._typing import TensorTree as TensorTree
+from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import get_rng_state as get_rng_state
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
@@ -125,6 +126,7 @@ __all__ = [
     # training loops (BilevelProblem layer)
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointError",
     "MetricsLogger",
     "ProgressHook",
     "SolveInfo",
