@@ -30,6 +30,15 @@ def layout(b: TreeOrTensor) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in b.items())
 
 
+def _identity(operator: Callable) -> Callable:
+    """The caller's operator object behind the solver entry's checking proxy (see ``_base``)."""
+    from ._base import _CheckedMatVec
+
+    while isinstance(operator, _CheckedMatVec):
+        operator = operator.wrapped
+    return operator
+
+
 class OperatorCache:
     """One entry: ``(weakref(operator), layout) -> value``."""
 
@@ -40,7 +49,7 @@ class OperatorCache:
 
     def get(self, operator: Callable, b: TreeOrTensor) -> Any:
         """The value stored for this operator object and ``b``'s layout, else ``None``."""
-        if self._ref is None or self._ref() is not operator or self._layout != layout(b):
+        if self._ref is None or self._ref() is not _identity(operator) or self._layout != layout(b):
             return None
         return self._value
 
@@ -48,7 +57,7 @@ class OperatorCache:
         """Store ``value`` for ``operator`` (not cached when it cannot be weakly referenced)."""
         self.clear()
         try:
-            self._ref = weakref.ref(operator, self._dead)
+            self._ref = weakref.ref(_identity(operator), self._dead)
         except TypeError:  # e.g. a builtin: no weak references, no caching
             return
         self._layout, self._value = layout(b), value
