@@ -149,6 +149,12 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
         >>> tree_vdot({"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)})
         tensor(6.)
     """
+    # --- FSDP2 block (helper FSDP): DTensor leaves sum their local dots and all_reduce once. ---
+    if _is_dtensor_tree(a):
+        from .fsdp.vectors import sharded_vdot
+
+        return sharded_vdot(a, b)
+    # --- end FSDP2 block ---
     if isinstance(a, Tensor):
         return _dot(a, b)
     total = None
@@ -158,6 +164,12 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
     if total is None:
         raise ValueError("tree_vdot got an empty tree `a`: pass at least one tensor.")
     return total
+
+
+def _is_dtensor_tree(a: TreeOrTensor) -> bool:
+    # FSDP2 block (helper FSDP): a DTensor leaf means the tree is sharded over ranks.
+    leaf = a if isinstance(a, Tensor) else next(iter(a.values()), None)
+    return leaf is not None and type(leaf).__name__ == "DTensor"
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
