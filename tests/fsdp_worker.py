@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fsdp_models import TinyTransformer, data, inner_loss, mlp, outer_loss
 
 F64 = torch.float64
-DAMPING, LAM = 2.0, 2.0
+DAMPING, LAM = 5.0, 5.0
 
 
 def build(kind: str, mesh: Any, dtype: torch.dtype = F64, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -69,7 +69,7 @@ def rel(a: dict, b: dict) -> float:
 
 
 def full(tree: dict) -> dict:
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in tree.items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in tree.items()}
 
 
 def hypergrad_case(kind: str, method: str, mode: str, rank: int, world: int, mesh: Any) -> dict:
@@ -176,24 +176,36 @@ def checkpoint_case(outdir: str, mesh: Any, rank: int, world: int) -> dict:
     return {part: rel(got[part], expected[part]) for part in expected}
 
 
-def run(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+#: (model, method, HVP route) run by the pytest test; ``python tests/fsdp_worker.py OUT --all`` runs every case.
+QUICK_CASES = (
+    ("mlp", "implicit", "exact"),
+    ("mlp", "implicit", "finite_diff"),
+    ("mlp", "proximal", "finite_diff_cached"),
+    ("transformer", "implicit", "exact"),
+    ("transformer", "proximal", "finite_diff"),
+)
+ALL_CASES = tuple(
+    (k, m, r)
+    for k in ("mlp", "transformer")
+    for m in ("implicit", "proximal")
+    for r in ("exact", "finite_diff", "finite_diff_cached")
+)
+
+
+def run(rank: int, world: int, outdir: str, cases: tuple = QUICK_CASES) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init = "file://" + os.path.join(os.path.abspath(outdir), "init")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
         out: dict = {"hypergrad": {}}
-        for kind in ("mlp", "transformer"):
-            for method in ("implicit", "proximal"):
-                for mode in ("exact", "finite_diff", "finite_diff_cached"):
-                    if kind == "transformer" and mode == "finite_diff_cached":
-                        continue
-                    t0 = time.perf_counter()
-                    case = hypergrad_case(kind, method, mode, rank, world, mesh)
-                    out["hypergrad"][f"{kind}/{method}/{mode}"] = {**case, "seconds": time.perf_counter() - t0}
-        if rank == 0:
-            print(json.dumps(out, indent=1), flush=True)
+        for kind, method, mode in cases:
+            t0 = time.perf_counter()
+            case = hypergrad_case(kind, method, mode, rank, world, mesh)
+            out["hypergrad"][f"{kind}/{method}/{mode}"] = {**case, "seconds": time.perf_counter() - t0}
+        t0 = time.perf_counter()
         out["checkpoint"] = checkpoint_case(outdir, mesh, rank, world)
+        out["checkpoint_seconds"] = time.perf_counter() - t0
         if rank == 0:
             with open(os.path.join(outdir, "result.json"), "w") as f:
                 json.dump(out, f, indent=1)
@@ -204,4 +216,4 @@ def run(rank: int, world: int, port: int, outdir: str) -> None:
 if __name__ == "__main__":  # manual run: python tests/fsdp_worker.py OUTDIR
     import torch.multiprocessing as mp
 
-    mp.spawn(run, args=(2, 29633, sys.argv[1]), nprocs=2)
+    mp.spawn(run, args=(2, sys.argv[1], ALL_CASES if "--all" in sys.argv else QUICK_CASES), nprocs=2)
