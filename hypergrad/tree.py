@@ -178,6 +178,12 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
         >>> tree_vdot({"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)})
         tensor(6.)
     """
+    # --- FSDP2 block (helper FSDP): DTensor leaves sum their local dots and all_reduce once. ---
+    if _is_dtensor_tree(a):
+        from .fsdp.vectors import sharded_vdot
+
+        return sharded_vdot(a, b)
+    # --- end FSDP2 block ---
     if isinstance(a, Mapping) and len(a) == 0:
         raise ValueError("tree_vdot got an empty tree `a`: pass at least one tensor.")
     terms = _combine("tree_vdot", _dot, a, "a", b, "b", same_dtype=False)
@@ -188,6 +194,12 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
         total = term if total is None else total + term
     assert total is not None  # a is non-empty
     return total
+
+
+def _is_dtensor_tree(a: TreeOrTensor) -> bool:
+    # FSDP2 block (helper FSDP): a DTensor leaf means the tree is sharded over ranks.
+    leaf = a if isinstance(a, Tensor) else next(iter(a.values()), None)
+    return leaf is not None and type(leaf).__name__ == "DTensor"
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
