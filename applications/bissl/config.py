@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,10 +97,13 @@ def upper_hparams(dataset: str, pretext_type: str = "simclr") -> tuple[float, fl
 
 def _pos(owner: str, name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
     kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not allow_zero)
+    bad = isinstance(value, bool) or not isinstance(value, kind)
+    bad = bad or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
     if bad:
         need = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{owner}: `{name}` must be {'an integer' if integer else 'a number'} {need}, got {value!r}.")
+        raise ValueError(
+            f"{owner}: `{name}` must be a finite {'integer' if integer else 'number'} {need}, got {value!r}."
+        )
 
 
 @dataclass
@@ -135,7 +139,11 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """Self-supervised pretext training (SimCLR or BYOL with LARS, warm-up + cosine)."""
+    """Self-supervised pretext training (SimCLR or BYOL with LARS, warm-up + cosine).
+
+    ``lars_exclude_1d=False`` (the authors' LARS: one group, every tensor decayed and trust-ratio
+    scaled, BatchNorm and bias included); ``True`` exempts 1-D tensors as the SimCLR/VICReg recipes do.
+    """
 
     pretext_type: str = "simclr"
     dataset: str = "imagefolder"
@@ -148,6 +156,7 @@ class PretrainConfig:
     temperature: float = 0.5
     ema_decay: float = 0.9995
     max_samples: int | None = None
+    lars_exclude_1d: bool = False
 
     def __post_init__(self) -> None:
         if self.pretext_type not in PRETEXT_TYPES:
@@ -189,6 +198,24 @@ class BiSSLConfig:
         clip_norm: gradient-norm clipping on both levels (10).
         pretext_batch, downstream_batch: batch sizes (1024 and 256).
         downstream: the downstream task the upper level optimises (``--d-dset``).
+        head_warmup_mode: ``"train"`` (the authors: a copy of the downstream backbone, frozen but in
+            train mode so BatchNorm uses batch statistics, on train-transformed images) or ``"eval"``
+            (frozen backbone in eval mode on eval-transformed images).
+        lars_exclude_1d: LARS of the lower level exempts 1-D tensors (``False``: the authors' LARS).
+        damping_mode: ``"constant"`` (the paper's ``damping``) or ``"adaptive"``: before the upper
+            steps of each alternation, ``curvature_steps`` Lanczos steps on :math:`H` estimate its
+            most negative Ritz value :math:`\mu`, and the damping becomes
+            :math:`\max(d, m\,(-\mu) - \lambda)` with margin :math:`m` = ``damping_margin``, so that
+            :math:`I + H/(\lambda + d)` is positive definite on the Krylov space.
+        lam_mode: ``"constant"`` (the paper's ``lam``) or ``"target_share"``: each alternation sets
+            :math:`\lambda = s\,\|\nabla L_P\| / \|\theta_P - \theta_D\|` (clipped to
+            ``[lam, lam_max]``) so that the proximal term is a share :math:`s` = ``target_share`` of
+            the lower gradient.
+        continue_stream: the stage's pretext views continue the pretraining stream (epochs after the
+            pretraining epochs) instead of replaying pretraining's epoch 0.
+        upper_split: ``"train"`` (the authors: the upper level and the head warm-up use only the
+            train part of the shared train/val split, so fine-tuning's validation images stay unseen)
+            or ``"all"`` (every labelled training image; leaks fine-tuning's validation labels).
     """
 
     downstream: str = "pets"
@@ -213,8 +240,29 @@ class BiSSLConfig:
     clip_norm: float = 10.0
     pretext_batch: int = 1024
     downstream_batch: int = 256
+    head_warmup_mode: str = "train"
+    lars_exclude_1d: bool = False
+    damping_mode: str = "constant"
+    curvature_steps: int = 8
+    damping_margin: float = 2.0
+    lam_mode: str = "constant"
+    target_share: float = 0.05
+    lam_max: float = 1.0
+    continue_stream: bool = True
+    upper_split: str = "train"
 
     def __post_init__(self) -> None:
+        for name, allowed in (
+            ("head_warmup_mode", ("train", "eval")),
+            ("damping_mode", ("constant", "adaptive")),
+            ("lam_mode", ("constant", "target_share")),
+            ("upper_split", ("train", "all")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"BiSSLConfig: `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        _pos("BiSSLConfig", "curvature_steps", self.curvature_steps, integer=True)
+        for name in ("damping_margin", "target_share", "lam_max"):
+            _pos("BiSSLConfig", name, getattr(self, name))
         for name in ("alternations", "lower_steps", "upper_steps", "pretext_batch", "downstream_batch"):
             _pos("BiSSLConfig", name, getattr(self, name), integer=True)
         for name in ("head_warmup_epochs", "lower_warmup_steps"):
@@ -223,6 +271,9 @@ class BiSSLConfig:
             _pos("BiSSLConfig", name, getattr(self, name))
         for name in ("damping", "gamma", "lower_wd", "momentum"):
             _pos("BiSSLConfig", name, getattr(self, name), allow_zero=True)
+        for name in ("upper_lr", "upper_wd"):
+            if getattr(self, name) is not None:
+                _pos("BiSSLConfig", name, getattr(self, name), allow_zero=name == "upper_wd")
         if not isinstance(self.solver, AbstractLinearSolver):
             raise TypeError(
                 f"BiSSLConfig: `solver` must be a hypergrad solver object such as hypergrad.CG(max_steps=5), "

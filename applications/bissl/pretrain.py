@@ -47,6 +47,7 @@ __all__ = [
     "config_from_args",
     "epoch_batches",
     "pretrain",
+    "pretext_dataset",
     "run_pretrain_command",
 ]
 
@@ -106,9 +107,14 @@ def _device(cfg: PipelineConfig) -> torch.device:
     return dev
 
 
-def _dataset(cfg: PipelineConfig) -> TwoViewDataset:
+def pretext_dataset(cfg: PipelineConfig) -> TwoViewDataset:
+    """The unlabelled pretext images as two augmented views, at the model's one resolution.
+
+    Used by pretraining and by the BiSSL stage alike (``cfg.pretrain.max_samples`` keeps the first
+    images), so both see the same images at ``cfg.model.image_size``.
+    """
     p, m = cfg.pretrain, cfg.model
-    images = get_dataset(p.dataset, cfg.data_root, "train")
+    images = get_dataset(p.dataset, cfg.data_root, "train", image_size=m.image_size)
     if p.max_samples is not None and len(images) > p.max_samples:
         images = images.subset(range(p.max_samples))  # the first max_samples, as the BiSSL stage
     return TwoViewDataset(images, TwoViewAugment(m.image_size, m.in_channels), seed=cfg.seed)
@@ -188,7 +194,7 @@ def pretrain(
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    data = _dataset(cfg)
+    data = pretext_dataset(cfg)
     steps_per_epoch = len(data) // p.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -199,7 +205,11 @@ def pretrain(
 
     model = build_pretrain_model(cfg).to(device)
     opt = LARS(
-        [q for q in model.parameters() if q.requires_grad], lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum
+        [q for q in model.parameters() if q.requires_grad],
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        momentum=p.momentum,
+        exclude_bias_and_norm=p.lars_exclude_1d,
     )
     sched = warmup_cosine(opt, p.warmup_epochs * steps_per_epoch, total, final_lr_scale)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
