@@ -16,8 +16,10 @@ Presets (:func:`get_preset`):
 * ``mini`` - a faithful small-scale replication on CPU: pretext on Fashion-MNIST (train split,
   labels unused), downstream digits, Fashion-MNIST with 20 labels per class and inverted
   Fashion-MNIST with 20 labels per class, 10 seeds.
-* ``demo`` - the end-to-end job on embedded offline data (sklearn digits; Fashion-MNIST as pretext
-  when its files are installed), a few minutes on 2 CPU cores.
+* ``demo`` - the end-to-end job on offline data, a transfer experiment on every machine: pretext
+  on Fashion-MNIST when its files are installed (``bash run.sh demo`` installs them where it can),
+  otherwise on patches of scikit-learn's sample photographs; downstream sklearn digits. A few
+  minutes on 2 CPU cores.
 * ``tiny`` - seconds; used by the tests.
 
 Example:
@@ -329,7 +331,9 @@ class PipelineConfig:
     ``downstream`` lists the downstream tasks (names understood by the task loader, e.g.
     ``"digits"``, ``"fashion_mnist@20"`` = 20 labels per class, ``"fashion_mnist_inv@20"``).
     ``threads`` sets ``torch.set_num_threads`` (``None``: torch's default); one thread is faster
-    for the tiny convolutions of the CPU presets, especially on a shared machine.
+    for the tiny convolutions of the CPU presets, especially on a shared machine. ``arms`` are the
+    backbones fine-tuned per task: ``pretext`` (baseline), ``control`` (continued pretraining with
+    the stage's lower steps, no upper level) and ``bissl``.
     """
 
     name: str = "paper"
@@ -347,6 +351,14 @@ class PipelineConfig:
     seed: int = 0
     max_train_samples: int | None = None
     max_test_samples: int | None = None
+    arms: tuple[str, ...] = ("pretext", "bissl")
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ("pretext", "control", "bissl")]
+        if bad or not self.arms:
+            raise ValueError(
+                f"PipelineConfig: `arms` must be a non-empty subset of ('pretext', 'control', 'bissl'), got {self.arms!r}."
+            )
 
     @property
     def run_dir(self) -> str:
@@ -394,6 +406,7 @@ def _mini() -> PipelineConfig:
         downstream=("digits", "fashion_mnist@20", "fashion_mnist_inv@20"),
         max_test_samples=2000,
         threads=1,
+        arms=("pretext", "control", "bissl"),
     )
 
 
@@ -406,12 +419,12 @@ def _demo() -> PipelineConfig:
             arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16, proj_dims=64, pred_hidden=64
         ),
         pretrain=PretrainConfig(
-            dataset="fashion_mnist" if fm else "digits",
+            dataset="fashion_mnist" if fm else "photo_patches",
             epochs=3,
             batch_size=128,
             lr=1.0,
             warmup_epochs=1,
-            max_samples=2000 if fm else None,
+            max_samples=2000,
         ),
         bissl=BiSSLConfig(
             downstream="digits",

@@ -41,7 +41,7 @@ from .tasks import build_task, task_classes, with_inversion
 
 __all__ = ["Trial", "sample_trials", "random_search", "train_classifier", "evaluate", "finetune", "load_backbone"]
 
-ORIGINS = ("pretext", "bissl")
+ORIGINS = ("pretext", "control", "bissl")
 
 
 class Trial(NamedTuple):
@@ -193,7 +193,8 @@ def finetune(
     if not os.path.exists(backbone_path):
         raise FileNotFoundError(
             f"Backbone {backbone_path!r} does not exist; run the "
-            f"{'pretrain' if origin == 'pretext' else 'bissl'} stage first (or pass its path)."
+            f"{'pretrain' if origin == 'pretext' else 'bissl'} stage first (or pass its path; the control arm is "
+            "`bissl --arm control`)."
         )
     ft: FinetuneConfig = cfg.finetune
     out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", task.replace("@", "_at"), origin)

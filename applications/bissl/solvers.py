@@ -19,9 +19,9 @@ steps anyway) and ``nan_to_num`` on the result. With a single tensor it is textb
 :math:`A`-conjugate across tensors), and the two agree only while :math:`A \approx I`.
 
 :class:`LayerwiseCG` implements it behind hypergrad's solver protocol. Unlike the authors' code it
-never hides what happened: a tensor met non-positive curvature -> ``NEGATIVE_CURVATURE`` (the step
-was still taken, as the authors do); NaN/inf replaced by ``nan_to_num`` -> ``NONFINITE`` (the
-BiSSL stage then skips the step and reports it).
+never hides what happened: a direction of non-positive curvature of :math:`A` ->
+``NEGATIVE_CURVATURE`` (the step was still taken, as the authors do); NaN/inf replaced by
+``nan_to_num`` -> ``NONFINITE`` (the BiSSL stage then skips the step and reports it).
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ class LayerwiseCG(AbstractLinearSolver):
         eps: added to both denominators (the authors: 1e-12).
 
     Returns:
-        A :class:`hypergrad.Solution` with ``stats["min_curvature"]`` (the smallest per-tensor
-        :math:`p_\ell^\top q_\ell / p_\ell^\top p_\ell` met) and ``stats["nonfinite_replaced"]``.
+        A :class:`hypergrad.Solution` with ``stats["min_curvature"]`` (the smallest Rayleigh
+        quotient :math:`p^\top A p / p^\top p` of the whole directions met; :math:`\le 0` proves
+        :math:`A` indefinite and gives ``NEGATIVE_CURVATURE``), ``stats["tensor_nonpositive_steps"]``
+        (per-tensor steps with :math:`p_\ell^\top q_\ell \le 0`, taken anyway as the authors do; they
+        happen even for positive definite :math:`A`, because :math:`q_\ell` mixes all tensors) and
+        ``stats["nonfinite_replaced"]``.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -84,15 +88,17 @@ class LayerwiseCG(AbstractLinearSolver):
             n_mv = 1
         p = {k: v.clone() for k, v in r.items()}
         rr = {k: torch.vdot(v.flatten(), v.flatten()) for k, v in r.items()}
-        min_curv = float("inf")
+        min_curv, tensor_neg = float("inf"), 0
         for _ in range(self.max_steps):
             q = mv(p)
             n_mv += 1
+            pqs = {k: torch.vdot(p[k].flatten(), q[k].flatten()) for k in bt}
+            pp_all = float(sum(torch.vdot(v.flatten(), v.flatten()) for v in p.values()))
+            if pp_all > 0:  # Rayleigh quotient of A along the whole direction: <= 0 means A is indefinite
+                min_curv = min(min_curv, float(sum(pqs.values())) / pp_all)
             for k in bt:
-                pq = torch.vdot(p[k].flatten(), q[k].flatten())
-                pp = torch.vdot(p[k].flatten(), p[k].flatten())
-                if float(pp) > 0:
-                    min_curv = min(min_curv, float(pq / pp))
+                pq = pqs[k]
+                tensor_neg += int(float(pq) <= 0)
                 alpha = rr[k] / (pq + self.eps)
                 x[k] = x[k] + alpha * p[k]
                 r[k] = r[k] - alpha * q[k]
@@ -110,5 +116,5 @@ class LayerwiseCG(AbstractLinearSolver):
         else:
             status = Status.FIXED_BUDGET
         out = x[""] if single else x
-        stats = {"min_curvature": min_curv, "nonfinite_replaced": bad}
+        stats = {"min_curvature": min_curv, "nonfinite_replaced": bad, "tensor_nonpositive_steps": tensor_neg}
         return Solution(out, status, self.max_steps, n_mv, res, stats)
