@@ -39,7 +39,14 @@ cmd="${1:-help}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) install ;;
-  demo) install; exec "$PY" -m applications.bissl run --preset demo "$@" ;;
+  demo)
+    install
+    # The demo is a transfer experiment on every machine: pretext on Fashion-MNIST where the Debian
+    # package can be installed, else on patches of scikit-learn's sample photographs (offline).
+    if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "[demo] Fashion-MNIST not installed: pretext on photo patches." >&2
+    fi
+    exec "$PY" -m applications.bissl run --preset demo "$@" ;;
   toy) install; exec "$PY" -m applications.toy "$@" ;;
   mini)
     install
