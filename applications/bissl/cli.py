@@ -275,7 +275,14 @@ def _cmd_run(args: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .text.cli import split_modality
+
+    modality, argv = split_modality(sys.argv[1:] if argv is None else list(argv))
+    if modality == "text":  # BiSSL for language models: applications/bissl/text
+        from .text.cli import main as text_main
+
+        return text_main(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     finally:
