@@ -384,9 +384,17 @@ def main(argv: list[str] | None = None) -> int:
 
     User mistakes print ``<prog> <command>: error: <one line>`` on stderr and return 2; a stage
     that fails at run time returns 1 with its reason; ``--debug`` re-raises both with the traceback.
+    ``--modality text`` hands the command to the language-model pipeline (applications/bissl/text).
     """
+    from .text.cli import split_modality
+
+    modality, argv = split_modality(sys.argv[1:] if argv is None else list(argv))
+    if modality == "text":  # BiSSL for language models: applications/bissl/text
+        from .text.cli import main as text_main
+
+        return text_main(argv)
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args)

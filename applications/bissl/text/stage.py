@@ -1,0 +1,213 @@
+r"""The text BiSSL stage: head warm-up, then alternations of lower and upper steps.
+
+The bilevel step is the image path's: :func:`applications.bissl.bilevel.build_problem` builds the
+:class:`hypergrad.BilevelProblem` with :class:`hypergrad.Proximal` coupling ``{"backbone": "backbone"}``;
+here the lower module is a :class:`~applications.bissl.text.model.PretextLM` (backbone
+:math:`\theta_P` + untied LM head, loss :math:`L_P` = next-token cross-entropy on a pretext batch
+``(inputs, targets)``), the upper level is :math:`\theta_D` (a copy of the backbone) and the linear
+head :math:`\phi` on mean-pooled hidden states. The upper gradient hypergrad writes into
+:math:`\theta_D` is
+
+.. math::
+
+    g_{\theta_D} = \lambda_e (H + \lambda_e I)^{-1} \nabla_{\theta_P} L_D(\theta_P, \phi)
+                   + \gamma \nabla_{\theta_D} L_D(\theta_D, \phi),\qquad \lambda_e = \lambda + \text{damping},
+
+with :math:`H = \nabla^2_{\theta_P} L_P` over the coupled parameters (the whole backbone, or only
+its LoRA adapters with ``--lora-rank``) on one pretext batch per alternation.
+
+Text-specific choices: the lower optimiser is AdamW (``lower_lr``, ``lower_wd``; warm-up + cosine),
+the upper one SGD as in the image path; the head warm-up trains :math:`\phi` on features computed
+once (no augmentation in text, so the frozen backbone's features do not change between epochs).
+Every hypergradient runs under ``sdpa_kernel(SDPBackend.MATH)``, the attention backend with forward-
+mode AD and double backward on every device (fused CPU/GPU SDPA kernels have neither); the lower steps
+keep the fast kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hypergrad import MetricsLogger, load_checkpoint, save_checkpoint
+
+from .. import distributed as dist_utils
+from ..bilevel import HESSIAN, build_problem
+from ..models import LinearHead
+from ..optim import warmup_cosine
+from ..pretrain import epoch_batches
+from .config import TextConfig
+from .pretext import bits_per_token, corpus_ids, lm_batch
+from .setup import device_of, load_lm, maybe_lora, task_tensors
+
+__all__ = ["downstream_batch", "warmup_head", "bissl_text", "MATH_ATTENTION"]
+
+
+def MATH_ATTENTION():
+    """Context manager: scaled-dot-product attention on the MATH backend (second order works)."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def downstream_batch(n: int, batch: int, k: int, seed: int) -> list[int]:
+    """This rank's indices of global downstream batch ``k`` (seeded epochs, last partial batch dropped)."""
+    b = min(batch, n)
+    per_epoch = n // b
+    epoch, j = divmod(k, per_epoch)
+    return epoch_batches(n, b, epoch, seed, dist_utils.rank(), dist_utils.world_size())[j]
+
+
+@torch.no_grad()
+def _features(backbone: torch.nn.Module, x: torch.Tensor, dev: torch.device, batch: int = 128) -> torch.Tensor:
+    was = backbone.training
+    backbone.eval()
+    out = torch.cat([backbone(x[i : i + batch].to(dev)) for i in range(0, len(x), batch)])
+    backbone.train(was)
+    return out
+
+
+def warmup_head(
+    backbone, head, x, y, *, epochs: int, batch: int, lr: float, wd: float, momentum: float, seed: int
+) -> float:
+    """Train ``head`` on the frozen ``backbone``'s features for ``epochs`` epochs (SGD); last loss.
+
+    Every rank computes the same features and steps (no communication needed).
+    """
+    dev = next(head.parameters()).device
+    feats, y = _features(backbone, x, dev), y.to(dev)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(float("nan"))
+    b = min(batch, len(y))
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y) - b + 1, b):
+            idx = perm[i : i + b].to(dev)
+            loss = F.cross_entropy(head(feats[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return float(loss.detach())
+
+
+def bissl_text(
+    cfg: TextConfig, model_dir: str, task: str, out_dir: str | None = None, *, resume: bool = True, echo=print
+) -> str:
+    """Run the BiSSL stage for ``task`` from the pretrained model folder; return the saved state's path.
+
+    Saves ``<out_dir>/lower_backbone.pt`` with the lower backbone :math:`\\theta_P` (fine-tuned
+    afterwards), the LM head, :math:`\\theta_D` and :math:`\\phi`, and ``stage.json`` with the
+    pretext bits per character before and after the stage.
+    """
+    b, dev, main = cfg.bissl, device_of(cfg), dist_utils.is_main_process()
+    out_dir = out_dir or os.path.join(cfg.run_dir, "bissl", task.replace(":", "_"))
+    if b.upper_lr is None or b.upper_wd is None:
+        raise ValueError("text BiSSL needs --upper-lr and --upper-wd (no per-dataset defaults for text tasks).")
+    torch.manual_seed(cfg.seed)
+    _, lower, tok = load_lm(cfg, model_dir)
+    maybe_lora(cfg, lower)
+    lower.to(dev).train()
+    upper = copy.deepcopy(lower.backbone)
+    data = task_tensors(cfg, task, tok)
+    head = LinearHead(lower.backbone.out_dim, data.task.num_classes).to(dev)
+    train_ids, eval_ids = corpus_ids(cfg, tok)
+    L = cfg.model.seq_len
+
+    lower_opt = torch.optim.AdamW(
+        [p for p in lower.parameters() if p.requires_grad], lr=b.lower_lr, weight_decay=b.lower_wd
+    )
+    n_low, n_up = b.alternations * b.lower_steps, b.alternations * b.upper_steps
+    lower_sched = warmup_cosine(lower_opt, min(b.lower_warmup_steps, n_low), n_low, b.final_lr_factor)
+    upper_opt = torch.optim.SGD(
+        [*(p for p in upper.parameters() if p.requires_grad), *head.parameters()],
+        lr=b.upper_lr,
+        momentum=b.momentum,
+        weight_decay=b.upper_wd,
+    )
+    upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
+    problem = build_problem(
+        lower, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched, upper_sched=upper_sched
+    )
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    info_path = os.path.join(out_dir, "stage.json")
+    start, info = 0, {}
+    if resume and os.path.exists(ckpt_path):
+        st = load_checkpoint(ckpt_path)
+        problem.load_state_dict(st["problem"])
+        start, info = st["alternation"], st["info"]
+    else:
+        info["bpc_before"] = bits_per_token(lower, eval_ids, L)
+        info["head_warmup_loss"] = warmup_head(
+            lower.backbone,
+            head,
+            data.x_train,
+            data.y_train,
+            epochs=b.head_warmup_epochs,
+            batch=b.downstream_batch,
+            lr=b.upper_lr,
+            wd=b.upper_wd,
+            momentum=b.momentum,
+            seed=cfg.seed,
+        )
+    logger = MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace(":", "_"))) if main else None
+    n = len(data.y_train)
+    t_stage = time.perf_counter()
+    for alt in range(start, b.alternations):
+        t0 = time.perf_counter()
+        inner_losses = []
+        for s in range(b.lower_steps):
+            x, y = lm_batch(train_ids, L, b.pretext_batch, alt * (b.lower_steps + 1) + s, cfg.seed)
+            inner_losses += problem.inner_step((x.to(dev), y.to(dev))).inner_losses
+        x, y = lm_batch(train_ids, L, b.pretext_batch, alt * (b.lower_steps + 1) + b.lower_steps, cfg.seed)
+        h_batch = (x.to(dev), y.to(dev), HESSIAN)  # one Hessian batch per alternation
+        hvps, outer_losses, failed = 0, [], 0
+        for u in range(b.upper_steps):
+            idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
+            batch = (data.x_train[idx].to(dev), data.y_train[idx].to(dev))
+            with MATH_ATTENTION():
+                rec = problem.hypergradient(batch, h_batch)
+            problem.outer_step()
+            hvps += rec.num_hvps
+            if rec.outer_loss is not None:
+                outer_losses.append(rec.outer_loss)
+            if rec.solve is not None:
+                failed += int(rec.solve.failed)
+        if main:
+            row = {
+                "lower_loss": inner_losses[-1] if inner_losses else float("nan"),
+                "upper_loss": outer_losses[-1] if outer_losses else float("nan"),
+                "hvps": hvps,
+                "solves_failed": failed,
+                "inner_skipped": problem.inner_skipped,
+                "outer_skipped": problem.outer_skipped,
+                "time_s": time.perf_counter() - t0,
+            }
+            logger.log(alt, row)
+            if (alt + 1) % max(1, b.alternations // 5) == 0:
+                echo(f"[bissl {task}] alternation {alt + 1}/{b.alternations} " + json.dumps(row))
+            save_checkpoint({"alternation": alt + 1, "problem": problem.state_dict(), "info": info}, ckpt_path)
+        dist_utils.barrier()
+    info["bpc_after"] = bits_per_token(lower, eval_ids, L)
+    info["stage_time_s"] = time.perf_counter() - t_stage
+    info["inner_skipped"], info["outer_skipped"] = problem.inner_skipped, problem.outer_skipped
+    out_path = os.path.join(out_dir, "lower_backbone.pt")
+    if main:
+        logger.close()
+        save_checkpoint(
+            {
+                "backbone": lower.backbone.state_dict(),
+                "lm_head": lower.lm_head.state_dict(),
+                "upper_backbone": upper.state_dict(),
+                "head": head.state_dict(),
+            },
+            out_path,
+        )
+        with open(info_path, "w") as f:
+            json.dump(info, f, indent=1)
+    dist_utils.barrier()
+    return out_path
