@@ -24,6 +24,7 @@ from ._validate import check_batch, check_bool, check_inner_batches, check_modul
 from .reduction import AbstractReduction, DataParallelMean, LocalReduction
 
 LossFn = Callable[[nn.Module, nn.Module, Any], Tensor]
+NO_BATCH: Any = object()  # no inner step applied yet (``None`` is a valid batch)
 
 
 class _LossHost(nn.Module):
@@ -167,7 +168,7 @@ class BilevelProblem:
         self.method_state = MethodState()
         #: Optimiser steps applied / skipped per level, and failed linear solves (applied or not).
         self.inner_steps = self.outer_steps = self.inner_skipped = self.outer_skipped = self.failed_solves = 0
-        self._last_inner_batch: Any = None
+        self._last_inner_batch: Any = NO_BATCH
         self._declared_batch: Any = None
         self._has_declared = False
         self._pending_skip: Optional[str] = None
@@ -408,7 +409,7 @@ class BilevelProblem:
         _state.validate(self, state)
         _state.load(self, state)
         _drop_operator(self.method_state)
-        self._last_inner_batch = self._declared_batch = None
+        self._last_inner_batch, self._declared_batch = NO_BATCH, None
         self._has_declared = False
         self._pending_skip = None
         self._linearisation += 1
@@ -424,7 +425,7 @@ class BilevelProblem:
     def _hessian_batch(self) -> Any:
         if self._has_declared:
             return self._declared_batch
-        if self.inner_steps == 0 and self._last_inner_batch is None:
+        if self._last_inner_batch is NO_BATCH:
             raise ValueError(
                 "no inner step has been applied yet, so there is no default Hessian batch; pass `hessian_batch=` "
                 "or call problem.new_hessian_batch(batch)."
