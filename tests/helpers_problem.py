@@ -541,6 +541,78 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
         r"`state` is not a BilevelProblem.state_dict\(\)",
     ),
     ("load-scheduler", _load_mismatch, ValueError, r"the checkpoint has an inner scheduler but this problem has none"),
+    # inputs of the calls (issue 9): never iterated, computed on or applied when they cannot be right
+    (
+        "step-string",
+        _run(lambda p: p.step("abc", X2)),
+        TypeError,
+        r"`inner_batches` must be a list or iterator of batches, got the string 'abc'; a string would be iterated",
+    ),
+    ("step-int", _run(lambda p: p.step(5, X2)), TypeError, r"`inner_batches` must be a list .* got int; .* \[batch\]"),
+    ("step-dict", _run(lambda p: p.step({"x": X2}, X2)), TypeError, r"`inner_batches` .* got dict"),
+    (
+        "batch-meta",
+        _run(lambda p: p.inner_step(torch.empty(16, 2, device="meta"))),
+        ValueError,
+        r"`batch` is a tensor on the meta device \(shape only, no data\)",
+    ),
+    (
+        "step-meta-nested",
+        _run(lambda p: p.step([(X2, torch.empty(2, device="meta"))], X2)),
+        ValueError,
+        r"`inner_batches\[0\]\[1\]` is a tensor on the meta device",
+    ),
+    (
+        "outer-batch-meta",
+        _run(lambda p: p.hypergradient({"x": torch.empty(2, device="meta")}, X2)),
+        ValueError,
+        r"`outer_batch\['x'\]` is a tensor on the meta device",
+    ),
+    (
+        "module-meta",
+        lambda: _problem(inner=_level(nn.Linear(2, 1, device="meta"))),
+        ValueError,
+        r"`inner` has tensors on the meta device .*module.to_empty",
+    ),
+    (
+        "accumulate-int",
+        _run(lambda p: p.hypergradient(X2, X2, accumulate=1)),
+        TypeError,
+        r"`accumulate` must be True or False, got 1",
+    ),
+    (
+        "outer-step-hessian-only",
+        _run(lambda p: p.outer_step(hessian_batch=X2)),
+        ValueError,
+        r"outer_step: `hessian_batch` is used only with `outer_batch`",
+    ),
+    (
+        "callbacks-callable",
+        lambda: _problem(callbacks=print),
+        TypeError,
+        r"`callbacks` must be a list of callables .*callbacks=\[fn\]",
+    ),
+    (
+        "reduction-type",
+        lambda: _problem(reduction="ddp"),
+        TypeError,
+        r"`reduction` must be a hypergrad.AbstractReduction",
+    ),
+    (
+        "loss-meta",
+        _run(
+            lambda p: p.inner_step(X2),
+            inner_loss=lambda i, o, b: torch.zeros((), device="meta") + i(b).sum().to("meta"),
+        ),
+        ValueError,
+        r"`inner_loss` returned a tensor on the meta device",
+    ),
+    (
+        "new-hessian-meta",
+        _run(lambda p: p.new_hessian_batch(torch.empty(1, device="meta"))),
+        ValueError,
+        r"`batch` is a tensor on the meta device",
+    ),
 ]
 
 
