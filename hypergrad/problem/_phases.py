@@ -93,7 +93,7 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
     theta = {k: p.detach() for k, p in problem._inner_params.items()}
     lam = {k: p.detach() for k, p in problem._outer_params.items()}
     # an explicit batch is a linearisation of its own: never served from, nor stored as, a reusable operator
-    token = object() if explicit else problem._operator_token()
+    token = None if explicit else problem._operator_token()
     snap = Snapshot(problem, BOOKKEEPING, grads=problem._outer_params.values(), method_state=problem.method_state)
     problem._pending_skip = None
     try:
