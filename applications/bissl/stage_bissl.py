@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hypergrad import MetricsLogger, load_checkpoint, save_checkpoint
+from hypergrad import MetricsLogger, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 
 from . import distributed as dist_utils
 from .augment import TwoViewAugment, eval_transform, train_transform
@@ -188,6 +188,8 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
     if resume and os.path.exists(ckpt_path):
         st = load_checkpoint(ckpt_path)
         problem.load_state_dict(st["problem"])
+        if "rng" in st:  # saved next to the problem's state (hypergrad keeps no RNG in state_dict)
+            set_rng_state(st["rng"])
         start = st["alternation"]
     else:
         _warmup_head(cfg, ssl.backbone, head, warm_ds, upper_lr, upper_wd)  # backbone frozen, SGD with the upper lr/wd
@@ -212,15 +214,15 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
             x1, x2 = (v.to(dev) for v in next(pre_it))
             inner_losses += problem.inner_step((x1, x2)).inner_losses
             ssl.update_target()  # BYOL EMA after every lower step; Hessian passes never touch it
-        # One pretext batch for every Hessian product of this alternation (same object: the
-        # operator can be reused across the upper steps when `reuse_operator` is on).
+        # One pretext batch for every Hessian product of this alternation, declared once: the
+        # operator can be reused across the upper steps when `reuse_operator` is on.
         x1, x2 = (v.to(dev) for v in next(pre_it))
-        h_batch = (x1, x2, HESSIAN)
+        problem.new_hessian_batch((x1, x2, HESSIAN))
         t_low = time.perf_counter() - t0
         hvps, outer_losses, res, failed, status = 0, [], float("nan"), 0, ""
         for _ in range(b.upper_steps):
             x, y = next(down_it)
-            rec = problem.hypergradient((x.to(dev), y.to(dev)), h_batch)
+            rec = problem.hypergradient((x.to(dev), y.to(dev)))
             problem.outer_step()
             hvps += rec.num_hvps
             if rec.outer_loss is not None:
@@ -252,7 +254,9 @@ def run_bissl(cfg: PipelineConfig, pretrained_path: str, out_dir: str | None = N
                 hvp=hvps,
                 solve=status,
             )
-            save_checkpoint({"alternation": alt + 1, "problem": problem.state_dict()}, ckpt_path)
+            save_checkpoint(
+                {"alternation": alt + 1, "problem": problem.state_dict(), "rng": get_rng_state()}, ckpt_path
+            )
         dist_utils.barrier()
     out_path = os.path.join(out_dir, "lower_backbone.pt")
     if main:
