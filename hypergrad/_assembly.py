@@ -173,6 +173,17 @@ def _identity(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     return tree
 
 
+def _memo_matvec(memo: Optional[dict[str, Any]], hessian: Any, key: tuple, build: Callable[[], Any]) -> Any:
+    """The solver's matvec around ``hessian``: the memo's object while operator and ``key`` are the same."""
+    if memo is not None and memo.get("operator") is hessian and memo.get("key") == key:
+        return memo["matvec"]
+    matvec = build()
+    if memo is not None:
+        memo.clear()
+        memo.update(operator=hessian, key=key, matvec=matvec)
+    return matvec
+
+
 def implicit_assembly(
     inner_fn: Callable[[TensorTree, TensorTree], Tensor],
     params: dict[str, Tensor],
@@ -187,6 +198,7 @@ def implicit_assembly(
     reduce: Optional[Reduce] = None,
     x0: Optional[TensorTree] = None,
     on_solution: Optional[Callable[[Solution], None]] = None,
+    memo: Optional[dict[str, Any]] = None,
 ) -> HypergradResult:
     r"""Implicit differentiation of :math:`\nabla_\theta G = 0`: :func:`root_vjp` with the Hessian of :math:`G`.
 
@@ -205,6 +217,10 @@ def implicit_assembly(
         reduce: averages a tree over data-parallel ranks (applied to every HVP and to the
             cross term); ``None`` on one process.
         x0, on_solution: as in :func:`root_vjp`.
+        memo: a dict the caller keeps while it reuses ``operator``; the solver's matvec built around
+            it is stored there and handed to the solver again (the same object) while the operator
+            and the settings are the same, so solvers that cache work per operator object
+            (:class:`~hypergrad.RecycledLanczos`, :class:`~hypergrad.PCG`) reuse it.
 
     Returns:
         :class:`HypergradResult`, ``grad`` keyed like ``hparams``.
@@ -213,9 +229,12 @@ def implicit_assembly(
     hessian = (
         operator if operator is not None else HessianOperator(lambda th: inner_fn(th, hparams), params, mode=hvp_mode)
     )
-    matvec: Any = hessian if reduce is None else Mapped(hessian, reduce)
-    if damping > 0:
-        matvec = Damped(matvec, damping)
+
+    def build() -> Any:
+        matvec: Any = hessian if reduce is None else Mapped(hessian, reduce)
+        return Damped(matvec, damping) if damping > 0 else matvec
+
+    matvec = _memo_matvec(memo, hessian, (damping, reduce), build)
 
     def cross(v: Any) -> dict[str, Tensor]:
         mixed = mixed_hvp(inner_fn, params, hparams, v, mode=mixed_mode(hessian, hvp_mode))
@@ -238,6 +257,7 @@ def proximal_assembly(
     reduce: Optional[Reduce] = None,
     x0: Optional[TensorTree] = None,
     on_solution: Optional[Callable[[Solution], None]] = None,
+    memo: Optional[dict[str, Any]] = None,
 ) -> HypergradResult:
     r"""Proximal coupling: :func:`root_vjp` with :math:`A = I + H/\lambda` and the identity cross term.
 
@@ -251,13 +271,18 @@ def proximal_assembly(
         solver, hvp_mode: the settings.
         rename: ``{inner_name: outer_name}`` for the cross term (``None``: keep the names).
         direct: the direct partial derivative of the outer variables (``None``: none).
-        operator, reduce, x0, on_solution: as in :func:`implicit_assembly`.
+        operator, reduce, x0, on_solution, memo: as in :func:`implicit_assembly`.
 
     Returns:
         :class:`HypergradResult`.
     """
     hessian = operator if operator is not None else HessianOperator(lower, params, mode=hvp_mode)
-    matvec = Damped(hessian if reduce is None else Mapped(hessian, reduce), 1.0, scale=1.0 / lam)
+    matvec = _memo_matvec(
+        memo,
+        hessian,
+        (lam, reduce),
+        lambda: Damped(hessian if reduce is None else Mapped(hessian, reduce), 1.0, scale=1.0 / lam),
+    )
 
     def cross(x: Any) -> dict[str, Tensor]:
         return dict(x) if rename is None else {rename[k]: t for k, t in x.items()}

@@ -17,7 +17,7 @@ equals a single process on the concatenated batch.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, cast
 
 import torch
@@ -52,6 +52,8 @@ class MethodState:
     operator: Any = None
     operator_token: Any = None
     checked: bool = False
+    #: the solver's matvec built around ``operator`` (same object for every solve it serves)
+    solver_memo: dict[str, Any] = field(default_factory=dict)
 
 
 class MethodOutput(NamedTuple):
@@ -199,10 +201,15 @@ class _LinearSolveMethod(AbstractHypergradMethod):
         if token is not None and state.operator is not None and state.operator_token == token:
             return state.operator, True
         state.operator, state.operator_token = None, None  # free the old graph before building a new one
+        state.solver_memo.clear()
         op = HessianOperator(fn, params, mode="rev_rev_cached")
         if token is not None:
             state.operator, state.operator_token = op, token
         return op, False
+
+    def _memo(self, state: MethodState) -> Optional[dict[str, Any]]:
+        """Where the assembly keeps the solver's matvec while an operator is reused (else ``None``)."""
+        return state.solver_memo if self.reuse_operator else None
 
     def _on_solution(self, state: MethodState, what: str) -> Callable[[Solution], None]:
         """The hook run after the solve: refuse a non-finite solution, keep a good one as warm start."""

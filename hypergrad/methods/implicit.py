@@ -79,5 +79,6 @@ class Implicit(_LinearSolveMethod):
             reduce=reduce,
             x0=self._x0(state, g_theta),
             on_solution=self._on_solution(state, "implicit hypergradient"),
+            memo=self._memo(state),
         )
         return MethodOutput(grad, value, solution, solution.num_matvecs + 1, reused)

@@ -171,6 +171,7 @@ class Proximal(_LinearSolveMethod):
             reduce=reduce,
             x0=self._x0(state, rhs),
             on_solution=self._on_solution(state, "proximal hypergradient"),
+            memo=self._memo(state),
         )
         return MethodOutput(grad, value, solution, solution.num_matvecs, reused)
 
