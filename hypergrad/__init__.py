@@ -17,6 +17,9 @@ from .checkpoint import get_rng_state as get_rng_state
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
 from .checkpoint import set_rng_state as set_rng_state
+from .custom_root import ImplicitFunction as ImplicitFunction
+from .custom_root import custom_fixed_point as custom_fixed_point
+from .custom_root import custom_root as custom_root
 from .hypergradient import HypergradResult as HypergradResult
 from .hypergradient import UnrolledResult as UnrolledResult
 from .hypergradient import fixed_point_grad as fixed_point_grad
@@ -93,6 +96,9 @@ __all__ = [
     "proximal_grad",
     "fixed_point_grad",
     "unrolled_grad",
+    "custom_root",
+    "custom_fixed_point",
+    "ImplicitFunction",
     "HypergradResult",
     "UnrolledResult",
     # operators

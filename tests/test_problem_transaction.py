@@ -4,83 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import hypergrad
-
-
-def _bn_problem(on_nonfinite: str, **method_kw):
-    """Inner: Linear-BatchNorm-Linear with learnt per-layer weight decay (outer), Adam + schedulers."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
-    hp = nn.ParameterDict({"log_wd": nn.Parameter(torch.tensor([-2.0, -1.0], dtype=torch.float64))})
-    opt_i = torch.optim.Adam(net.parameters(), lr=0.01)
-    opt_o = torch.optim.SGD(hp.parameters(), lr=0.1, momentum=0.9)
-
-    def G(inner, outer, b):
-        wd = outer["log_wd"].exp()
-        return (
-            ((inner(b[0]) - b[1]) ** 2).mean()
-            + wd[0] * (inner[0].weight ** 2).sum()
-            + wd[1] * (inner[3].weight ** 2).sum()
-        )
-
-    def F(inner, outer, b):
-        return ((inner(b[0]) - b[1]) ** 2).mean()
-
-    method = hypergrad.Implicit(
-        solver=hypergrad.CG(max_steps=3), damping=10.0, warm_start=True, hvp_mode="rev_rev", **method_kw
-    )
-    problem = hypergrad.BilevelProblem(
-        hypergrad.Level(net, opt_i, scheduler=torch.optim.lr_scheduler.StepLR(opt_i, 1, 0.9)),
-        hypergrad.Level(hp, opt_o, scheduler=torch.optim.lr_scheduler.StepLR(opt_o, 1, 0.5)),
-        G,
-        F,
-        method,
-        on_nonfinite=on_nonfinite,
-    )
-    gen = torch.Generator().manual_seed(1)
-    batch = lambda: (torch.randn(8, 3, generator=gen, dtype=torch.float64), torch.randn(8, 1, generator=gen))
-    return problem, net, hp, batch
-
-
-def _state(problem) -> dict:
-    """Everything a step may touch, copied: parameters, buffers, optimiser and scheduler state,
-    counters, warm-start vector, the outer .grad."""
-    out = {}
-    for which in ("inner", "outer"):
-        level = getattr(problem, which)
-        for k, v in level.module.state_dict().items():  # parameters and every buffer
-            out[f"{which}.module.{k}"] = v.detach().clone()
-        for pid, st in level.optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                out[f"{which}.opt.{pid}.{k}"] = v.clone() if isinstance(v, torch.Tensor) else v
-        out[f"{which}.sched"] = dict(level.scheduler.state_dict())
-        out[f"{which}.lr"] = level.optimizer.param_groups[0]["lr"]
-    for k in ("inner_steps", "outer_steps", "inner_skipped", "outer_skipped", "failed_solves"):
-        out[k] = getattr(problem, k)
-    x0 = problem.method_state.x0
-    out["x0"] = None if x0 is None else {k: v.clone() for k, v in x0.items()}
-    return out
-
-
-def _equal(a: dict, b: dict, skip: tuple = ()) -> list[str]:
-    bad = []
-    for k in a:
-        if k in skip:
-            continue
-        x, y = a[k], b[k]
-        if isinstance(x, torch.Tensor):
-            same = x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-        elif isinstance(x, dict):
-            same = x.keys() == y.keys() and all(
-                torch.equal(x[i], y[i]) if isinstance(x[i], torch.Tensor) else x[i] == y[i] for i in x
-            )
-        else:
-            same = x == y
-        if not same:
-            bad.append(k)
-    return sorted(bad)
+from tests.helpers_problem import bn_problem as _bn_problem
+from tests.helpers_problem import full_state as _state
+from tests.helpers_problem import state_diff as _equal
 
 
 def _trained(problem, batch) -> None:

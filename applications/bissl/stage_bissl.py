@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hypergrad import MetricsLogger, save_checkpoint
+from hypergrad import MetricsLogger, get_rng_state, save_checkpoint, set_rng_state
 
 from . import distributed as dist_utils
 from .augment import eval_transform, train_transform
@@ -291,6 +291,8 @@ def run_bissl(
         st = read_checkpoint(ckpt_path, "stage checkpoint", "Pass --no-resume to start the stage afresh.")
         try:
             problem.load_state_dict(st["problem"])
+            if "rng" in st:  # saved next to the problem's state (hypergrad keeps no RNG in state_dict)
+                set_rng_state(st["rng"])
             start, history = int(st["alternation"]), list(st.get("history", []))
             lam, damping = float(st.get("lam", lam)), float(st.get("damping", damping))
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -324,8 +326,8 @@ def run_bissl(
             else:
                 inner_losses.append(_plain_lower_step(ssl, (x1, x2), lower_opt, lower_sched, b.clip_norm))
             ssl.update_target()  # BYOL EMA after every lower step; Hessian passes never touch it
-        # One pretext batch for every Hessian product of this alternation (same object: the
-        # operator can be reused across the upper steps when `reuse_operator` is on).
+        # One pretext batch for every Hessian product of this alternation, declared once: the
+        # operator can be reused across the upper steps when `reuse_operator` is on.
         x1, x2 = (v.to(dev) for v in next(pre_it))
         h_batch = PretextBatch(x1, x2, local_negatives=True)
         t_low = time.perf_counter() - t0
@@ -362,6 +364,7 @@ def run_bissl(
                     "history": history,
                     "lam": lam,
                     "damping": damping,
+                    "rng": get_rng_state(),
                 },
                 ckpt_path,
             )
@@ -414,9 +417,12 @@ def _upper_steps(problem, b, down_ds, h_batch, alt, cfg, dev, skipped_reasons: l
     """
     down_it = _batches(down_ds, alt * b.upper_steps, b.upper_steps, b.downstream_batch, cfg.seed + 1, cfg.num_workers)
     hvps, losses, res, failed, solves, skipped = 0, [], float("nan"), 0, 0, 0
+    # One Hessian batch for the whole alternation, declared once: with `reuse_operator` the
+    # linearisation (and a recycling solver's basis) serves every upper step.
+    problem.new_hessian_batch(h_batch)
     for _ in range(b.upper_steps):
         x, y = next(down_it)
-        rec = problem.hypergradient((x.to(dev), y.to(dev)), h_batch)
+        rec = problem.hypergradient((x.to(dev), y.to(dev)))
         out = problem.outer_step()
         hvps += rec.num_hvps
         if rec.outer_loss is not None:

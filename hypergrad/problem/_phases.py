@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..level import Level
 from ..methods._base import _wide
@@ -22,6 +22,21 @@ from ..tree import tree_norm
 from ._policy import mark_skipped
 from ._transaction import Snapshot
 from ._validate import check_loss, clear_batchnorm_errors
+
+LossFn = Callable[[nn.Module, nn.Module, Any], Tensor]
+
+
+class LossHost(nn.Module):
+    """Holds both levels so one ``functional_call`` swaps the parameters of both for a whole loss."""
+
+    def __init__(self, inner: nn.Module, outer: nn.Module, loss: LossFn):
+        super().__init__()
+        self.inner, self.outer = inner, outer
+        self._loss = loss
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss(self.inner, self.outer, batch)
+
 
 #: Problem attributes a phase may change (restored on skip/raise).
 BOOKKEEPING = (
@@ -93,7 +108,7 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
     theta = {k: p.detach() for k, p in problem._inner_params.items()}
     lam = {k: p.detach() for k, p in problem._outer_params.items()}
     # an explicit batch is a linearisation of its own: never served from, nor stored as, a reusable operator
-    token = object() if explicit else problem._operator_token()
+    token = None if explicit else problem._operator_token()
     snap = Snapshot(problem, BOOKKEEPING, grads=problem._outer_params.values(), method_state=problem.method_state)
     problem._pending_skip = None
     try:

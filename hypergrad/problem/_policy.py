@@ -20,13 +20,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from ..methods._base import FAILURE_POLICIES, FailurePolicy
 from ..records import NonFiniteError, SolveFailedWarning, StepRecord
 from ..solvers import Solution, SolverError
 
 NonFinitePolicy = Literal["skip", "raise"]
-FailurePolicy = Literal["raise", "skip", "warn", "apply"]
 NONFINITE_POLICIES = ("skip", "raise")
-FAILURE_POLICIES = ("raise", "skip", "warn", "apply")
 
 UNCHANGED = "parameters, buffers, optimiser and scheduler state, counters and the warm-start vector are unchanged"
 

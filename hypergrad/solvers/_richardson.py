@@ -27,7 +27,7 @@ def richardson(
     check = rtol > 0 or atol > 0
     x, r, num_matvecs = _start(matvec, b, x0)
     r0 = tree_norm(r)
-    tol = _tolerance(tree_norm(b), rtol, atol) if check else None
+    tol = _tolerance(tree_norm(b), rtol, atol) if check else torch.zeros_like(r0)
     status = Status.FIXED_BUDGET
     steps = 0
     if check and bool(r0 <= tol):
