@@ -32,6 +32,7 @@ case "$cmd" in
   install) install ;;
   demo) install; exec "$PY" -m applications.bissl run --preset demo "$@" ;;
   toy) install; exec "$PY" -m applications.toy "$@" ;;
+  umm) install; exec "$PY" -m applications.umm "$@" ;;
   mini)
     install
     if [ ! -d /usr/share/datasets/fashion-mnist ]; then
