@@ -153,7 +153,7 @@ class UMMConfig:
 def _tiny() -> UMMConfig:
     return UMMConfig(
         preset="tiny", dataset="digits", n_pretrain=64, n_heldout=32, n_probe_test=64, width=4, image_size=12,
-        proj_dims=16, epochs=2, batch_size=32, save_every=1, probe_steps=10, dr_samples=64, alternations=1,
+        proj_dims=16, epochs=1, batch_size=32, save_every=1, probe_steps=10, dr_samples=64, alternations=1,
         lower_steps=2, upper_steps=1, cg_steps=1, ft_batch=16, seeds=2, knn_k=5, threads=1, view_bank=1,
     )  # fmt: skip
 
@@ -163,7 +163,7 @@ def _cpu() -> UMMConfig:
     return UMMConfig(
         preset="cpu", dataset="fashion_mnist" if fm else "digits", n_pretrain=512, n_heldout=256,
         n_probe_test=1000 if fm else 359, width=8, image_size=16, proj_dims=64, epochs=30, batch_size=128,
-        save_every=5, alternations=6, lower_steps=4, upper_steps=1, cg_steps=2, ft_batch=128, seeds=5, threads=1,
+        save_every=5, alternations=4, lower_steps=3, upper_steps=1, cg_steps=2, ft_batch=64, seeds=5, threads=1,
         view_bank=4,
     )  # fmt: skip
 

@@ -51,8 +51,8 @@ def control_steps(cfg: UMMConfig) -> int:
 
     Example:
         >>> from applications.umm.config import get_preset
-        >>> control_steps(get_preset("cpu"))  # 6 * (4 + 1 * (1 + 2 * 2))
-        54
+        >>> control_steps(get_preset("cpu"))  # 4 * (3 + 1 * (1 + 2 * 2))
+        32
     """
     return cfg.alternations * (cfg.lower_steps + cfg.upper_steps * (1 + 2 * cfg.cg_steps))
 

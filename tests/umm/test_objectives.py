@@ -56,15 +56,15 @@ def test_outer_objective_is_minus_dr() -> None:
 def test_one_upper_step_increases_dr_on_a_fixed_batch(first_order: bool) -> None:
     cfg = get_preset("tiny")
     backbone, projector = build_model(cfg)
-    early, late = split_backbone(backbone, cfg.num_early)
+    early, late = split_backbone(backbone, 4)  # late = layer4 only: keeps the CG passes cheap
     for p in early.parameters():
         p.requires_grad_(False)
     inner, outer = make_levels(late, projector)  # theta_U = theta_L at the start
     problem = build_problem(
-        inner, outer, lam=1.0, damping=100.0, cg_steps=3, align_weight=1.0, align_tau=0.1, eps2=0.5,
+        inner, outer, lam=1.0, damping=100.0, cg_steps=1, align_weight=1.0, align_tau=0.1, eps2=0.5,
         upper_ssl_weight=0.0, first_order=first_order, upper_lr=1e-3, clip_norm=None,
     )  # fmt: skip
-    x1, x2 = torch.randn(16, 1, 12, 12), torch.randn(16, 1, 12, 12)
+    x1, x2 = torch.randn(8, 1, 12, 12), torch.randn(8, 1, 12, 12)
     batch = encode_early(early, x1, x2)
     inner.train()
     outer.train()
@@ -125,7 +125,7 @@ def test_hypergradient_equals_dense_implicit_function_computation_float64() -> N
             g = torch.autograd.functional.jacobian(lambda t: G(t, om), theta)
             if float(g.norm()) < 1e-12:
                 break
-            H = torch.autograd.functional.hessian(lambda t: G(t, om), theta)
+            H = torch.autograd.functional.hessian(lambda t: G(t, om), theta, vectorize=True)
             theta = theta - torch.linalg.solve(H, g)
         assert float(g.norm()) < 1e-12
         return theta
@@ -135,14 +135,16 @@ def test_hypergradient_equals_dense_implicit_function_computation_float64() -> N
         for p, v in zip(late.parameters(), torch.split(theta, sizes)):
             p.copy_(v.view(p.shape))
     # dense IFT: d theta*/d omega = lam (H0 + lam I)^-1, H0 = Hessian of the lower loss without the penalty
-    H0 = torch.autograd.functional.hessian(lambda t: G(t, omega) - lam / 2 * ((t - omega) ** 2).sum(), theta)
+    H0 = torch.autograd.functional.hessian(
+        lambda t: G(t, omega) - lam / 2 * ((t - omega) ** 2).sum(), theta, vectorize=True
+    )
     assert float(torch.linalg.eigvalsh(H0 + lam * torch.eye(len(theta), dtype=torch.float64)).min()) > 0
     g_theta = torch.autograd.functional.jacobian(lambda t: Phi_inner(t, omega), theta)
     g_omega = torch.autograd.functional.jacobian(lambda o: Phi_inner(theta, o), omega)
     dense = lam * torch.linalg.solve(H0 + lam * torch.eye(len(theta), dtype=torch.float64), g_theta) + g_omega
 
     problem = build_problem(
-        inner, outer, lam=lam, damping=0.0, cg_steps=60, align_weight=beta, align_tau=0.5, eps2=0.5,
+        inner, outer, lam=lam, damping=0.0, cg_steps=16, align_weight=beta, align_tau=0.5, eps2=0.5,
         upper_ssl_weight=mu, gamma=gamma, clip_norm=None,
     )  # fmt: skip
     problem.hypergradient(upper_batch, lower_batch)
