@@ -43,6 +43,8 @@ from .objectives import build_problem, encode_early, inner_loss_fn, make_levels,
 
 __all__ = ["compare", "control_steps", "finetune_run", "summarise"]
 
+#: Settings that may change between a run and its resumption (they do not change a finished run's result).
+_FREE = {"seeds", "methods", "threads", "num_workers", "device", "run_dir", "preset", "extra"}
 _EVAL_KEYS = ("probe", "knn", "dr_class", "dr_views_seen", "dr_views_unseen")
 
 
@@ -156,7 +158,6 @@ def finetune_run(
     if evaluator is not None:
         backbone.eval()
         result.update(evaluator.metrics(_late_features(early, late)))
-    result["state"] = {k: v.detach().cpu() for k, v in backbone.state_dict().items()} if evaluator is None else None
     return result
 
 
@@ -210,6 +211,20 @@ def compare(cfg: UMMConfig, checkpoint: str, out_dir: str, *, resume: bool = Tru
     os.makedirs(out_dir, exist_ok=True)
     res_path = os.path.join(out_dir, "results.jsonl")
     done: list[dict[str, Any]] = []
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in _FREE} | {"checkpoint": os.path.abspath(checkpoint)}
+    set_path = os.path.join(out_dir, "settings.json")
+    if resume and os.path.exists(set_path) and os.path.exists(res_path):
+        with open(set_path) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"{res_path!r} holds runs with other settings {changed}; pass --no-resume (CLI) / resume=False "
+                "to start afresh, or use another --run-dir."
+            )
+    if runtime.is_main():
+        with open(set_path, "w") as f:
+            json.dump(settings, f, indent=1)
     if resume and os.path.exists(res_path):
         with open(res_path) as f:
             done = [json.loads(line) for line in f if line.strip()]
@@ -227,7 +242,6 @@ def compare(cfg: UMMConfig, checkpoint: str, out_dir: str, *, resume: bool = Tru
         bar.set_postfix(method=method, seed=seed)
         r = finetune_run(cfg, method, seed, checkpoint, splits, evaluator,
                          log_dir=os.path.join(out_dir, "logs", f"{method}_s{seed}"))  # fmt: skip
-        r.pop("state", None)
         done.append(r)
         if runtime.is_main():
             with open(res_path, "a") as f:

@@ -54,6 +54,8 @@ def test_finetune_resume_skips_finished_runs(tiny_run: str) -> None:
     before = open(path).read()
     assert main(["finetune", "--preset", "tiny", "--run-dir", tiny_run, "--no-progress"]) == 0
     assert open(path).read() == before  # nothing re-run, nothing appended
+    with pytest.raises(ValueError, match="other settings"):
+        main(["finetune", "--preset", "tiny", "--run-dir", tiny_run, "--lam", "2.0", "--no-progress"])
 
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_run: str) -> None:
