@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import runtime
 from .config import PRESETS, UMMConfig, get_preset
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -133,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(cfg.run_dir, "finetune")
         compare(cfg, ckpt, out, resume=resume, progress=progress)
         times["finetune_s"] = time.perf_counter() - t
-        print(open(os.path.join(out, "table.md")).read())
+        if runtime.is_main():
+            print(open(os.path.join(out, "table.md")).read())
     times["total_s"] = time.perf_counter() - t0
-    from . import runtime
-
     if runtime.is_main():
         os.makedirs(cfg.run_dir, exist_ok=True)
         summary = {"command": args.command, "preset": cfg.preset, **times, "machine": platform.platform(),
