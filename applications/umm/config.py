@@ -40,6 +40,9 @@ class UMMConfig:
             upper level (labels unused).
         n_probe_test: test-split images for probe/kNN accuracy and the class-partition
             :math:`\Delta R`; the probes train on the labelled ``n_pretrain`` images.
+        test_split: the split evaluated (``"val"`` for an ImageNet-100 ``ImageFolder``).
+        shuffle_subsets: draw the three sets from a seeded permutation instead of taking the
+            first images (needed for class-sorted folders such as ``ImageFolder``).
     Model: arch, width, small_stem, in_channels, image_size, proj_dims (see
         :func:`applications.bissl.models.build_backbone`).
     Pretraining (SimCLR): epochs, batch_size, lr, weight_decay, optimizer (``adam`` or ``lars``),
@@ -59,6 +62,8 @@ class UMMConfig:
     n_pretrain: int = 2048
     n_heldout: int = 512
     n_probe_test: int = 1000
+    test_split: str = "test"
+    shuffle_subsets: bool = False
     arch: str = "resnet18"
     width: int = 8
     small_stem: bool = True
@@ -173,7 +178,7 @@ def _gpu() -> UMMConfig:
         preset="gpu", dataset="cifar10", n_pretrain=10000, n_heldout=5000, n_probe_test=10000, width=64,
         in_channels=3, image_size=32, proj_dims=256, epochs=400, batch_size=512, lr=2e-3, save_every=25,
         dr_samples=2000, alternations=200, lower_steps=10, upper_steps=4, cg_steps=5, ft_batch=256, seeds=5,
-        device="cuda", num_workers=8,
+        device="cuda", num_workers=8, shuffle_subsets=True,
     )  # fmt: skip
 
 

@@ -2,11 +2,12 @@
 
 Three disjoint image sets (labels used only for evaluation):
 
-* ``pretrain``: the first ``n_pretrain`` images of the train split; SSL pretraining, the lower
+* ``pretrain``: the first ``n_pretrain`` images of the train split (of a seeded permutation of it
+  with ``shuffle_subsets``); SSL pretraining, the lower
   level of fine-tuning, and (with labels) the training set of the linear probe and kNN.
 * ``heldout``: the next ``n_heldout`` train-split images, never seen in pretraining; their views
   feed the upper level (no labels).
-* ``test``: the first ``n_probe_test`` test-split images; probe/kNN accuracy and class-partition
+* ``test``: the first ``n_probe_test`` images of ``cfg.test_split``; probe/kNN accuracy and class-partition
   coding-rate reduction.
 """
 
@@ -47,15 +48,22 @@ def load_splits(cfg: UMMConfig) -> Splits:
         (64, 32, 64)
     """
     train = get_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size)
-    test = get_dataset(cfg.dataset, cfg.data_root, "test", image_size=cfg.image_size)
+    test = get_dataset(cfg.dataset, cfg.data_root, cfg.test_split, image_size=cfg.image_size)
     need = cfg.n_pretrain + cfg.n_heldout
     if len(train) < need:
         raise ValueError(
             f"`n_pretrain` + `n_heldout` = {need} exceeds the {len(train)} train images of {cfg.dataset!r}; lower them."
         )
     n_test = min(cfg.n_probe_test, len(test))
+    if cfg.shuffle_subsets:
+        g = torch.Generator().manual_seed(cfg.seed)
+        order, test_order = torch.randperm(len(train), generator=g), torch.randperm(len(test), generator=g)
+    else:
+        order, test_order = torch.arange(len(train)), torch.arange(len(test))
     return Splits(
-        train.subset(range(cfg.n_pretrain)), train.subset(range(cfg.n_pretrain, need)), test.subset(range(n_test))
+        train.subset(order[: cfg.n_pretrain]),
+        train.subset(order[cfg.n_pretrain : need]),
+        test.subset(test_order[:n_test]),
     )
 
 
