@@ -196,7 +196,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return s + (" ± " + fmt.format(r[k + "_std"] * scale) if k + "_std" in r else "")
 
         out.append(
-            f"| {_NAMES.get(r['method'], r['method'])} | {r['seeds']} | {cell('probe', 100, '{:.1f}')} | "
+            f"| {_NAMES.get(r['method'], r['method'])} | {r['seeds'] or '-'} | {cell('probe', 100, '{:.1f}')} | "
             f"{cell('knn', 100, '{:.1f}')} | {cell('dr_class')} | {cell('dr_views_unseen')} | {cell('dr_views_seen')} | "
             f"{cell('time_s', 1, '{:.1f}')} |"
         )
