@@ -50,6 +50,7 @@ case "$cmd" in
     fi
     exec "$PY" -m applications.bissl run --preset demo "$@" ;;
   toy) install; exec "$PY" -m applications.toy "$@" ;;
+  umm) install; exec "$PY" -m applications.umm "$@" ;;
   mini)
     install
     if [ ! -d /usr/share/datasets/fashion-mnist ]; then
