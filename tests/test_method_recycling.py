@@ -18,7 +18,7 @@ def _proximal_setup() -> tuple:
     torch.manual_seed(1)
     A = torch.randn(12, 12, dtype=F64)
     H = A @ A.T / 12 + torch.eye(12, dtype=F64)  # SPD Hessian of the lower loss
-    inner = lambda p, h: 0.5 * p["w"] @ H @ p["w"]  # noqa: E731
+    inner = lambda p, h: 0.5 * p["w"] @ H @ p["w"]
     params = {"w": torch.randn(12, dtype=F64)}
     hparams = {"w": torch.zeros(12, dtype=F64)}
     return H, inner, params, hparams
@@ -33,7 +33,7 @@ def test_recycled_basis_built_once_per_token_and_rebuilt_on_a_new_one() -> None:
     setups, grads = [], []
     for k in range(4):  # four upper steps of one alternation: same token, new right-hand sides
         target = torch.randn(12, dtype=F64)
-        outer = lambda p, h, t=target: 0.5 * ((p["w"] - t) ** 2).sum()  # noqa: E731
+        outer = lambda p, h, t=target: 0.5 * ((p["w"] - t) ** 2).sum()
         out = method.hypergradient(inner, outer, params, hparams, state, _ident, "alternation-0")
         setups.append(out.solution.stats["setup_matvecs"])
         # dense reference: lam (H + lam I)^-1 g with g = w - target
