@@ -88,7 +88,8 @@ class LinearizedHessian(LinearOperator):
                 HVPFallbackWarning,
                 stacklevel=2,
             )
-            value, vjp_fn = vjp(grad(fn), self.params)
+            primal_and_vjp = vjp(grad(fn), self.params)
+            value, vjp_fn = primal_and_vjp[0], primal_and_vjp[1]
             self.mode = "rev_rev_cached"
             self._apply = lambda v: vjp_fn(v)[0]
         self.grad_value = tree_map(torch.Tensor.detach, value)
