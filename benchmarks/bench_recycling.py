@@ -97,6 +97,39 @@ class System:
                     p.sub_(lr * g[k])
 
 
+class SmallCNNSystem:
+    """A cheaper stand-in (float64): the small-preset ResNet with BatchNorm of ``benchmarks/models.py``,
+    :math:`H` the Hessian of its loss on one batch, right-hand sides = loss gradients on 8 other batches."""
+
+    def __init__(self, lam: float):
+        from benchmarks.models import SmallResNet
+
+        torch.manual_seed(0)
+        self.net, self.lam = SmallResNet((4, 8)).double().train(), lam
+        gen = torch.Generator().manual_seed(1)
+        batches = [
+            (torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen))
+            for _ in range(N_U + 1)
+        ]
+        self.h_batch, self.d_batches = batches[0], batches[1:]
+        self.f = hypergrad.stateless(self.net)
+        self.params = hypergrad.module_params(self.net)
+
+    def _loss(self, batch: tuple) -> Callable[[dict], torch.Tensor]:
+        return lambda p: F.cross_entropy(self.f(p, batch[0]), batch[1])
+
+    def operator(self) -> Callable[[Any], Any]:
+        H = hypergrad.HessianOperator(self._loss(self.h_batch), self.params, mode="rev_rev_cached")
+        return hypergrad.Damped(_Scaled(H, 1.0 / self.lam), 1.0)
+
+    def rhs(self) -> list[dict[str, torch.Tensor]]:
+        return [torch.func.grad(self._loss(b))(self.params) for b in self.d_batches]
+
+    def lower_step(self, lr: float = 0.1) -> None:
+        g = torch.func.grad(self._loss(self.h_batch))(self.params)
+        self.params = {k: v - lr * g[k] for k, v in self.params.items()}
+
+
 class _Scaled(hypergrad.LinearOperator):
     """``v -> s A v`` (one HVP per call)."""
 
@@ -108,7 +141,7 @@ class _Scaled(hypergrad.LinearOperator):
 
 
 def reference(op: Callable[[Any], Any], rhs: list[dict]) -> list[dict]:
-    """Tight solves (recycled basis of 24 + PCG to 1e-6, float32); their true residuals are checked."""
+    """Tight solves (recycled basis of 24 + PCG/MINRES to 1e-6); their true residuals are checked."""
     solver = hypergrad.RecycledLanczos(basis_size=24, max_steps=400, rtol=1e-6)
     out = []
     for b in rhs:
@@ -135,10 +168,12 @@ def run_alternation(system: System, make: Callable[[], hypergrad.AbstractLinearS
     return dict(hvps=hvps, max_rel_err=max(errs), statuses=sorted(set(statuses)), time_s=time.perf_counter() - t0)
 
 
-def measure(preset: str, damping: float, alternations: int, names: list[str] | None = None) -> dict[str, list]:
+def measure(
+    preset: str, damping: float, alternations: int, names: list[str] | None = None, small_cnn: bool = False
+) -> dict[str, list]:
     """``{solver: [per-alternation dict]}`` over consecutive alternations (matrix changes between)."""
     torch.manual_seed(0)
-    system = System(Case(preset), damping)
+    system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
     table: dict[str, list] = {n: [] for n in (names or solvers())}
     for _ in range(alternations):
         exact = reference(system.operator(), system.rhs())
@@ -175,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alternations", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--solvers", nargs="*", default=None)
+    ap.add_argument("--small-cnn", action="store_true", help="the float64 small ResNet system (lam = --damping)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    table = measure(args.preset, args.damping, args.alternations, args.solvers)
+    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn)
     print(
-        f"BiSSL upper-step systems (I + H/lam_e), lam_e={LAM + args.damping:g}, N_U={N_U} right-hand sides per "
+        f"{'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
         f"alternation, rtol={RTOL}, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     cold = table.get("cg_cold")
