@@ -215,6 +215,107 @@ def alternation(case: Case, **bissl: Any) -> Callable[[], tuple[list[dict], int]
     return run
 
 
+class _Scaled(hypergrad.LinearOperator):
+    """``v -> s A v``."""
+
+    def __init__(self, op: Callable[[Any], Any], s: float):
+        self.op, self.s = op, s
+
+    def matvec(self, v: Any) -> Any:
+        return hypergrad.tree_scale(self.op(v), self.s)
+
+
+def recycled_alternation(
+    case: Case, make_solver: Callable[[], hypergrad.AbstractLinearSolver], mode: str = "rev_rev_cached"
+) -> Callable[[], tuple[list[dict], int]]:
+    r"""The N_U upper gradients with ONE operator object per alternation, so a recycling solver's basis
+    (or a preconditioner) built on the first upper step serves the other N_U - 1.
+
+    Assembled from public parts exactly as :class:`hypergrad.Proximal` computes it:
+    :math:`(I + H/\lambda_e)^{-1}\nabla_{\theta_P} L_D + \gamma\nabla_{\theta_D} L_D`, with ``mode``
+    ``"linearized"`` (:class:`hypergrad.LinearizedHessian`) or a :class:`hypergrad.HessianOperator` mode.
+    (``BilevelProblem`` passes a new matvec closure to the solver at each step, so its solver cache
+    cannot hit yet; see NOTES/report: the lead wires a stable operator object there.)
+    """
+    lam_eff = LAM + DAMPING
+
+    def run() -> tuple[list[dict], int]:
+        ssl, upper, head = copy.deepcopy(case.ssl), copy.deepcopy(case.upper), copy.deepcopy(case.head)
+        if hasattr(getattr(ssl, "loss_fn", None), "gather"):
+            ssl.loss_fn.gather = False
+        f, f_bb, f_up = hypergrad.stateless(ssl), hypergrad.stateless(ssl.backbone), hypergrad.stateless(upper)
+        bb = {k: v.detach() for k, v in ssl.backbone.named_parameters()}
+        x1, x2, _ = case.h_batch
+
+        def pretext(p: dict) -> torch.Tensor:
+            return f({"backbone." + k: v for k, v in p.items()}, x1, x2)
+
+        h = (
+            hypergrad.LinearizedHessian(pretext, bb)
+            if mode == "linearized"
+            else hypergrad.HessianOperator(pretext, bb, mode=mode)
+        )
+        op = hypergrad.Damped(_Scaled(h, 1.0 / lam_eff), 1.0)
+        solver, up = make_solver(), {k: v.detach() for k, v in upper.named_parameters()}
+        grads, hvps = [], 0
+        for x, y in case.d_batches:
+            rhs = torch.func.grad(lambda p: F.cross_entropy(head(f_bb(p, x)), y))(bb)
+            sol = solver(op, rhs)
+            if sol.failed:
+                raise hypergrad.SolverError(sol, solver)
+            hvps += sol.num_matvecs
+            direct = torch.func.grad(lambda p: GAMMA * F.cross_entropy(head(f_up(p, x)), y))(up)
+            grads.append({k: (sol.x[k] + direct[k]).detach() for k in bb})
+        return grads, hvps
+
+    return run
+
+
+RECYCLED = {  # name: (solver factory, HVP mode) for the N_U upper steps of one alternation
+    "recycled_tol[rev_rev_cached]": (
+        lambda: hypergrad.RecycledLanczos(basis_size=8, max_steps=20, rtol=1e-4),
+        "rev_rev_cached",
+    ),
+    "recycled_tol[linearized]": (
+        lambda: hypergrad.RecycledLanczos(basis_size=8, max_steps=20, rtol=1e-4),
+        "linearized",
+    ),
+    "recycled_budget[rev_rev_cached]": (
+        lambda: hypergrad.RecycledLanczos(basis_size=5, max_steps=1),
+        "rev_rev_cached",
+    ),
+    "cg5_one_op[rev_rev_cached]": (lambda: hypergrad.CG(max_steps=CG_STEPS), "rev_rev_cached"),
+}
+
+
+def main_recycled(preset: str, device: str, with_memory: bool = True) -> None:
+    """Reference vs hypergrad default vs recycling over one alternation: time, peak memory, HVPs, error."""
+    case = Case(preset, device)
+    # reference solutions: a 24-vector recycled basis + PCG to rtol 1e-6 on one operator (float32)
+    conv = recycled_alternation(case, lambda: hypergrad.RecycledLanczos(basis_size=24, max_steps=200, rtol=1e-6))()[0]
+    runs = {
+        "reference_cg5": reference_alternation(case),
+        "hypergrad_default_cg5": alternation(case),
+        **{k: recycled_alternation(case, *v) for k, v in RECYCLED.items()},
+    }
+    print(f"\nOne alternation, N_U={N_U}, preset {preset}: reference-style vs hypergrad (same process)")
+    print(
+        f"{'variant':<34}{'time s':>8}{'t/t_ref':>9}{'HVPs':>6}{'peak MB':>9}{'mem/mem_ref':>12}{'mean err':>10}{'max err':>10}"
+    )
+    t_ref = m_ref = None
+    for name, fn in runs.items():
+        t0 = time.perf_counter()
+        grads, hvps = synced(fn, device)()  # one timed run each (a loaded shared machine: no repeats)
+        t = time.perf_counter() - t0
+        mem = peak_memory_bytes(fn, device) if with_memory else 0
+        t_ref, m_ref = t_ref or t, m_ref or max(mem, 1)
+        errs = [rel_error(g, e) for g, e in zip(grads, conv)]
+        print(
+            f"{name:<34}{t:>8.2f}{t / t_ref:>9.2f}{hvps:>6d}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}"
+            f"{sum(errs) / len(errs):>10.1e}{max(errs):>10.1e}"
+        )
+
+
 _CACHE: dict[Any, Any] = {}
 
 
@@ -281,9 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(SIZES), default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recycled", action="store_true", help="only the alternation: reference vs recycling")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.recycled:
+        main_recycled(args.preset, args.device)
+        return 0
     case = Case(args.preset, args.device)
     ref = _textbook(case)
     rows = {}

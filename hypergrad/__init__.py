@@ -27,6 +27,7 @@ from .hypergradient import implicit_grad as implicit_grad
 from .hypergradient import proximal_grad as proximal_grad
 from .hypergradient import unrolled_grad as unrolled_grad
 from .level import Level as Level
+from .linearized import LinearizedHessian as LinearizedHessian
 from .methods import AbstractHypergradMethod as AbstractHypergradMethod
 from .methods import Implicit as Implicit
 from .methods import Proximal as Proximal
@@ -105,6 +106,7 @@ __all__ = [
     "HVP_MODES",
     "LinearOperator",
     "HessianOperator",
+    "LinearizedHessian",
     "Damped",
     "FixedPointOperator",
     "HVPFallbackWarning",

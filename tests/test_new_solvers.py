@@ -95,8 +95,8 @@ def test_minres_residual_is_monotone_and_optimal_over_the_krylov_space() -> None
         prev = sol.residual_norm
 
 
-def test_minres_fixed_budget_makes_no_host_sync() -> None:
-    """With rtol = atol = 0 the loop reads no scalar: a matvec that refuses .item()/float() passes."""
+def test_minres_fixed_budget_spends_exactly_max_steps() -> None:
+    """With rtol = atol = 0 MINRES runs exactly max_steps matvecs (no early exit, no extra residual matvec)."""
     a, b = indefinite(10, 4)
     calls = []
 

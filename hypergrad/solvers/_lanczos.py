@@ -39,7 +39,7 @@ def flattener(b: TreeOrTensor) -> tuple[Callable[[TreeOrTensor], Tensor], Callab
 def flat_matvec(matvec: MatVec, b: TreeOrTensor) -> Callable[[Tensor], Tensor]:
     """``matvec`` acting on flat vectors laid out like ``b``."""
     ravel, unravel = flattener(b)
-    return lambda v: ravel(matvec(unravel(v)))
+    return lambda v: ravel(matvec(unravel(v))).detach()
 
 
 @dataclass
@@ -68,6 +68,7 @@ def lanczos(mv: Callable[[Tensor], Tensor], r0: Tensor, m: int) -> Krylov:
     when reorthogonalisation corrections are not negligible (single precision). A breakdown
     (an invariant subspace) leaves zero rows, never NaN, and needs no host synchronisation.
     """
+    r0 = r0.detach()
     n = r0.numel()
     m = max(1, min(m, n))
     V = torch.zeros(m + 1, n, dtype=r0.dtype, device=r0.device)
@@ -114,6 +115,7 @@ class LowRankInverse:
     """
 
     def __init__(self, U: Tensor, theta: Tensor, complement: float | None = None):
+        U, theta = U.detach(), theta.detach()
         self.U = U
         mag = theta.abs()
         self.inv = (1.0 / mag).to(U.dtype) if mag.numel() else mag.to(U.dtype)

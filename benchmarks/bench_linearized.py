@@ -1,0 +1,159 @@
+r"""HVP / gradient cost per mode, with the frozen linearised operator, eager and ``torch.compile``\ d.
+
+For each model of ``benchmarks/models.py`` (MLP, ResNet with BatchNorm through
+:func:`hypergrad.stateless`, causal transformer on the math SDPA backend) and each mode:
+
+* ``fwd_rev``, ``rev_rev``: :class:`hypergrad.HessianOperator` recomputing per matvec;
+* ``rev_rev_cached``: the reverse graph built once;
+* ``linearized``: :class:`hypergrad.LinearizedHessian` (``torch.func.linearize`` once);
+
+it records the one-off build time, the time of one matvec after the build (median of ``reps``),
+both as multiples of one ``torch.func.grad`` of the same loss, the agreement with ``rev_rev`` and
+the peak memory of build + 5 matvecs (PyTorch profiler allocation events on CPU, i.e. tensor
+memory, not RSS). ``--compile`` adds ``torch.compile`` of the matvec for ``fwd_rev`` and
+``linearized`` (a failed compile is reported as such and the eager number kept separate).
+
+Run: ``python benchmarks/bench_linearized.py [--preset small] [--compile mlp]``, or
+``python -m pytest benchmarks/bench_linearized.py`` (eager only, one entry per model and mode).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+
+if __package__ in (None, ""):  # `python benchmarks/bench_linearized.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hypergrad
+from benchmarks.measure import peak_memory_bytes, rel_error
+from benchmarks.models import MODELS, build_model
+
+MODES = ("fwd_rev", "rev_rev", "rev_rev_cached", "linearized")
+
+
+def build(fn: Callable, params: dict, mode: str) -> Callable[[Any], Any]:
+    if mode == "linearized":
+        return hypergrad.LinearizedHessian(fn, params)
+    return hypergrad.HessianOperator(fn, params, mode=mode)
+
+
+def _median_time(call: Callable[[], Any], reps: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, ...] = ()) -> list[dict]:
+    case = build_model(name, preset)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in case.params.items()}
+    t_grad = _median_time(lambda: torch.func.grad(case.fn)(case.params), reps)
+    ref = hypergrad.hvp(case.fn, case.params, v, mode="rev_rev")
+    rows = []
+    for mode in MODES:
+        t0 = time.perf_counter()
+        op = build(case.fn, case.params, mode)
+        t_build = time.perf_counter() - t0
+        t_hvp = _median_time(lambda: op(v), reps)
+        err = rel_error(op(v), ref)
+        mem = peak_memory_bytes(lambda: _build_and_apply(case, mode, v, 5), "cpu")
+        rows.append(
+            dict(
+                model=name,
+                mode=mode,
+                compiled=False,
+                build_over_grad=t_build / t_grad,
+                hvp_over_grad=t_hvp / t_grad,
+                grad_ms=1e3 * t_grad,
+                rel_err_vs_rev_rev=err,
+                peak_mem_mb=mem / 2**20,
+                num_params=case.num_params,
+            )
+        )
+        if mode in compile_modes:
+            rows.append(_compiled(case, mode, op, v, ref, t_grad, reps))
+    return rows
+
+
+def _build_and_apply(case: Any, mode: str, v: dict, k: int) -> None:
+    op = build(case.fn, case.params, mode)
+    for _ in range(k):
+        op(v)
+
+
+def _compiled(case: Any, mode: str, op: Any, v: dict, ref: dict, t_grad: float, reps: int) -> dict:
+    row = dict(model=case.name, mode=mode, compiled=True, num_params=case.num_params, grad_ms=1e3 * t_grad)
+    try:
+        if mode == "linearized":
+            fn = torch.compile(op.matvec)
+        else:
+
+            def hvp(u: dict) -> dict:
+                return torch.func.jvp(torch.func.grad(case.fn), (case.params,), (u,))[1]
+
+            fn = torch.compile(hvp)
+        t0 = time.perf_counter()
+        out = fn(v)
+        row["compile_s"] = time.perf_counter() - t0
+        row["hvp_over_grad"] = _median_time(lambda: fn(v), reps) / t_grad
+        row["rel_err_vs_rev_rev"] = rel_error(out, ref)
+    except Exception as err:
+        row["compile_failed"] = f"{type(err).__name__}: {str(err)[:120]}"
+    return row
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_mode(benchmark, model: str, mode: str, preset: str, models) -> None:
+    case = models(model)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in case.params.items()}
+    op = build(case.fn, case.params, mode)
+    out = benchmark(lambda: op(v))
+    err = rel_error(out, hypergrad.hvp(case.fn, case.params, v, mode="rev_rev"))
+    benchmark.group = f"hvp modes (built once): {model}"
+    benchmark.extra_info.update(kind="hvp_frozen", model=model, mode=mode, rel_err_vs_rev_rev=err)
+    assert err <= 1e-3, f"{mode} HVP disagrees with rev_rev on {model}: {err:.2e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=("small", "full"), default="small")
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--compile", nargs="*", default=[], help="models whose fwd_rev/linearized matvec to compile")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"HVP cost per mode, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"{'model':<12}{'params':>9}{'mode':<16}{'compiled':>9}{'build/grad':>11}{'HVP/grad':>10}{'err':>10}"
+        f"{'peak MB':>9}  note"
+    )
+    for name in args.models:
+        modes = ("fwd_rev", "linearized") if name in args.compile else ()
+        for r in measure_model(name, args.preset, args.reps, modes):
+            note = r.get("compile_failed", "") or (f"compile {r['compile_s']:.0f} s" if "compile_s" in r else "")
+            print(
+                f"{r['model']:<12}{r['num_params']:>9d} {r['mode']:<15}{str(r['compiled']):>9}"
+                f"{r.get('build_over_grad', float('nan')):>11.2f}{r.get('hvp_over_grad', float('nan')):>10.2f}"
+                f"{r.get('rel_err_vs_rev_rev', float('nan')):>10.1e}{r.get('peak_mem_mb', float('nan')):>9.1f}  {note}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+r"""Many right-hand sides, one matrix: recycling and preconditioning vs cold CG, in HVPs to a tolerance.
+
+The system is BiSSL's upper-step system :math:`(I + H/\lambda_e)\,x = \nabla_{\theta_P} L_D`:
+:math:`H` the SimCLR Hessian of the lower ResNet-18 backbone on one pretext batch (the
+``bench_bissl_step`` case), and ``N_U = 8`` right-hand sides, the downstream gradients of the 8
+upper steps of one alternation (same lower parameters, same Hessian batch: one matrix). Over
+``--alternations`` consecutive alternations the lower parameters move (one SGD step on the pretext
+loss), so the matrix changes and every solver object sees a new operator object.
+
+For each solver: HVPs per alternation to ``rtol = 1e-4`` (setup included: a Lanczos basis,
+a preconditioner's sketch or probes), and the relative error of each solution against a reference
+solve to ``rtol = 1e-6`` (float32; its true residual is checked to be below 1e-5). HVPs use the cached reverse graph
+(``HessianOperator(mode="rev_rev_cached")``), so they are exact and the counts do not depend on
+the HVP mode.
+
+Run: ``python benchmarks/bench_recycling.py [--preset small|full] [--damping 500] [--alternations 2]``
+(prints a table), or ``python -m pytest benchmarks/bench_recycling.py`` (one pytest-benchmark
+entry per solver with the counts in ``extra_info``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # `python benchmarks/bench_recycling.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hypergrad
+from benchmarks.bench_bissl_step import LAM, N_U, Case
+
+RTOL = 1e-4
+
+
+def solvers(max_steps: int = 200) -> dict[str, Callable[[], hypergrad.AbstractLinearSolver]]:
+    """Fresh solver objects per alternation (their caches start empty)."""
+    return {
+        "cg_cold": lambda: hypergrad.CG(max_steps=max_steps, rtol=RTOL),
+        "minres_cold": lambda: hypergrad.MINRES(max_steps=max_steps, rtol=RTOL),
+        "recycled_lanczos_8": lambda: hypergrad.RecycledLanczos(basis_size=8, max_steps=max_steps, rtol=RTOL),
+        "recycled_lanczos_16": lambda: hypergrad.RecycledLanczos(basis_size=16, max_steps=max_steps, rtol=RTOL),
+        "pcg_nystrom_lanczos_8": lambda: hypergrad.PCG(hypergrad.Nystrom(rank=8), max_steps=max_steps, rtol=RTOL),
+        "pcg_nystrom_random_8": lambda: hypergrad.PCG(
+            hypergrad.Nystrom(rank=8, sketch="random"), max_steps=max_steps, rtol=RTOL
+        ),
+        "pcg_hutchinson_8": lambda: hypergrad.PCG(
+            hypergrad.HutchinsonDiagonal(num_samples=8), max_steps=max_steps, rtol=RTOL
+        ),
+    }
+
+
+class System:
+    """The lower SSL model at one point, its pretext Hessian and the N_U right-hand sides."""
+
+    def __init__(self, case: Case, damping: float):
+        self.case, self.lam_eff = case, LAM + damping
+        self.ssl = copy.deepcopy(case.ssl)
+        if hasattr(getattr(self.ssl, "loss_fn", None), "gather"):
+            self.ssl.loss_fn.gather = False  # one process: no all_gather inside torch.func
+        self.f = hypergrad.stateless(self.ssl)
+
+    def backbone(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.ssl.named_parameters() if k.startswith("backbone.")}
+
+    def operator(self) -> Callable[[Any], Any]:
+        """``v -> v + H v / lam_eff`` at the current lower parameters (a new object each call)."""
+        x1, x2, _ = self.case.h_batch
+        H = hypergrad.HessianOperator(lambda p: self.f(p, x1, x2), self.backbone(), mode="rev_rev_cached")
+        return hypergrad.Damped(_Scaled(H, 1.0 / self.lam_eff), 1.0)
+
+    def rhs(self) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for x, y in self.case.d_batches:
+            bb = self.backbone()
+            g = torch.func.grad(lambda p: F.cross_entropy(self.case.head(self._features(p, x)), y))(bb)
+            out.append({k: v.detach() for k, v in g.items()})
+        return out
+
+    def _features(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        trimmed = {k[len("backbone.") :]: v for k, v in p.items()}
+        return hypergrad.stateless(self.ssl.backbone)(trimmed, x)
+
+    def lower_step(self, lr: float = 0.05) -> None:
+        """One SGD step on the pretext loss: the next alternation's matrix."""
+        x1, x2, _ = self.case.h_batch
+        g = torch.func.grad(lambda p: self.f(p, x1, x2))(self.backbone())
+        with torch.no_grad():
+            for k, p in self.ssl.named_parameters():
+                if k in g:
+                    p.sub_(lr * g[k])
+
+
+class SmallCNNSystem:
+    """A cheaper stand-in (float64): the small-preset ResNet with BatchNorm of ``benchmarks/models.py``,
+    :math:`H` the Hessian of its loss on one batch, right-hand sides = loss gradients on 8 other batches."""
+
+    def __init__(self, lam: float):
+        from benchmarks.models import SmallResNet
+
+        torch.manual_seed(0)
+        self.net, self.lam = SmallResNet((4, 8)).double().train(), lam
+        gen = torch.Generator().manual_seed(1)
+        batches = [
+            (torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen))
+            for _ in range(N_U + 1)
+        ]
+        self.h_batch, self.d_batches = batches[0], batches[1:]
+        self.f = hypergrad.stateless(self.net)
+        self.params = hypergrad.module_params(self.net)
+
+    def _loss(self, batch: tuple) -> Callable[[dict], torch.Tensor]:
+        return lambda p: F.cross_entropy(self.f(p, batch[0]), batch[1])
+
+    def operator(self) -> Callable[[Any], Any]:
+        H = hypergrad.HessianOperator(self._loss(self.h_batch), self.params, mode="rev_rev_cached")
+        return hypergrad.Damped(_Scaled(H, 1.0 / self.lam), 1.0)
+
+    def rhs(self) -> list[dict[str, torch.Tensor]]:
+        return [torch.func.grad(self._loss(b))(self.params) for b in self.d_batches]
+
+    def lower_step(self, lr: float = 0.1) -> None:
+        g = torch.func.grad(self._loss(self.h_batch))(self.params)
+        self.params = {k: v - lr * g[k] for k, v in self.params.items()}
+
+
+class _Scaled(hypergrad.LinearOperator):
+    """``v -> s A v`` (one HVP per call)."""
+
+    def __init__(self, op: Callable[[Any], Any], s: float):
+        self.op, self.s = op, s
+
+    def matvec(self, v: Any) -> Any:
+        return hypergrad.tree_scale(self.op(v), self.s)
+
+
+def reference(op: Callable[[Any], Any], rhs: list[dict]) -> list[dict]:
+    """Tight solves (recycled basis of 24 + PCG/MINRES to 1e-6); their true residuals are checked."""
+    solver = hypergrad.RecycledLanczos(basis_size=24, max_steps=400, rtol=1e-6)
+    out = []
+    for b in rhs:
+        sol = solver(op, b).raise_if_failed(solver)
+        true_res = float(hypergrad.tree_norm(hypergrad.tree_sub(b, op(sol.x)))) / float(hypergrad.tree_norm(b))
+        if true_res > 1e-5:
+            raise RuntimeError(f"reference solve not accurate: true relative residual {true_res:.1e}")
+        out.append(sol.x)
+    return out
+
+
+def _rel(a: dict, b: dict) -> float:
+    return float(hypergrad.tree_norm(hypergrad.tree_sub(a, b))) / float(hypergrad.tree_norm(b))
+
+
+def run_alternation(system: System, make: Callable[[], hypergrad.AbstractLinearSolver], exact: list[dict]) -> dict:
+    op, solver = system.operator(), make()
+    hvps, errs, statuses, t0 = 0, [], [], time.perf_counter()
+    for b, ref in zip(system.rhs(), exact):
+        sol = solver(op, b)
+        hvps += sol.num_matvecs
+        errs.append(_rel(sol.x, ref))
+        statuses.append(sol.status.value)
+    return dict(hvps=hvps, max_rel_err=max(errs), statuses=sorted(set(statuses)), time_s=time.perf_counter() - t0)
+
+
+def measure(
+    preset: str, damping: float, alternations: int, names: list[str] | None = None, small_cnn: bool = False
+) -> dict[str, list]:
+    """``{solver: [per-alternation dict]}`` over consecutive alternations (matrix changes between)."""
+    torch.manual_seed(0)
+    system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
+    table: dict[str, list] = {n: [] for n in (names or solvers())}
+    for _ in range(alternations):
+        exact = reference(system.operator(), system.rhs())
+        for name in table:
+            table[name].append(run_alternation(system, solvers()[name], exact))
+        system.lower_step()
+    return table
+
+
+@pytest.mark.parametrize("name", list(solvers()))
+def test_recycling(benchmark, name: str, preset: str) -> None:
+    key = ("table", preset)
+    if key not in _CACHE:
+        _CACHE[key] = measure(preset, 500.0, 2)
+    rows = _CACHE[key][name]
+    benchmark.pedantic(lambda: None, rounds=1)  # the counts, not the time, are the result here
+    benchmark.group = f"recycling N_U={N_U} rtol={RTOL}"
+    benchmark.extra_info.update(kind="recycling", solver=name, per_alternation=rows)
+    cold = _CACHE[key]["cg_cold"]
+    for row, c in zip(rows, cold):
+        assert row["max_rel_err"] < 10 * RTOL * 100, row  # same tolerance: comparable accuracy
+        assert row["hvps"] > 0 and c["hvps"] > 0
+
+
+_CACHE: dict[Any, Any] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=("small", "full"), default="small")
+    ap.add_argument("--damping", type=float, default=500.0)
+    ap.add_argument("--alternations", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--solvers", nargs="*", default=None)
+    ap.add_argument("--small-cnn", action="store_true", help="the float64 small ResNet system (lam = --damping)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn)
+    print(
+        f"{'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
+        f"alternation, rtol={RTOL}, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    cold = table.get("cg_cold")
+    print(
+        f"{'solver':<24}"
+        + "".join(f"{'HVPs a' + str(i):>10}{'x fewer':>9}{'max err':>10}" for i in range(args.alternations))
+        + "  statuses"
+    )
+    for name, rows in table.items():
+        cells = ""
+        for i, r in enumerate(rows):
+            ratio = cold[i]["hvps"] / r["hvps"] if cold else float("nan")
+            cells += f"{r['hvps']:>10d}{ratio:>9.2f}{r['max_rel_err']:>10.1e}"
+        print(f"{name:<24}{cells}  {sorted({s for r in rows for s in r['statuses']})}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
