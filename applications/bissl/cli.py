@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from hypergrad import CG, Dense, Identity, Neumann
+from hypergrad import CG, MINRES, Dense, Identity, Neumann, RecycledLanczos
 
 from . import distributed as dist_utils
 from .argtypes import finite_float, nonnegative_int, positive_int
@@ -116,7 +116,7 @@ _RUN = {
     "--pretext-type": ("pretrain.pretext_type", str, "simclr or byol"),
     "--pretext-dataset": ("pretrain.dataset", str, "pretext (unlabelled) data set"),
 }
-SOLVERS = ("cg", "layerwise_cg", "neumann", "dense", "identity")
+SOLVERS = ("cg", "minres", "recycled", "layerwise_cg", "neumann", "dense", "identity")
 #: name -> flag table, for modules that extend the CLI.
 FLAG_TABLES = {"common": _COMMON, "bissl": _BISSL, "finetune": _FINETUNE, "run": _RUN}
 #: called as ``fn(subparsers)`` at the end of :func:`build_parser` (e.g. a ``--modality`` hook).
@@ -312,6 +312,10 @@ def _solver(args: Any, current: Any) -> Any:
     steps = steps if steps is not None else 5
     return {
         "cg": lambda: CG(max_steps=steps),
+        # symmetric indefinite systems (I + H/lam_e is indefinite at a barely pretrained point): no curvature failure
+        "minres": lambda: MINRES(max_steps=steps),
+        # one Lanczos basis per alternation serves every upper step (needs reuse_operator, on in demo/mini)
+        "recycled": lambda: RecycledLanczos(basis_size=steps, max_steps=steps),
         "layerwise_cg": lambda: LayerwiseCG(max_steps=steps),
         "neumann": lambda: Neumann(max_steps=steps),
         "dense": Dense,

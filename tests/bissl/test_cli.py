@@ -211,3 +211,16 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert "is a file" in _one_line_error(capsys, ["bissl", "--preset", "tiny", "--out-dir", str(f)])
+
+
+def test_solver_flag_builds_the_core_solvers() -> None:
+    import hypergrad
+
+    p = build_parser()
+    for name, expected in (
+        ("minres", hypergrad.MINRES(max_steps=4)),
+        ("recycled", hypergrad.RecycledLanczos(basis_size=4, max_steps=4)),
+        ("cg", hypergrad.CG(max_steps=4)),
+    ):
+        args = p.parse_args(["bissl", "--preset", "tiny", "--solver", name, "--solver-steps", "4"])
+        assert config_from_args(args).bissl.solver == expected, name
