@@ -127,7 +127,8 @@ def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
     """
     _check_scalar("tree_scale", "s", s)
     if isinstance(s, Tensor):
-        return tree_map(lambda x: x * s.to(x.dtype), a)
+        s0 = s.reshape(())
+        return tree_map(lambda x: x * s0.to(x.dtype), a)
     return tree_map(lambda x: x * s, a)
 
 
