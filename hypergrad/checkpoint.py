@@ -225,7 +225,7 @@ def load_checkpoint(
     if src.is_dir():
         raise CheckpointError(f"checkpoint {str(src)!r} is a directory; pass the checkpoint file inside it.", src)
     if not src.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(src)!r}; check the path (or start a fresh run).")
+        raise FileNotFoundError(f"no checkpoint at `path` {str(src)!r}; check the path (or start a fresh run).")
     try:
         with warnings.catch_warnings():  # torch's own note on foreign pickles; the error below says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
