@@ -57,7 +57,7 @@ def assert_clear(err: BaseException) -> None:
 def outcome(call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
     try:
         return call(), None
-    except Exception as err:  # noqa: BLE001 - classified by the caller
+    except Exception as err:
         return None, err
 
 
