@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,14 @@ def test_pending_entries_are_well_formed() -> None:
     for name, call, exc_type, regex in ERROR_INPUTS_PENDING:
         assert name not in ids and callable(call) and issubclass(exc_type, Exception)
         re.compile(regex)
+
+
+def test_guide_page_examples_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/guide/errors_and_checkpoints.md: every Python block runs, in order, in one namespace."""
+    page = Path(__file__).parents[1] / "docs" / "guide" / "errors_and_checkpoints.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "errors_guide"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
