@@ -40,6 +40,11 @@ def check_tree(name: str, tree: Any, *, finite: bool = True) -> dict[str, Tensor
                 f"`{name}[{k!r}]` has dtype {v.dtype}; only floating-point tensors can be "
                 "differentiated. Cast it with .float() or move it out of the tree."
             )
+        if v.device.type == "meta":
+            raise ValueError(
+                f"`{name}[{k!r}]` is on the meta device, which holds no data; materialise it first "
+                "(e.g. module.to_empty(device=...) and load the weights)."
+            )
         devices.add(v.device)
         out[k] = v.detach()
     if len(devices) > 1:

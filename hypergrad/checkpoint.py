@@ -225,7 +225,7 @@ def load_checkpoint(
     if src.is_dir():
         raise CheckpointError(f"checkpoint {str(src)!r} is a directory; pass the checkpoint file inside it.", src)
     if not src.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(src)!r}; check the path (or start a fresh run).")
+        raise FileNotFoundError(f"no checkpoint at `path` {str(src)!r}; check the path (or start a fresh run).")
     try:
         with warnings.catch_warnings():  # torch's own note on foreign pickles; the error below says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -239,6 +239,12 @@ def load_checkpoint(
         )
     record = state.pop(_RECORD_KEY, None)
     if record is None:
+        if any(_looks_like_record(v) for v in state.values()):  # the record's own key was damaged
+            raise CheckpointError(
+                f"checkpoint {str(src)!r} is corrupted: its integrity record is stored under a damaged key. "
+                "Delete it (or start afresh, e.g. --no-resume) and re-create it from a good copy.",
+                src,
+            )
         return _unverified(state, src, expected_kind, unverified)
     _verify(state, record, src, expected_kind)
     return state
@@ -270,6 +276,10 @@ def _explain_unreadable(src: Path, err: Exception) -> str:
             f"hypergrad.save_checkpoint. {fix}"
         )
     return f"{where} is not a checkpoint ({size} bytes starting with {head!r}). {fix}"
+
+
+def _looks_like_record(value: Any) -> bool:
+    return isinstance(value, dict) and len({"format", "kind", "tensors", "structure"} & set(value)) >= 2
 
 
 def _first_line(err: BaseException) -> str:

@@ -127,7 +127,8 @@ def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
     """
     _check_scalar("tree_scale", "s", s)
     if isinstance(s, Tensor):
-        return tree_map(lambda x: x * s.to(x.dtype), a)
+        s0 = s.reshape(())
+        return tree_map(lambda x: x * s0.to(x.dtype), a)
     return tree_map(lambda x: x * s, a)
 
 
@@ -448,32 +449,51 @@ def _combine(
     *,
     same_dtype: bool = True,
 ) -> TreeOrTensor:
-    """``op`` leaf-wise on two trees that must have the same keys, shapes (and dtypes)."""
+    """``op`` leaf-wise on two trees that must have the same keys, shapes (and dtypes).
+
+    One pass over the leaves on the happy path (a shape and a dtype comparison per leaf, no device
+    query); anything unusual is diagnosed leaf by leaf in :func:`_diagnose` for a clear message.
+    """
     if isinstance(a, Tensor):
         if not isinstance(b, Tensor):
             raise TypeError(f"{fn}: `{b_name}` must be a Tensor like `{a_name}`, got {type(b).__name__}.")
-        pairs: list[tuple[str | None, Tensor, Tensor]] = [(None, a, b)]
-    else:
-        _check_tree(fn, a_name, a)
-        am = cast(Mapping[str, Tensor], a)
-        _check_keys(fn, b_name, b, a_name, am)
-        bm = cast(Mapping[str, Tensor], b)
-        pairs = [(k, u, bm[k]) for k, u in am.items()]
-    for k, u, v in pairs:
-        if not isinstance(v, Tensor) or v.shape != u.shape or (same_dtype and v.dtype != u.dtype):
-            where = "" if k is None else f"[{k!r}]"
-            if not isinstance(v, Tensor):
-                raise TypeError(f"{fn}: `{b_name}{where}` must be a Tensor, got {type(v).__name__}.")
-            _check_leaf(f"{fn}: ", f"`{b_name}{where}`", v, f"`{a_name}{where}`", u, dtype=same_dtype, device=False)
+        if b.shape != a.shape or (same_dtype and b.dtype != a.dtype):
+            _diagnose(fn, {None: a}, a_name, {None: b}, b_name, same_dtype)
+        try:
+            return op(a, b)
+        except RuntimeError:
+            _diagnose(fn, {None: a}, a_name, {None: b}, b_name, same_dtype)
+            raise
+    if not isinstance(a, Mapping):
+        raise TypeError(f"{fn}: `{a_name}` must be a Tensor or a dict of tensors, got {type(a).__name__}.")
+    am = cast(Mapping[str, Tensor], a)
+    _check_keys(fn, b_name, b, a_name, am)
+    bm = cast(Mapping[str, Tensor], b)
+    out: dict[str, Tensor] = {}
     try:
-        if isinstance(a, Tensor):
-            return op(a, cast(Tensor, b))
-        return {cast(str, k): op(u, v) for k, u, v in pairs}
-    except RuntimeError:
-        for k, u, v in pairs:  # say which leaf is on which device instead of torch's generic message
-            where = "" if k is None else f"[{k!r}]"
-            _check_leaf(f"{fn}: ", f"`{b_name}{where}`", v, f"`{a_name}{where}`", u, dtype=False, device=True)
+        for k, u in am.items():
+            v = bm[k]
+            if v.shape != u.shape or (same_dtype and v.dtype != u.dtype):
+                break
+            out[k] = op(u, v)
+        else:
+            return out
+    except (AttributeError, RuntimeError, TypeError):
+        _diagnose(fn, am, a_name, bm, b_name, same_dtype)
         raise
+    _diagnose(fn, am, a_name, bm, b_name, same_dtype)
+    raise AssertionError("unreachable")  # pragma: no cover - _diagnose raised
+
+
+def _diagnose(fn: str, a: Mapping, a_name: str, b: Mapping, b_name: str, same_dtype: bool) -> None:
+    """Raise the clear error for the first leaf pair that is not a tensor or differs; return if none does."""
+    for k, u in a.items():
+        v = b[k]
+        where = "" if k is None else f"[{k!r}]"
+        for leaf, name in ((u, a_name), (v, b_name)):
+            if not isinstance(leaf, Tensor):
+                raise TypeError(f"{fn}: `{name}{where}` must be a Tensor, got {type(leaf).__name__}.")
+        _check_leaf(f"{fn}: ", f"`{b_name}{where}`", v, f"`{a_name}{where}`", u, dtype=same_dtype, device=True)
 
 
 def _check_flat(v: object, n: int) -> None:

@@ -327,3 +327,15 @@ def test_file_mode_follows_umask(tmp_path: Path, umask: int) -> None:
 def test_integrity_argument_errors(tmp_path: Path, call, exc, match) -> None:
     with pytest.raises(exc, match=match):
         call(tmp_path)
+
+
+def test_damaged_record_key_is_not_taken_for_a_legacy_file(tmp_path: Path) -> None:
+    """Found by the fuzz layer: one flipped bit in the record's key made the file look unverified (legacy)."""
+    path, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    assert data.count(b"__hypergrad_checkpoint__") == 1
+    path.write_bytes(data.replace(b"__hypergrad_checkpoint__", b"__hyperfrad_checkpoint__"))
+    with pytest.raises(
+        hypergrad.CheckpointError, match=r"is corrupted: its integrity record is stored under a damaged key"
+    ):
+        hypergrad.load_checkpoint(path)

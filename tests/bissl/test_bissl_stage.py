@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import applications.bissl.stage_bissl as stage
+import hypergrad
 from applications.bissl.config import get_preset
 from applications.bissl.pretrain import build_pretrain_model
 
@@ -41,7 +42,7 @@ def _cfg(tmp_path, **bissl):
 def test_stage_outputs_and_bit_exact_resume(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path / "a", alternations=2, warm_start=True)
     pre = _pretrained(cfg, tmp_path / "pre.pt")
-    full = torch.load(stage.run_bissl(cfg, str(tmp_path / "pre.pt")), weights_only=True)
+    full = hypergrad.load_checkpoint(stage.run_bissl(cfg, str(tmp_path / "pre.pt")))  # verified, record stripped
     assert set(full) == {"backbone", "upper_backbone", "head"}
     floats = [k for k, v in pre["backbone"].items() if v.is_floating_point()]
     assert any(not torch.equal(full["backbone"][k], pre["backbone"][k]) for k in floats)  # theta_P trained
@@ -65,7 +66,7 @@ def test_stage_outputs_and_bit_exact_resume(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         stage.run_bissl(cfg_b, str(tmp_path / "pre.pt"))
     monkeypatch.setattr(stage, "save_checkpoint", real_save)
-    resumed = torch.load(stage.run_bissl(cfg_b, str(tmp_path / "pre.pt")), weights_only=True)
+    resumed = hypergrad.load_checkpoint(stage.run_bissl(cfg_b, str(tmp_path / "pre.pt")))
     for part in ("backbone", "upper_backbone", "head"):
         for k in full[part]:
             assert torch.equal(full[part][k], resumed[part][k]), f"{part}.{k}"
