@@ -144,7 +144,7 @@ def bilevel_step(
         opt.step()
     res = sharded_implicit_grad(
         model, inner_loss, outer_loss, hparams, inner_batch=(x, y), outer_batch=(y[:, :1].repeat(1, 5), y),
-        solver=hypergrad.CG(max_steps=100, rtol=1e-12), mode="exact", damping=DAMPING, x0=x0,
+        solver=hypergrad.CG(max_steps=100, rtol=1e-12), mode="exact", damping=4 * DAMPING, x0=x0,
         dense_module=template, throw=True,
     )  # fmt: skip
     return {k: v - 0.1 * res.grad[k] for k, v in hparams.items()}, res.solution.x
