@@ -20,6 +20,19 @@ from .checkpoint import set_rng_state as set_rng_state
 from .custom_root import ImplicitFunction as ImplicitFunction
 from .custom_root import custom_fixed_point as custom_fixed_point
 from .custom_root import custom_root as custom_root
+
+# --- FSDP2 exports (helper FSDP) ---
+from .fsdp import SHARDED_HVP_MODES as SHARDED_HVP_MODES
+from .fsdp import ShardedHessianOperator as ShardedHessianOperator
+from .fsdp import ShardedHVPMode as ShardedHVPMode
+from .fsdp import ShardedHypergradResult as ShardedHypergradResult
+from .fsdp import shard_like as shard_like
+from .fsdp import sharded_implicit_grad as sharded_implicit_grad
+from .fsdp import sharded_proximal_grad as sharded_proximal_grad
+from .fsdp import sharded_value_and_grad as sharded_value_and_grad
+from .fsdp import sharded_vdot as sharded_vdot
+
+# --- end FSDP2 exports ---
 from .hypergradient import HypergradResult as HypergradResult
 from .hypergradient import UnrolledResult as UnrolledResult
 from .hypergradient import fixed_point_grad as fixed_point_grad
@@ -162,6 +175,16 @@ __all__ = [
     "AbstractReduction",
     "LocalReduction",
     "DataParallelMean",
+    # FSDP2 sharded models (helper FSDP)
+    "SHARDED_HVP_MODES",
+    "ShardedHVPMode",
+    "ShardedHessianOperator",
+    "ShardedHypergradResult",
+    "shard_like",
+    "sharded_implicit_grad",
+    "sharded_proximal_grad",
+    "sharded_value_and_grad",
+    "sharded_vdot",
 ]
 
 if TYPE_CHECKING:  # the registered solver classes are set at import time; type checkers see Any

@@ -79,6 +79,7 @@ def hypergrad_case(kind: str, method: str, mode: str, rank: int, world: int, mes
     params = {k: v.detach() for k, v in dense.named_parameters()}
     hparams = {"scale": torch.linspace(0.8, 1.2, 5, dtype=F64)}
     exact = mode == "exact"
+    damping = DAMPING if kind == "mlp" else 4 * DAMPING  # fewer CG steps through the slow DTensor graph
     solver = hypergrad.CG(max_steps=300, rtol=1e-13 if exact else 1e-9)
     batch_i, batch_o = (
         (local(xi, rank, world), local(yi, rank, world)),
@@ -91,22 +92,33 @@ def hypergrad_case(kind: str, method: str, mode: str, rank: int, world: int, mes
             params,
             hparams,
             solver=hypergrad.Dense(),
-            damping=DAMPING,
+            damping=damping,
             hvp_mode="rev_rev",
         ).grad
         res = sharded_implicit_grad(
             sharded, inner_loss, outer_loss, hparams, inner_batch=batch_i, outer_batch=batch_o,
-            solver=solver, mode=mode, damping=DAMPING, dense_module=template,
+            solver=solver, mode=mode, damping=damping, dense_module=template,
         )  # fmt: skip
         got = res.grad
     else:
         g = torch.func.grad(lambda p: outer_loss(bound(dense, p), {}, xo, yo))(params)
         ref = hypergrad.proximal_grad(
-            lambda p: inner_loss(bound(dense, p), {}, xi, yi), params, g, lam=LAM, solver=hypergrad.Dense()
+            lambda p: inner_loss(bound(dense, p), {}, xi, yi),
+            params,
+            g,
+            lam=LAM if kind == "mlp" else 4 * LAM,
+            solver=hypergrad.Dense(),
         ).grad
         _, g_sh, _ = sharded_value_and_grad(sharded, outer_loss, batch_o)
         res = sharded_proximal_grad(
-            sharded, inner_loss, g_sh, inner_batch=batch_i, lam=LAM, solver=solver, mode=mode, dense_module=template
+            sharded,
+            inner_loss,
+            g_sh,
+            inner_batch=batch_i,
+            lam=LAM if kind == "mlp" else 4 * LAM,
+            solver=solver,
+            mode=mode,
+            dense_module=template,
         )
         got = full(res.grad)
     return {
@@ -132,7 +144,7 @@ def bilevel_step(
         opt.step()
     res = sharded_implicit_grad(
         model, inner_loss, outer_loss, hparams, inner_batch=(x, y), outer_batch=(y[:, :1].repeat(1, 5), y),
-        solver=hypergrad.CG(max_steps=100, rtol=1e-12), mode="exact", damping=DAMPING, x0=x0,
+        solver=hypergrad.CG(max_steps=100, rtol=1e-12), mode="exact", damping=4 * DAMPING, x0=x0,
         dense_module=template, throw=True,
     )  # fmt: skip
     return {k: v - 0.1 * res.grad[k] for k, v in hparams.items()}, res.solution.x

@@ -38,7 +38,7 @@ from torch.func import functional_call
 from ..distributed import all_reduce_mean
 from ..operators import LinearOperator
 from ._module import check_dense_module, sharded_params
-from .vectors import check_sharded_like, sharded_vdot
+from .vectors import check_sharded_like
 
 __all__ = ["SHARDED_HVP_MODES", "ShardedHVPMode", "ShardedHessianOperator", "sharded_value_and_grad", "ShardedLoss"]
 
@@ -119,9 +119,16 @@ def sharded_value_and_grad(
 
 
 def _norm64(tree: dict[str, Tensor]) -> float:
-    return float(
-        torch.sqrt(sharded_vdot({k: v.double() for k, v in tree.items()}, {k: v.double() for k, v in tree.items()}))
-    )
+    """Global Euclidean norm in float64, one leaf at a time (no float64 copy of the whole tree), one all_reduce."""
+    local = torch.zeros((), dtype=torch.float64)
+    mesh = None
+    for v in tree.values():
+        t = v.to_local() if isinstance(v, DTensor) else v
+        mesh = v.device_mesh if isinstance(v, DTensor) else mesh
+        local = local + torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
+    if mesh is not None:
+        torch.distributed.all_reduce(local, group=mesh.get_group())
+    return float(torch.sqrt(local))
 
 
 def _dt(t: Tensor) -> DTensor:
