@@ -133,7 +133,7 @@ class MetricsLogger:
             >>> log = hypergrad.MetricsLogger(tempfile.mkdtemp(), jsonl=False)
             >>> log(hypergrad.StepRecord("inner", inner_steps=2, inner_losses=[0.5]))
             >>> log.close(); print(open(log.csv_path).read().split()[0])
-            step,inner/inner_steps,inner/outer_steps,inner/inner_loss,inner/skipped
+            step,inner/inner_steps,inner/outer_steps,inner/inner_loss,inner/skipped,inner/failed_solves
         """
         step = record.outer_steps if record.phase in ("outer", "step", "hypergradient") else record.inner_steps
         self.log(step, {f"{record.phase}/{k}": v for k, v in record.scalars().items()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch  # noqa: F401  (the doctests below use it)
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
