@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import hypergrad
-from applications.bissl.text.stage import MATH_ATTENTION
+from applications.bissl.text.stage import math_attention
 
 from .helpers import batches, tiny_lm
 
@@ -34,7 +34,7 @@ def test_hvp_through_gpt_equals_double_backward(mode):
     params = {k: v.detach() for k, v in lm.backbone.named_parameters()}
     v = {k: torch.randn_like(t) for k, t in params.items()}
     f = _loss_fn(lm, head_w, xd, yd, xp, yp)
-    with MATH_ATTENTION():
+    with math_attention():
         leaves = {k: t.clone().requires_grad_(True) for k, t in params.items()}
         g = torch.autograd.grad(f(leaves), list(leaves.values()), create_graph=True)
         dot = sum((gi * v[k]).sum() for gi, k in zip(g, leaves))
@@ -60,7 +60,7 @@ def test_float32_auto_mode_has_no_fallback_in_the_stage_context():
     def f(p):
         return torch.func.functional_call(lm, {f"backbone.{k}": t for k, t in p.items()}, (xp, yp))
 
-    with MATH_ATTENTION(), warnings.catch_warnings():
+    with math_attention(), warnings.catch_warnings():
         warnings.simplefilter("error", hypergrad.HVPFallbackWarning)
         op = hypergrad.HessianOperator(f, params, mode="auto")
         out = op(v)

@@ -190,7 +190,7 @@ def _cmd_finetune(args: Any) -> int:
     from .finetune import finetune_text
 
     cfg = config_from_args(args)
-    state = args.backbone or os.path.join(cfg.run_dir, "bissl", args.task.replace(":", "_"), "lower_backbone.pt")
+    state = args.backbone or os.path.join(cfg.variant_dir, "bissl", args.task.replace(":", "_"), "lower_backbone.pt")
     if dist_utils.is_main_process():
         r = finetune_text(
             cfg,
@@ -200,7 +200,9 @@ def _cmd_finetune(args: Any) -> int:
             state if args.backbone_origin == "bissl" else None,
             use_hpo=bool(args.use_hpo),
         )
-        print(f"{args.task} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over {len(r['test_top1'])} runs")
+        print(
+            f"{args.task} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over {len(r['test_top1'])} runs"
+        )
     dist_utils.barrier()
     return 0
 

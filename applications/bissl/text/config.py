@@ -119,8 +119,15 @@ class TextConfig:
         return os.path.join(self.out_dir, f"text-{self.name}")
 
     @property
+    def variant_dir(self) -> str:
+        """Where the BiSSL stage, fine-tuning and results go: ``run_dir``, or ``run_dir/lora<r>`` with LoRA
+        (the pretrained model in ``run_dir/pretrain`` is shared by both)."""
+        r = self.model.lora_rank
+        return os.path.join(self.run_dir, f"lora{r}") if r else self.run_dir
+
+    @property
     def logs(self) -> str:
-        return self.log_dir or os.path.join(self.run_dir, "logs")
+        return self.log_dir or os.path.join(self.variant_dir, "logs")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -146,6 +153,7 @@ def _tiny() -> TextConfig:
             pretext_batch=8,
             downstream_batch=16,
             solver=CG(max_steps=2),
+            reuse_operator=True,
         ),
         finetune=FinetuneConfig(epochs=1, batch_size=16, hpo_trials=2, num_runs=2, val_fraction=0.25),
         downstream=("reuters_r8", "election_tweets"),
@@ -159,25 +167,27 @@ def _cpu() -> TextConfig:
     return TextConfig(
         name="cpu",
         model=TextModelConfig(n_layer=2, n_embd=64, n_head=4, seq_len=64),
-        pretrain=TextPretrainConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=30, eval_chars=20000),
+        pretrain=TextPretrainConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=20, eval_chars=20000),
         bissl=BiSSLConfig(
-            alternations=15,
-            lower_steps=10,
+            alternations=8,
+            lower_steps=8,
             upper_steps=4,
+            solver=CG(max_steps=3),
+            reuse_operator=True,
             head_warmup_epochs=5,
             lower_lr=1e-3,
             lower_wd=0.01,
-            lower_warmup_steps=10,
+            lower_warmup_steps=8,
             upper_lr=0.05,
             upper_wd=1e-4,
             pretext_batch=32,
             downstream_batch=32,
         ),
-        finetune=FinetuneConfig(epochs=3, batch_size=32, hpo_trials=4, num_runs=3, val_fraction=0.2),
+        finetune=FinetuneConfig(epochs=2, batch_size=32, hpo_trials=3, num_runs=3, val_fraction=0.2),
         downstream=("reuters_r8", "election_tweets"),
         threads=1,
-        max_train_samples=600,
-        max_test_samples=600,
+        max_train_samples=400,
+        max_test_samples=500,
     )
 
 

@@ -33,7 +33,10 @@ def evaluate_text(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
     """Top-1 accuracy (%) of ``model`` on ids ``x`` with labels ``y``."""
     dev = next(model.parameters()).device
     model.eval()
-    correct = sum(int((model(x[i : i + batch].to(dev)).argmax(1).cpu() == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(
+        int((model(x[i : i + batch].to(dev)).argmax(1).cpu() == y[i : i + batch]).sum())
+        for i in range(0, len(y), batch)
+    )
     return 100.0 * correct / max(len(y), 1)
 
 
@@ -114,7 +117,9 @@ def finetune_text(
     if origin not in ORIGINS:
         raise ValueError(f"`origin` must be one of {ORIGINS} (--backbone-origin), got {origin!r}.")
     if origin == "bissl" and (bissl_state is None or not os.path.exists(bissl_state)):
-        raise FileNotFoundError(f"BiSSL state {bissl_state!r} not found; run the `bissl` stage first (or pass --backbone).")
+        raise FileNotFoundError(
+            f"BiSSL state {bissl_state!r} not found; run the `bissl` stage first (or pass --backbone)."
+        )
     ft = cfg.finetune
     backbone, tok = _backbone(cfg, pretrain_dir, bissl_state if origin == "bissl" else None)
     data = data or task_tensors(cfg, task, tok)
@@ -129,7 +134,13 @@ def finetune_text(
 
         def objective(lr_: float, wd_: float) -> float:
             model = train_text_classifier(
-                backbone, n_cls, data.x_train[tr], data.y_train[tr], lr=lr_, weight_decay=wd_, seed=ft.seed,
+                backbone,
+                n_cls,
+                data.x_train[tr],
+                data.y_train[tr],
+                lr=lr_,
+                weight_decay=wd_,
+                seed=ft.seed,
                 **{**common, "epochs": ft.hpo_epochs or ft.epochs},
             )
             if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -154,7 +165,7 @@ def finetune_text(
         "mean": statistics.fmean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
     }
-    out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", task.replace(":", "_"), origin)
+    out_dir = out_dir or os.path.join(cfg.variant_dir, "finetune", task.replace(":", "_"), origin)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -46,10 +46,10 @@ from .config import TextConfig
 from .pretext import bits_per_token, corpus_ids, lm_batch
 from .setup import device_of, load_lm, maybe_lora, task_tensors
 
-__all__ = ["downstream_batch", "warmup_head", "bissl_text", "MATH_ATTENTION"]
+__all__ = ["downstream_batch", "warmup_head", "bissl_text", "math_attention"]
 
 
-def MATH_ATTENTION():
+def math_attention():
     """Context manager: scaled-dot-product attention on the MATH backend (second order works)."""
     return sdpa_kernel([SDPBackend.MATH])
 
@@ -105,7 +105,7 @@ def bissl_text(
     pretext bits per character before and after the stage.
     """
     b, dev, main = cfg.bissl, device_of(cfg), dist_utils.is_main_process()
-    out_dir = out_dir or os.path.join(cfg.run_dir, "bissl", task.replace(":", "_"))
+    out_dir = out_dir or os.path.join(cfg.variant_dir, "bissl", task.replace(":", "_"))
     if b.upper_lr is None or b.upper_wd is None:
         raise ValueError("text BiSSL needs --upper-lr and --upper-wd (no per-dataset defaults for text tasks).")
     torch.manual_seed(cfg.seed)
@@ -131,7 +131,14 @@ def bissl_text(
     )
     upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
     problem = build_problem(
-        lower, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched, upper_sched=upper_sched
+        lower,
+        upper,
+        head,
+        b,
+        lower_opt=lower_opt,
+        upper_opt=upper_opt,
+        lower_sched=lower_sched,
+        upper_sched=upper_sched,
     )
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     info_path = os.path.join(out_dir, "stage.json")
@@ -169,7 +176,7 @@ def bissl_text(
         for u in range(b.upper_steps):
             idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
             batch = (data.x_train[idx].to(dev), data.y_train[idx].to(dev))
-            with MATH_ATTENTION():
+            with math_attention():
                 rec = problem.hypergradient(batch, h_batch)
             problem.outer_step()
             hvps += rec.num_hvps
