@@ -14,6 +14,9 @@ from .checkpoint import get_rng_state as get_rng_state
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
 from .checkpoint import set_rng_state as set_rng_state
+from .custom_root import ImplicitFunction as ImplicitFunction
+from .custom_root import custom_fixed_point as custom_fixed_point
+from .custom_root import custom_root as custom_root
 from .hypergradient import HypergradResult as HypergradResult
 from .hypergradient import UnrolledResult as UnrolledResult
 from .hypergradient import fixed_point_grad as fixed_point_grad
@@ -40,8 +43,12 @@ from .operators import HVPMode as HVPMode
 from .operators import LinearOperator as LinearOperator
 from .operators import hvp as hvp
 from .operators import mixed_hvp as mixed_hvp
+from .problem import AbstractReduction as AbstractReduction
 from .problem import BilevelProblem as BilevelProblem
+from .problem import DataParallelMean as DataParallelMean
+from .problem import LocalReduction as LocalReduction
 from .records import NonFiniteError as NonFiniteError
+from .records import SolveFailedWarning as SolveFailedWarning
 from .records import SolveInfo as SolveInfo
 from .records import StepCallback as StepCallback
 from .records import StepRecord as StepRecord
@@ -82,6 +89,9 @@ __all__ = [
     "proximal_grad",
     "fixed_point_grad",
     "unrolled_grad",
+    "custom_root",
+    "custom_fixed_point",
+    "ImplicitFunction",
     "HypergradResult",
     "UnrolledResult",
     # operators
@@ -136,4 +146,8 @@ __all__ = [
     "Unrolled",
     "BilevelProblem",
     "NonFiniteError",
+    "SolveFailedWarning",
+    "AbstractReduction",
+    "LocalReduction",
+    "DataParallelMean",
 ]

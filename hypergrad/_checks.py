@@ -65,7 +65,8 @@ def check_callable(name: str, fn: Any, signature: str, *, owner: Optional[str] =
         raise TypeError(f"{_prefix(owner)}`{name}` must be a callable {signature}, got {type(fn).__name__}.")
 
 
-def check_scalar_loss(name: str, value: Any) -> Tensor:
+def check_scalar_loss(name: str, value: Any, *, finite: bool = True) -> Tensor:
+    """A floating-point tensor with one element (finite unless ``finite=False``), reshaped to 0-dim."""
     if not isinstance(value, Tensor):
         raise TypeError(f"`{name}` must return a scalar Tensor, got {type(value).__name__}.")
     if value.numel() != 1:
@@ -75,7 +76,7 @@ def check_scalar_loss(name: str, value: Any) -> Tensor:
         )
     if not value.is_floating_point():
         raise TypeError(f"`{name}` returned dtype {value.dtype}; a loss must be floating point.")
-    if not bool(torch.isfinite(value).all()):
+    if finite and not bool(torch.isfinite(value).all()):
         raise ValueError(f"`{name}` returned {value.item()} at the given point; check the inputs and the loss.")
     return value.reshape(())
 
@@ -134,24 +135,32 @@ def check_choice(name: str, value: Any, allowed: Collection[Any], *, owner: Opti
 def loss_grads(
     name: str,
     loss: Callable[[dict, dict], Tensor],
-    params: dict[str, Tensor],
-    hparams: dict[str, Tensor],
-) -> tuple[dict[str, Tensor | None], dict[str, Tensor | None]]:
-    """Gradients of ``loss(params, hparams)`` w.r.t. both trees; ``None`` where it does not depend."""
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    finite: bool = True,
+) -> tuple[Tensor, dict[str, Tensor | None], dict[str, Tensor | None]]:
+    """``(value, grad_params, grad_hparams)`` of ``loss(params, hparams)``; ``None`` where it does not depend.
+
+    The one loss-gradient helper of the package (functional API and methods). ``value`` is the
+    detached 0-dim loss; with ``finite=False`` a non-finite value is returned instead of refused
+    (the methods report it as :class:`~hypergrad.NonFiniteError`).
+    """
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     h = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
     with torch.enable_grad():
-        value = check_scalar_loss(name, loss(p, h))
+        value = check_scalar_loss(name, loss(p, h), finite=finite)
         if not value.requires_grad:
             raise ValueError(
                 f"`{name}` depends on neither `params` nor `hparams` (its output has no gradient). "
                 "Compute it from the tensors passed in, not from copies or .detach()ed values."
             )
         grads = torch.autograd.grad(value, [*p.values(), *h.values()], allow_unused=True)
-    gp = {k: (g.detach() if g is not None else None) for k, g in zip(p, grads[: len(p)])}
-    gh = {k: (g.detach() if g is not None else None) for k, g in zip(h, grads[len(p) :])}
-    return gp, gh
+    gp: dict[str, Tensor | None] = {k: (g.detach() if g is not None else None) for k, g in zip(p, grads[: len(p)])}
+    gh: dict[str, Tensor | None] = {k: (g.detach() if g is not None else None) for k, g in zip(h, grads[len(p) :])}
+    return value.detach(), gp, gh
 
 
-def fill_zeros(grads: dict[str, Tensor | None], like: dict[str, Tensor]) -> dict[str, Tensor]:
+def fill_zeros(grads: dict[str, Tensor | None], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replace ``None`` gradients (a tree the loss does not depend on) by zeros shaped like ``like``."""
     return {k: (g if g is not None else torch.zeros_like(like[k])) for k, g in grads.items()}

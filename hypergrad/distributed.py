@@ -13,7 +13,7 @@ Works with any backend (gloo on CPU, NCCL on GPU) under ``torchrun``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping, cast
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,8 @@ def all_reduce_mean(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     flat = flat.clone()
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= n
-    return {k: v.to(tree[k].dtype) for k, v in unravel(flat).items()}
+    out = cast(Mapping[str, Tensor], unravel(flat))
+    return {k: v.to(tree[k].dtype) for k, v in out.items()}
 
 
 def broadcast_module(modules: Iterable[nn.Module], src: int = 0) -> None:

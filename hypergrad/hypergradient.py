@@ -21,6 +21,15 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from ._assembly import (
+    FunctionalFailurePolicy,
+    HypergradResult,
+    apply_failure_policy,
+    check_failure_policy,
+    implicit_assembly,
+    proximal_assembly,
+    root_vjp,
+)
 from ._checks import (
     check_callable,
     check_choice,
@@ -34,34 +43,12 @@ from ._checks import (
     loss_grads,
 )
 from ._typing import BilevelLoss, FixedPointMap, TensorTree
-from .operators import HVP_MODES, FixedPointOperator, HessianOperator, HVPMode, mixed_hvp
-from .solvers import AbstractLinearSolver, Solution
+from .operators import HVP_MODES, FixedPointOperator, HVPMode, _check_no_inference_mode
+from .solvers import AbstractLinearSolver
 from .solvers._base import check_solver
-from .tree import tree_axpy, tree_check_like, tree_map, tree_sub
+from .tree import tree_check_like
 
 __all__ = ["HypergradResult", "UnrolledResult", "implicit_grad", "proximal_grad", "fixed_point_grad", "unrolled_grad"]
-
-
-class HypergradResult(NamedTuple):
-    """``(grad, solution)``: the hypergradient and the linear solve behind it.
-
-    Attributes:
-        grad: the hypergradient, a dict keyed like ``hparams`` (like ``params`` for
-            :func:`proximal_grad`).
-        solution: the :class:`~hypergrad.solvers.Solution` of the linear solve (status, steps,
-            residual).
-
-    Example:
-        >>> import torch, hypergrad
-        >>> G = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
-        >>> F = lambda p, h: 0.5 * (p["w"] ** 2).sum()
-        >>> res = hypergrad.implicit_grad(G, F, {"w": torch.ones(1)}, {"lam": torch.ones(1)}, solver=hypergrad.Dense())
-        >>> res.grad["lam"], res.solution.status
-        (tensor([1.]), <Status.SUCCESS: 'success'>)
-    """
-
-    grad: dict[str, Tensor]
-    solution: Solution
 
 
 class UnrolledResult(NamedTuple):
@@ -85,7 +72,7 @@ class UnrolledResult(NamedTuple):
 
 
 def _outer_grads(outer_loss: BilevelLoss, params: dict, hparams: dict) -> tuple[dict, dict]:
-    gp, gh = loss_grads("outer_loss", outer_loss, params, hparams)
+    _, gp, gh = loss_grads("outer_loss", outer_loss, params, hparams)
     return fill_zeros(gp, params), gh
 
 
@@ -115,6 +102,7 @@ def implicit_grad(
     hvp_mode: HVPMode = "auto",
     damping: float = 0.0,
     x0: TensorTree | None = None,
+    on_failure: FunctionalFailurePolicy = "warn",
     throw: bool = False,
     validate: bool = True,
 ) -> HypergradResult:
@@ -140,8 +128,12 @@ def implicit_grad(
         hvp_mode: see :mod:`hypergrad.operators`.
         damping: :math:`\mu \ge 0` added to the Hessian (regularises an indefinite Hessian).
         x0: warm start for :math:`v` (e.g. the previous outer step's ``solution.x``).
-        throw: raise :class:`~hypergrad.solvers.SolverError` when the solve failed instead of
-            returning the failed :class:`~hypergrad.solvers.Solution`.
+        on_failure: what a failed solve (``solution.failed``: negative curvature, tolerance
+            missed, a fixed budget missing its ``rtol``, ...) does: ``"warn"`` (default) returns
+            the result with a :class:`~hypergrad.SolveFailedWarning`; ``"raise"`` raises
+            :class:`~hypergrad.SolverError`; ``"apply"`` returns it quietly (inspect
+            ``result.solution``). A non-finite solution raises unless ``"apply"``.
+        throw: ``True`` is the same as ``on_failure="raise"`` (kept for compatibility).
         validate: check that each loss depends on what it should (one extra gradient of
             :math:`G`); errors name the offending argument and key.
 
@@ -162,15 +154,17 @@ def implicit_grad(
         Pedregosa (ICML 2016), Hyperparameter optimization with approximate gradient.
         Blondel et al. (NeurIPS 2022), Efficient and modular implicit differentiation.
     """
+    _check_no_inference_mode("implicit_grad")
     params, hparams = _check_pair("inner_loss", inner_loss, "(params, hparams) -> scalar", outer_loss, params, hparams)
     solver = check_solver(solver)
     check_choice("hvp_mode", hvp_mode, HVP_MODES)
     damping = check_positive("damping", damping, allow_zero=True)
+    policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
 
     gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
     if validate:
-        gG_theta, gG_lam = loss_grads("inner_loss", inner_loss, params, hparams)
+        _, gG_theta, gG_lam = loss_grads("inner_loss", inner_loss, params, hparams)
         if all(g is None for g in gG_theta.values()):
             raise ValueError(
                 "`inner_loss` does not depend on `params`: its Hessian is zero and the implicit "
@@ -182,19 +176,19 @@ def implicit_grad(
                 f"hparams {unused} affect neither `inner_loss` nor `outer_loss`; their hypergradient "
                 "is identically zero. Remove them from `hparams` or use them in a loss."
             )
-    gF_lam = fill_zeros(gF_lam, hparams)
-
-    def g_of_theta(theta: TensorTree) -> Tensor:
-        return inner_loss(theta, hparams)
-
-    operator = HessianOperator(g_of_theta, params, mode=hvp_mode)
-    matvec = operator if damping == 0 else (lambda v: tree_axpy(damping, v, operator(v)))
-    solution = solver(matvec, gF_theta, x0)
-    if throw:
-        solution.raise_if_failed(solver)
-    cross_mode = "rev_rev" if operator.mode in ("rev_rev", "rev_rev_cached") else hvp_mode
-    cross = mixed_hvp(inner_loss, params, hparams, solution.x, mode=cross_mode)
-    return HypergradResult(tree_sub(gF_lam, cross), solution)
+    result = implicit_assembly(
+        inner_loss,
+        params,
+        hparams,
+        gF_theta,
+        fill_zeros(gF_lam, hparams),
+        solver=solver,
+        hvp_mode=hvp_mode,
+        damping=damping,
+        x0=x0,
+    )
+    apply_failure_policy(result.solution, policy, solver)
+    return result
 
 
 def proximal_grad(
@@ -206,6 +200,7 @@ def proximal_grad(
     solver: AbstractLinearSolver,
     hvp_mode: HVPMode = "auto",
     x0: TensorTree | None = None,
+    on_failure: FunctionalFailurePolicy = "warn",
     throw: bool = False,
 ) -> HypergradResult:
     r"""Implicit gradient through a proximally coupled inner problem (BiSSL, iMAML).
@@ -229,7 +224,7 @@ def proximal_grad(
         outer_grad: :math:`g = \nabla_\theta F`, keyed like ``params``.
         lam: proximal strength :math:`\lambda > 0` (plus any damping).
         solver: e.g. ``hypergrad.CG(max_steps=5)``.
-        hvp_mode, x0, throw: as in :func:`implicit_grad`.
+        hvp_mode, x0, on_failure, throw: as in :func:`implicit_grad`.
 
     Returns:
         :class:`HypergradResult` with ``grad`` keyed like ``params`` (the gradient w.r.t.
@@ -242,6 +237,7 @@ def proximal_grad(
         >>> g["w"]  # 1 * (3 + 1)^-1 * 1
         tensor([0.2500, 0.2500])
     """
+    _check_no_inference_mode("proximal_grad")
     check_callable("inner_loss", inner_loss, "(params) -> scalar")
     params = check_tree("params", params)
     tree_check_like("outer_grad", outer_grad, params, "params")
@@ -249,16 +245,11 @@ def proximal_grad(
     lam = check_positive("lam", lam)
     solver = check_solver(solver)
     check_choice("hvp_mode", hvp_mode, HVP_MODES)
+    policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
-    operator = HessianOperator(inner_loss, params, mode=hvp_mode)
-
-    def matvec(v: TensorTree) -> TensorTree:
-        return tree_axpy(1.0 / lam, operator(v), v)
-
-    solution = solver(matvec, outer_grad, x0)
-    if throw:
-        solution.raise_if_failed(solver)
-    return HypergradResult(dict(solution.x), solution)
+    result = proximal_assembly(inner_loss, params, outer_grad, lam=lam, solver=solver, hvp_mode=hvp_mode, x0=x0)
+    apply_failure_policy(result.solution, policy, solver)
+    return result
 
 
 def fixed_point_grad(
@@ -270,6 +261,7 @@ def fixed_point_grad(
     solver: AbstractLinearSolver,
     symmetric: bool = False,
     x0: TensorTree | None = None,
+    on_failure: FunctionalFailurePolicy = "warn",
     throw: bool = False,
 ) -> HypergradResult:
     r"""Hypergradient when the inner solution is a fixed point :math:`\theta^* = \Phi(\theta^*, \lambda)`.
@@ -291,8 +283,8 @@ def fixed_point_grad(
         params: :math:`\theta^*` (approximately).
         hparams: :math:`\lambda`.
         solver: e.g. ``hypergrad.FixedPoint(max_steps=100, rtol=1e-8)``.
-        symmetric: assert that :math:`\partial_\theta\Phi` is symmetric (allows CG).
-        x0, throw: as in :func:`implicit_grad`.
+        symmetric: declare :math:`\partial_\theta\Phi` symmetric (tags the operator so CG accepts it).
+        x0, on_failure, throw: as in :func:`implicit_grad`.
 
     Returns:
         :class:`HypergradResult` ``(grad, solution)``; ``grad`` is keyed like ``hparams``.
@@ -310,23 +302,18 @@ def fixed_point_grad(
     References:
         Grazzi et al. (ICML 2020), On the iteration complexity of hypergradient computation.
     """
+    _check_no_inference_mode("fixed_point_grad")
     params, hparams = _check_pair("phi", phi, "(params, hparams) -> params", outer_loss, params, hparams)
     solver = check_solver(solver)
-    if solver.symmetric_only and not symmetric:
-        raise ValueError(
-            f"{type(solver).__name__} assumes a symmetric operator, but I - d(phi)/d(params)^T is not "
-            "symmetric in general. Use FixedPoint, Neumann or Dense, or pass symmetric=True if phi is "
-            "a gradient-descent step."
-        )
+    policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
     gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
-    gF_lam = fill_zeros(gF_lam, hparams)
-    operator = FixedPointOperator(phi, params, hparams)
-    solution = solver(operator, gF_theta, x0)
-    if throw:
-        solution.raise_if_failed(solver)
-    cross = operator.hparam_vjp(solution.x)
-    return HypergradResult(tree_map(torch.add, gF_lam, cross), solution)
+    operator = FixedPointOperator(phi, params, hparams, symmetric=symmetric)
+    result = root_vjp(
+        operator, solver, gF_theta, lambda v: dict(operator.hparam_vjp(v)), direct=fill_zeros(gF_lam, hparams), x0=x0
+    )
+    apply_failure_policy(result.solution, policy, solver)
+    return result
 
 
 def unrolled_grad(
@@ -372,6 +359,7 @@ def unrolled_grad(
         Franceschi et al. (ICML 2017), Forward and reverse gradient-based hyperparameter optimization.
         Shaban et al. (AISTATS 2019), Truncated back-propagation for bilevel optimization.
     """
+    _check_no_inference_mode("unrolled_grad")
     params, hparams = _check_pair("inner_step", inner_step, "(params, hparams) -> params", outer_loss, params, hparams)
     check_int("num_steps", num_steps)
     check_truncate(truncate, "num_steps", num_steps)

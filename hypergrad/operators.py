@@ -16,21 +16,38 @@ HVP modes (``mode=``):
 * ``"finite_diff"``: central differences of gradients, :math:`(\nabla f(\theta+\epsilon v) -
   \nabla f(\theta-\epsilon v)) / 2\epsilon`: two gradients, no second-order AD at all, about
   :math:`\epsilon_{\text{mach}}^{2/3}` relative accuracy.
-* ``"auto"``: ``"fwd_rev"``, falling back once to ``"rev_rev"`` (with a warning) if the forward
-  mode raises, e.g. for an attention kernel without forward-mode support.
+* ``"auto"``: ``"fwd_rev"``, falling back once to ``"rev_rev"`` (with a
+  :class:`HVPFallbackWarning`, never silently) if the forward mode raises, e.g. for a custom
+  ``autograd.Function`` without a ``jvp`` rule. The mode is resolved once per operator, on its
+  first product, and never changes afterwards.
+
+**Attention.** Every second-order pass (the HVPs of all exact modes, the mixed product, the
+fixed-point adjoint) runs under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused
+``scaled_dot_product_attention`` kernels (flash, memory-efficient) have neither forward-mode AD nor
+double backward, the ``MATH`` backend has both. Models with attention (``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer``, Hugging Face GPT-2) therefore work in every mode with no action from
+the user and no fallback warning. The cost: the ``MATH`` backend materialises the attention matrix,
+:math:`O(L S)` memory per head for a second-order pass instead of :math:`O(L)`, and on GPU runs a
+few times slower than the fused kernels. First-order passes (losses, gradients, inner steps,
+``"finite_diff"`` products) keep the fast kernels.
+
+**Tags.** Every operator carries ``symmetric`` and ``positive_definite`` tags (``True``,
+``False`` or ``None`` = unknown); :class:`~hypergrad.CG` refuses an operator tagged
+``symmetric=False``.
 """
 
 from __future__ import annotations
 
 import abc
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from ._checks import check_callable, check_choice, check_positive
+from ._second_order import attention_hint, second_order
 from ._typing import FixedPointMap, TensorTree, TreeOrTensor
 from .tree import tree_axpy, tree_check_like, tree_map, tree_norm, tree_scale, tree_sub
 
@@ -65,7 +82,7 @@ def _check_mode(mode: Any) -> None:
     check_choice("mode", mode, HVP_MODES)
 
 
-def _detach(tree: TreeOrTensor) -> TreeOrTensor:
+def _detach(tree: Any) -> Any:
     return tree_map(torch.Tensor.detach, tree)
 
 
@@ -73,16 +90,23 @@ class LinearOperator(abc.ABC):
     r"""A linear map :math:`v \mapsto A v` on parameter trees. Subclasses implement :meth:`matvec`.
 
     Calling the operator is :meth:`matvec`, so any operator is a ``MatVec`` for the solvers.
+    Operators are immutable once built. The class attributes ``symmetric`` and
+    ``positive_definite`` tag what is known about :math:`A` (``None``: unknown); solvers that
+    assume symmetry (:class:`~hypergrad.CG`) refuse an operator tagged ``symmetric=False``.
 
     Example:
         >>> import torch
         >>> from hypergrad import LinearOperator
         >>> class Scale(LinearOperator):
+        ...     symmetric, positive_definite = True, True
         ...     def matvec(self, v):
         ...         return {k: 2.0 * x for k, x in v.items()}
         >>> Scale()({"w": torch.ones(2)})["w"]
         tensor([2., 2.])
     """
+
+    symmetric: Optional[bool] = None
+    positive_definite: Optional[bool] = None
 
     def __call__(self, v: TreeOrTensor) -> TreeOrTensor:
         return self.matvec(v)
@@ -99,10 +123,79 @@ class LinearOperator(abc.ABC):
         """
 
 
+def operator_tags(operator: Any) -> tuple[Optional[bool], Optional[bool]]:
+    """``(symmetric, positive_definite)`` of any matvec: its tags, or ``(None, None)`` for a plain callable."""
+    return getattr(operator, "symmetric", None), getattr(operator, "positive_definite", None)
+
+
+def _check_direction(name: str, v: Any, params: TensorTree, *, owner: str) -> None:
+    """``v`` is a tree with the keys, shapes, dtypes and device of ``params`` (not meta tensors)."""
+    if isinstance(v, Tensor) or not isinstance(v, Mapping):
+        got = "a single Tensor" if isinstance(v, Tensor) else type(v).__name__
+        raise TypeError(f"{owner}: `{name}` must be a dict of tensors keyed like `params`, got {got}.")
+    if set(v) != set(params):
+        missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
+        raise ValueError(
+            f"{owner}: `{name}` must have the keys of `params`; missing {missing}, unexpected {extra}. "
+            "Build it with {k: ... for k in params}."
+        )
+    for k, t in v.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{owner}: `{name}[{k!r}]` must be a Tensor, got {type(t).__name__}.")
+        p = params[k]
+        if t.is_meta or p.is_meta:
+            which = name if t.is_meta else "params"
+            raise ValueError(
+                f"{owner}: `{which}[{k!r}]` is a meta tensor (no data); materialise it on a real device "
+                "(e.g. module.to_empty(device='cpu') and load the weights) before differentiating."
+            )
+        if t.shape != p.shape:
+            raise ValueError(
+                f"{owner}: `{name}[{k!r}]` has shape {tuple(t.shape)} but `params[{k!r}]` has shape "
+                f"{tuple(p.shape)}; a direction must be shaped like the parameters."
+            )
+        if t.dtype != p.dtype or t.device != p.device:
+            raise ValueError(
+                f"{owner}: `{name}[{k!r}]` is {t.dtype} on {t.device} but `params[{k!r}]` is {p.dtype} on "
+                f"{p.device}; cast it with .to(params[{k!r}])."
+            )
+
+
+def _check_params_real(params: TensorTree, *, owner: str) -> None:
+    meta = [k for k, t in params.items() if isinstance(t, Tensor) and t.is_meta]
+    if meta:
+        raise ValueError(
+            f"{owner}: `params` {meta[:5]} are meta tensors (no data); materialise the module on a real device "
+            "(module.to_empty(device=...) then load the weights) before differentiating."
+        )
+
+
+def _check_no_inference_mode(owner: str) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{owner} was called under torch.inference_mode(), which disables autograd entirely, so no "
+            "derivative can be taken. Call it outside the inference_mode() block (torch.no_grad() is fine)."
+        )
+
+
+def _fallback_warning(err: BaseException) -> None:
+    warnings.warn(
+        f"forward-over-reverse HVP failed ({type(err).__name__}: {str(err)[:200]}); "
+        "hypergrad switched this operator to mode='rev_rev'. Pass mode='rev_rev' to "
+        f"silence this warning.{attention_hint(err)}",
+        HVPFallbackWarning,
+        stacklevel=3,
+    )
+
+
 class HessianOperator(LinearOperator):
     r"""The Hessian :math:`H = \nabla^2 f(\theta)` of a scalar function, as a matvec.
 
     .. math:: v \mapsto H v = \nabla^2 f(\theta)\, v
+
+    Immutable: ``mode="auto"`` is resolved once, on the first product (to ``"fwd_rev"``, or to
+    ``"rev_rev"`` with an :class:`HVPFallbackWarning`), and :attr:`mode` never changes afterwards.
+    Tagged ``symmetric=True``; ``positive_definite`` is unknown (``None``).
 
     Args:
         fn: ``fn(params) -> scalar tensor``; close over batches and fixed hyper-parameters.
@@ -117,59 +210,83 @@ class HessianOperator(LinearOperator):
         >>> H = HessianOperator(f, {"w": torch.tensor([1.0, 2.0])})
         >>> H({"w": torch.tensor([1.0, 1.0])})["w"]  # 6 w * v
         tensor([ 6., 12.])
+        >>> H.mode, H.symmetric
+        ('fwd_rev', True)
     """
+
+    symmetric = True
 
     def __init__(self, fn: Callable[[TensorTree], Tensor], params: TensorTree, *, mode: HVPMode = "auto"):
         check_callable("fn", fn, "params -> scalar", owner="HessianOperator")
         _check_mode(mode)
+        _check_no_inference_mode("HessianOperator")
+        _check_params_real(params, owner="HessianOperator")
         self.fn = fn
         self.params = _detach(params)
         self.requested_mode = mode
-        self.mode = "fwd_rev" if mode == "auto" else mode
+        self._resolved: Optional[str] = None if mode == "auto" else mode
         self._vjp_fn = None
-        if self.mode == "rev_rev_cached":
-            _, self._vjp_fn = vjp(grad(fn), self.params)
+        if mode == "rev_rev_cached":
+            with second_order():
+                self._vjp_fn = vjp(grad(fn), self.params)[1]
+
+    @property
+    def mode(self) -> str:
+        """The mode products use: ``requested_mode``, or for ``"auto"`` its resolution (``"auto"`` until the first product).
+
+        Returns:
+            One of ``"fwd_rev"``, ``"rev_rev"``, ``"rev_rev_cached"``, ``"finite_diff"`` (or ``"auto"``
+            before an ``"auto"`` operator's first product).
+        """
+        return self._resolved if self._resolved is not None else "auto"
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
-        if self.requested_mode == "auto" and self.mode == "fwd_rev":
+        if self._resolved is None:  # "auto", first product: resolve once (write-once, never flips back)
             try:
-                return _detach(_hvp_once(self.fn, self.params, v, "fwd_rev"))
+                out = _hvp_once(self.fn, self.params, v, "fwd_rev")
+                self._resolved = "fwd_rev"
+                return _detach(out)
             except (RuntimeError, NotImplementedError) as err:
-                warnings.warn(
-                    f"forward-over-reverse HVP failed ({type(err).__name__}: {str(err)[:200]}); "
-                    "hypergrad switched this operator to mode='rev_rev'. Pass mode='rev_rev' to "
-                    "silence this warning.",
-                    HVPFallbackWarning,
-                    stacklevel=2,
-                )
-                self.mode = "rev_rev"
+                _fallback_warning(err)
+                self._resolved = "rev_rev"
         if self._vjp_fn is not None:
-            return _detach(self._vjp_fn(v)[0])
-        return _detach(_hvp_once(self.fn, self.params, v, self.mode))
+            with second_order():
+                return _detach(self._vjp_fn(v)[0])
+        return _detach(_hvp_once(self.fn, self.params, v, self._resolved))
 
 
 def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, mode: str) -> TreeOrTensor:
     if mode == "fwd_rev":
-        return jvp(grad(fn), (params,), (v,))[1]
+        with second_order():
+            return jvp(grad(fn), (params,), (v,))[1]
     if mode in ("rev_rev", "rev_rev_cached"):
-        return vjp(grad(fn), params)[1](v)[0]
-    # finite_diff: central difference of gradients with a step scaled to the point and direction.
-    # By linearity, H v = |v|_max * H (v / |v|_max): differencing along the rescaled direction keeps
-    # the step well defined when ||v||^2 under- or overflows (a converged solver's tiny residuals).
+        with second_order():
+            return vjp(grad(fn), params)[1](v)[0]
+    return _central_difference(grad(fn), params, v)
+
+
+def _central_difference(g: Callable[[Any], Any], params: TensorTree, v: TreeOrTensor) -> Any:
+    r"""``(g(theta + eps u) - g(theta - eps u)) * |v|_max / (2 eps)``, ``u = v / |v|_max``: first-order passes only.
+
+    By linearity, :math:`Jv = |v|_{\max} J (v / |v|_{\max})`: differencing along the rescaled
+    direction keeps the step well defined when :math:`\|v\|^2` under- or overflows (a converged
+    solver's tiny residuals). The step is :math:`\epsilon_{\text{mach}}^{1/3} (1 + \|\theta\|) / \|u\|`.
+    """
     leaves = [v] if isinstance(v, Tensor) else list(v.values())
     v_max = float(torch.stack([t.detach().abs().max() for t in leaves]).max())
     if v_max == 0.0:
-        return tree_map(torch.zeros_like, v)
+        like = g(params)
+        return tree_map(torch.zeros_like, like)
     u = tree_scale(v, 1.0 / v_max)
     eps_mach = torch.finfo(next(iter(params.values())).dtype).eps
     eps = (eps_mach ** (1.0 / 3.0)) * (1.0 + float(tree_norm(params))) / float(tree_norm(u))
-    g_plus = grad(fn)(tree_axpy(eps, u, params))
-    g_minus = grad(fn)(tree_axpy(-eps, u, params))
+    g_plus = g(tree_axpy(eps, u, params))
+    g_minus = g(tree_axpy(-eps, u, params))
     return tree_scale(tree_sub(g_plus, g_minus), v_max / (2.0 * eps))
 
 
 def hvp(
-    fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, *, mode: HVPMode = "fwd_rev"
+    fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, *, mode: HVPMode = "auto"
 ) -> TreeOrTensor:
     r"""One Hessian-vector product :math:`\nabla^2 f(\theta) v`.
 
@@ -178,11 +295,17 @@ def hvp(
     Args:
         fn: ``fn(params) -> scalar tensor``.
         params: the point :math:`\theta`, a dict of floating-point tensors.
-        v: the direction, a tree keyed and shaped like ``params``.
-        mode: one of :data:`HVP_MODES` (see the module docstring).
+        v: the direction, a tree keyed and shaped like ``params`` (same dtype and device).
+        mode: one of :data:`HVP_MODES` (see the module docstring); the default ``"auto"`` is the
+            default of every hypergrad function.
 
     Returns:
         :math:`\nabla^2 f(\theta) v`, a detached tree keyed like ``params``.
+
+    Raises:
+        ValueError: ``v`` has other keys, shapes, dtypes or devices than ``params``, or a tensor
+            is a meta tensor.
+        RuntimeError: called under ``torch.inference_mode()``.
 
     Example:
         >>> import torch
@@ -193,6 +316,9 @@ def hvp(
         tensor([2., 4.])
     """
     _check_mode(mode)
+    _check_no_inference_mode("hvp")
+    _check_params_real(params, owner="hvp")
+    _check_direction("v", v, params, owner="hvp")
     return HessianOperator(fn, params, mode=mode)(v)
 
 
@@ -202,26 +328,32 @@ def mixed_hvp(
     hparams: TensorTree,
     v: TreeOrTensor,
     *,
-    mode: HVPMode = "fwd_rev",
+    mode: HVPMode = "auto",
 ) -> TensorTree:
     r"""The mixed second-derivative product :math:`\big(\partial^2_{\lambda\theta} G\big) v`.
 
     .. math:: \big(\partial^2_{\lambda\theta} G\big) v = \nabla_\lambda \langle \nabla_\theta G(\theta, \lambda), v \rangle
 
     computed forward-over-reverse as the JVP (in :math:`\theta`, along :math:`v`) of
-    :math:`\nabla_\lambda G`, or reverse-over-reverse as the VJP (in :math:`\lambda`) of
-    :math:`\nabla_\theta G`.
+    :math:`\nabla_\lambda G` (modes ``"fwd_rev"``, ``"auto"``), reverse-over-reverse as the VJP (in
+    :math:`\lambda`) of :math:`\nabla_\theta G` (the ``"rev_rev"`` modes), or by central
+    differences of :math:`\nabla_\lambda G` along :math:`v` (``"finite_diff"``: first-order passes
+    only). ``"auto"`` falls back from forward to reverse mode with an :class:`HVPFallbackWarning`.
 
     Args:
         fn: :math:`G`, ``fn(params, hparams) -> scalar tensor``.
         params: :math:`\theta`, a dict of tensors.
         hparams: :math:`\lambda`, a dict of tensors.
         v: a tree keyed and shaped like ``params``.
-        mode: one of :data:`HVP_MODES`; ``"auto"`` and ``"fwd_rev"`` use forward-over-reverse,
-            the ``"rev_rev"`` modes reverse-over-reverse.
+        mode: one of :data:`HVP_MODES`.
 
     Returns:
         A detached dict keyed like ``hparams``.
+
+    Raises:
+        ValueError: ``v`` has other keys, shapes, dtypes or devices than ``params``, or a tensor
+            is a meta tensor.
+        RuntimeError: called under ``torch.inference_mode()``.
 
     Example:
         >>> import torch
@@ -231,29 +363,40 @@ def mixed_hvp(
         tensor(6.)
     """
     _check_mode(mode)
+    _check_no_inference_mode("mixed_hvp")
+    _check_params_real(params, owner="mixed_hvp")
+    _check_params_real(hparams, owner="mixed_hvp")
+    _check_direction("v", v, params, owner="mixed_hvp")
     params, hparams = _detach(params), _detach(hparams)
     if mode == "finite_diff":
-        mode = "rev_rev"
+        return _detach(_central_difference(lambda th: grad(fn, argnums=1)(th, hparams), params, v))
     if mode in ("auto", "fwd_rev"):
         try:
-            out = jvp(lambda th: grad(fn, argnums=1)(th, hparams), (params,), (v,))[1]
+            with second_order():
+                out = jvp(lambda th: grad(fn, argnums=1)(th, hparams), (params,), (v,))[1]
             return _detach(out)
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as err:
             if mode == "fwd_rev":
                 raise
-    out = vjp(lambda lam: grad(fn, argnums=0)(params, lam), hparams)[1](v)[0]
+            _fallback_warning(err)
+    with second_order():
+        out = vjp(lambda lam: grad(fn, argnums=0)(params, lam), hparams)[1](v)[0]
     return _detach(out)
 
 
 class Damped(LinearOperator):
-    r"""Tikhonov damping: :math:`v \mapsto (A + \mu I) v`.
+    r"""Tikhonov damping (and scaling): :math:`v \mapsto (s A + \mu I) v`.
 
     Wraps any operator; solvers stay unaware of damping. Use it to regularise an indefinite or
-    ill-conditioned Hessian (``mu > 0``) before :class:`~hypergrad.solvers.CG`.
+    ill-conditioned Hessian (``mu > 0``) before :class:`~hypergrad.solvers.CG`. With ``scale``
+    :math:`s` it also writes the proximal operator :math:`I + H/\lambda` (``scale=1/lam, mu=1``).
+    Tags: symmetric when :math:`A` is; positive definite when :math:`A` is tagged so, unknown
+    otherwise.
 
     Args:
         operator: any callable ``v -> A v`` (a :class:`HessianOperator`, a lambda).
         mu: the damping :math:`\mu \ge 0`.
+        scale: :math:`s > 0` multiplying :math:`A` (default 1).
 
     Example:
         >>> import torch
@@ -262,13 +405,49 @@ class Damped(LinearOperator):
         tensor([2.5000, 2.5000])
     """
 
-    def __init__(self, operator: Callable[[TreeOrTensor], TreeOrTensor], mu: float):
+    def __init__(self, operator: Callable[[TreeOrTensor], TreeOrTensor], mu: float, *, scale: float = 1.0):
         check_callable("operator", operator, "v -> A v", owner="Damped")
         self.operator = operator
         self.mu = check_positive("mu", mu, allow_zero=True, owner="Damped")
+        self.scale = check_positive("scale", scale, owner="Damped")
+        sym, pd = operator_tags(operator)
+        self.symmetric = sym
+        self.positive_definite = True if pd else None
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
-        return tree_axpy(self.mu, v, self.operator(v))
+        av = self.operator(v)
+        if self.scale != 1.0:
+            av = tree_scale(av, self.scale)
+        return tree_axpy(self.mu, v, av) if self.mu != 0.0 else av
+
+
+class Mapped(LinearOperator):
+    r"""An operator followed by a linear map of its output, keeping the tags: :math:`v \mapsto R(A v)`.
+
+    ``post`` must be linear and must not change the operator's symmetry, e.g. an average over
+    data-parallel ranks (:func:`hypergrad.distributed.all_reduce_mean`), which is how the methods
+    of :class:`~hypergrad.BilevelProblem` use it.
+
+    Args:
+        operator: any callable ``v -> A v``.
+        post: a linear map on trees, ``tree -> tree``.
+
+    Example:
+        >>> import torch
+        >>> from hypergrad.operators import Damped, Mapped
+        >>> op = Mapped(Damped(lambda v: v, 1.0), lambda t: t)
+        >>> op(torch.ones(1)), op.symmetric
+        (tensor([2.]), None)
+    """
+
+    def __init__(self, operator: Callable[[TreeOrTensor], TreeOrTensor], post: Callable[[Any], Any]):
+        check_callable("operator", operator, "v -> A v", owner="Mapped")
+        check_callable("post", post, "tree -> tree", owner="Mapped")
+        self.operator, self.post = operator, post
+        self.symmetric, self.positive_definite = operator_tags(operator)
+
+    def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
+        return self.post(self.operator(v))
 
 
 class FixedPointOperator(LinearOperator):
@@ -277,33 +456,43 @@ class FixedPointOperator(LinearOperator):
     For :math:`\theta^* = \Phi(\theta^*, \lambda)` the hypergradient needs
     :math:`v = \partial_\theta\Phi^\top v + \nabla_\theta F`, i.e. :math:`(I - \partial_\theta\Phi^\top) v
     = \nabla_\theta F`, and then :math:`\partial_\lambda\Phi^\top v` (:meth:`hparam_vjp`). The map
-    is run forward once, at construction; every matvec is one VJP through that graph.
+    is run forward once, at construction (under the twice-differentiable attention backend); every
+    matvec is one VJP through that graph. Tagged ``symmetric=False`` (so CG refuses it) unless
+    ``symmetric=True`` is passed (true when :math:`\Phi` is a gradient step
+    :math:`\theta - \eta\nabla_\theta G`).
 
     Args:
         phi: ``phi(params, hparams) -> params`` (same keys and shapes as ``params``).
         params: the fixed point :math:`\theta^*` (approximately).
         hparams: :math:`\lambda`.
+        symmetric: declare :math:`\partial_\theta\Phi` symmetric.
 
     Example:
         >>> import torch
         >>> from hypergrad import FixedPointOperator
         >>> phi = lambda p, h: {"w": 0.5 * p["w"] + h["b"]}
         >>> op = FixedPointOperator(phi, {"w": torch.ones(2)}, {"b": torch.zeros(2)})
-        >>> op({"w": torch.ones(2)})["w"]
-        tensor([0.5000, 0.5000])
+        >>> op({"w": torch.ones(2)})["w"], op.symmetric
+        (tensor([0.5000, 0.5000]), False)
     """
 
-    def __init__(self, phi: FixedPointMap, params: TensorTree, hparams: TensorTree):
+    def __init__(self, phi: FixedPointMap, params: TensorTree, hparams: TensorTree, *, symmetric: bool = False):
         check_callable("phi", phi, "(params, hparams) -> params", owner="FixedPointOperator")
+        _check_no_inference_mode("FixedPointOperator")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"FixedPointOperator: `symmetric` must be True or False, got {symmetric!r}.")
+        self.symmetric = symmetric
         self.params, self.hparams = _detach(params), _detach(hparams)
-        out, self._vjp_fn = vjp(phi, self.params, self.hparams)
+        with second_order():
+            out, self._vjp_fn = vjp(phi, self.params, self.hparams)[:2]
         if not isinstance(out, dict):
             raise TypeError(f"`phi` must return a dict of tensors keyed like `params`, got {type(out).__name__}.")
         tree_check_like("phi(params, hparams)", out, self.params, "params")
         self.phi_value = _detach(out)
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
-        return tree_sub(v, _detach(self._vjp_fn(v)[0]))
+        with second_order():
+            return tree_sub(v, _detach(self._vjp_fn(v)[0]))
 
     def hparam_vjp(self, v: TensorTree) -> TensorTree:
         r"""The hyper-parameter VJP :math:`\partial_\lambda\Phi(\theta, \lambda)^\top v` through the stored graph.
@@ -314,4 +503,5 @@ class FixedPointOperator(LinearOperator):
         Returns:
             A detached dict keyed like ``hparams``.
         """
-        return _detach(self._vjp_fn(v)[1])
+        with second_order():
+            return _detach(self._vjp_fn(v)[1])

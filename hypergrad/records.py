@@ -17,14 +17,15 @@ from typing import Callable, Literal, Optional
 
 from .solvers import Solution
 
-__all__ = ["Phase", "SolveInfo", "StepRecord", "StepCallback", "NonFiniteError"]
+__all__ = ["Phase", "SolveInfo", "StepRecord", "StepCallback", "NonFiniteError", "SolveFailedWarning"]
 
 
 class NonFiniteError(FloatingPointError):
     """A loss, gradient, Hessian-vector product or hypergradient was NaN or Inf.
 
     Raised by :class:`~hypergrad.BilevelProblem` with ``on_nonfinite="raise"``; with ``"skip"`` the
-    same text is the record's ``reason``. Parameters and optimiser state are untouched either way.
+    same text is the record's ``reason``. Parameters, buffers, optimiser and scheduler state, counters
+    and the warm-start vector are left as they were either way.
     A subclass of :class:`FloatingPointError`, so ``except FloatingPointError`` catches it too.
 
     Example:
@@ -34,6 +35,22 @@ class NonFiniteError(FloatingPointError):
         ... except FloatingPointError as err:
         ...     print(err)
         the outer loss is nan
+    """
+
+
+class SolveFailedWarning(UserWarning):
+    """A failed linear solve was applied because the method's ``on_failure`` is ``"warn"``.
+
+    :class:`~hypergrad.BilevelProblem` never applies a failed solve silently: with the default
+    policy it warns with this category (and counts the failure in ``problem.failed_solves`` and
+    ``record.solve_failed``). Turn it into an error with
+    ``warnings.simplefilter("error", hypergrad.SolveFailedWarning)``, or choose
+    ``on_failure="skip"``/``"raise"`` on the method.
+
+    Example:
+        >>> import warnings, hypergrad
+        >>> issubclass(hypergrad.SolveFailedWarning, UserWarning)
+        True
     """
 
 
@@ -102,8 +119,12 @@ class StepRecord:
         operator_reused: the Hessian operator of a previous call was reused.
         hypergrad_norm: :math:`\\|\\nabla_\\lambda F\\|` written into ``.grad`` (before clipping).
         times: wall-clock seconds per phase (``"inner"``, ``"hypergradient"``, ``"outer"``).
-        skipped: a step was not applied because of a non-finite value.
+        skipped: a step was not applied (a non-finite value, or a failed solve under
+            ``on_failure="skip"``).
         reason: why it was skipped (``None`` otherwise).
+        solve_failed: the linear solve of this call failed (``solve.status`` says how), whether
+            or not its hypergradient was applied (see the method's ``on_failure``).
+        failed_solves: failed solves so far in the problem (after this call), for logs.
 
     Example:
         >>> import hypergrad
@@ -124,6 +145,8 @@ class StepRecord:
     times: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
     reason: Optional[str] = None
+    solve_failed: bool = False
+    failed_solves: int = 0
 
     def scalars(self) -> dict[str, float]:
         """Flat ``name -> float`` view for loggers and progress bars (absent values omitted).
@@ -131,7 +154,7 @@ class StepRecord:
         Returns:
             ``{"inner_steps", "outer_steps", "inner_loss", "outer_loss", "hypergrad_norm",
             "solver_steps", "solver_residual", "solver_failed", "num_hvps", "time_<phase>",
-            "skipped"} -> float`` for the entries present; non-finite values are dropped except
+            "skipped", "failed_solves"} -> float`` for the entries present; non-finite values are dropped except
             for the losses (a NaN loss is worth logging).
 
         Example:
@@ -155,6 +178,7 @@ class StepRecord:
         for phase, seconds in self.times.items():
             out[f"time_{phase}"] = seconds
         out["skipped"] = float(self.skipped)
+        out["failed_solves"] = float(self.failed_solves)
         return {k: v for k, v in out.items() if isinstance(v, float) and (math.isfinite(v) or k.endswith("loss"))}
 
 

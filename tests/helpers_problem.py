@@ -174,6 +174,100 @@ def same(a: list[Tensor], b: list[Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+# ---------------------------------------------------------------- transactional state: a BatchNorm problem
+def bn_problem(
+    on_nonfinite: str = "skip",
+    *,
+    width: int = 4,
+    dtype: torch.dtype = torch.float64,
+    inner_opt: str = "adam",
+    scheduler: str | None = "step",
+    **method_kw: Any,
+) -> tuple[hypergrad.BilevelProblem, nn.Module, nn.Module, Callable[[], Batch]]:
+    """Inner: Linear-BatchNorm-Tanh-Linear (``width`` hidden units) with a learnt weight decay per
+    layer (outer, SGD with momentum); ``inner_opt`` "adam", "sgd" or "adam2" (two groups);
+    ``scheduler`` "step", "exp" or None on both levels. Returns ``(problem, net, hp, batch)``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, width), nn.BatchNorm1d(width), nn.Tanh(), nn.Linear(width, 1)).to(dtype)
+    hp = nn.ParameterDict({"log_wd": nn.Parameter(torch.tensor([-2.0, -1.0], dtype=dtype))})
+    if inner_opt == "adam2":
+        opt_i: torch.optim.Optimizer = torch.optim.Adam(
+            [{"params": net[0].parameters()}, {"params": [*net[1].parameters(), *net[3].parameters()]}], lr=0.01
+        )
+    elif inner_opt == "sgd":
+        opt_i = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt_i = torch.optim.Adam(net.parameters(), lr=0.01)
+    opt_o = torch.optim.SGD(hp.parameters(), lr=0.1, momentum=0.9)
+    sched = {
+        "step": lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.9),
+        "exp": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+        None: lambda o: None,
+    }[scheduler]
+
+    def G(inner: nn.Module, outer: nn.Module, b: Batch) -> Tensor:
+        wd = outer["log_wd"].exp()
+        fit = ((inner(b[0]) - b[1]) ** 2).mean()
+        return fit + wd[0] * (inner[0].weight ** 2).sum() + wd[1] * (inner[3].weight ** 2).sum()
+
+    def F(inner: nn.Module, outer: nn.Module, b: Batch) -> Tensor:
+        return ((inner(b[0]) - b[1]) ** 2).mean()
+
+    method = hypergrad.Implicit(
+        solver=hypergrad.CG(max_steps=3), damping=10.0, warm_start=True, hvp_mode="rev_rev", **method_kw
+    )
+    problem = hypergrad.BilevelProblem(
+        hypergrad.Level(net, opt_i, scheduler=sched(opt_i)),
+        hypergrad.Level(hp, opt_o, scheduler=sched(opt_o)),
+        G,
+        F,
+        method,
+        on_nonfinite=on_nonfinite,
+    )
+    gen = torch.Generator().manual_seed(1)
+    batch = lambda: (torch.randn(8, 3, generator=gen, dtype=dtype), torch.randn(8, 1, generator=gen, dtype=dtype))
+    return problem, net, hp, batch
+
+
+def full_state(problem) -> dict:
+    """Everything a step may touch, copied: parameters, buffers, optimiser and scheduler state,
+    counters, warm-start vector, the outer .grad."""
+    out = {}
+    for which in ("inner", "outer"):
+        level = getattr(problem, which)
+        for k, v in level.module.state_dict().items():  # parameters and every buffer
+            out[f"{which}.module.{k}"] = v.detach().clone()
+        for pid, st in level.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"{which}.opt.{pid}.{k}"] = v.clone() if isinstance(v, torch.Tensor) else v
+        out[f"{which}.sched"] = None if level.scheduler is None else dict(level.scheduler.state_dict())
+        out[f"{which}.lr"] = level.optimizer.param_groups[0]["lr"]
+    for k in ("inner_steps", "outer_steps", "inner_skipped", "outer_skipped", "failed_solves"):
+        out[k] = getattr(problem, k)
+    x0 = problem.method_state.x0
+    out["x0"] = None if x0 is None else {k: v.clone() for k, v in x0.items()}
+    return out
+
+
+def state_diff(a: dict, b: dict, skip: tuple = ()) -> list[str]:
+    bad = []
+    for k in a:
+        if k in skip:
+            continue
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            same = x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        elif isinstance(x, dict) and isinstance(y, dict):
+            same = x.keys() == y.keys() and all(
+                torch.equal(x[i], y[i]) if isinstance(x[i], torch.Tensor) else x[i] == y[i] for i in x
+            )
+        else:
+            same = x == y
+        if not same:
+            bad.append(k)
+    return sorted(bad)
+
+
 # ---------------------------------------------------------------- error registry (data, STYLE rule 13)
 def _net() -> nn.Module:
     return nn.Linear(2, 1)
@@ -420,7 +514,7 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
         "no-hessian-batch",
         _run(lambda p: p.hypergradient(X2)),
         ValueError,
-        r"no inner step has run yet.*pass `hessian_batch=`",
+        r"no inner step has been applied yet.*pass `hessian_batch=`",
     ),
     (
         "outer-step-first",
@@ -447,6 +541,78 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
         r"`state` is not a BilevelProblem.state_dict\(\)",
     ),
     ("load-scheduler", _load_mismatch, ValueError, r"the checkpoint has an inner scheduler but this problem has none"),
+    # inputs of the calls (issue 9): never iterated, computed on or applied when they cannot be right
+    (
+        "step-string",
+        _run(lambda p: p.step("abc", X2)),
+        TypeError,
+        r"`inner_batches` must be a list or iterator of batches, got the string 'abc'; a string would be iterated",
+    ),
+    ("step-int", _run(lambda p: p.step(5, X2)), TypeError, r"`inner_batches` must be a list .* got int; .* \[batch\]"),
+    ("step-dict", _run(lambda p: p.step({"x": X2}, X2)), TypeError, r"`inner_batches` .* got dict"),
+    (
+        "batch-meta",
+        _run(lambda p: p.inner_step(torch.empty(16, 2, device="meta"))),
+        ValueError,
+        r"`batch` is a tensor on the meta device \(shape only, no data\)",
+    ),
+    (
+        "step-meta-nested",
+        _run(lambda p: p.step([(X2, torch.empty(2, device="meta"))], X2)),
+        ValueError,
+        r"`inner_batches\[0\]\[1\]` is a tensor on the meta device",
+    ),
+    (
+        "outer-batch-meta",
+        _run(lambda p: p.hypergradient({"x": torch.empty(2, device="meta")}, X2)),
+        ValueError,
+        r"`outer_batch\['x'\]` is a tensor on the meta device",
+    ),
+    (
+        "module-meta",
+        lambda: _problem(inner=_level(nn.Linear(2, 1, device="meta"))),
+        ValueError,
+        r"`inner` has tensors on the meta device .*module.to_empty",
+    ),
+    (
+        "accumulate-int",
+        _run(lambda p: p.hypergradient(X2, X2, accumulate=1)),
+        TypeError,
+        r"`accumulate` must be True or False, got 1",
+    ),
+    (
+        "outer-step-hessian-only",
+        _run(lambda p: p.outer_step(hessian_batch=X2)),
+        ValueError,
+        r"outer_step: `hessian_batch` is used only with `outer_batch`",
+    ),
+    (
+        "callbacks-callable",
+        lambda: _problem(callbacks=print),
+        TypeError,
+        r"`callbacks` must be a list of callables .*callbacks=\[fn\]",
+    ),
+    (
+        "reduction-type",
+        lambda: _problem(reduction="ddp"),
+        TypeError,
+        r"`reduction` must be a hypergrad.AbstractReduction",
+    ),
+    (
+        "loss-meta",
+        _run(
+            lambda p: p.inner_step(X2),
+            inner_loss=lambda i, o, b: torch.zeros((), device="meta") + i(b).sum().to("meta"),
+        ),
+        ValueError,
+        r"`inner_loss` returned a tensor on the meta device",
+    ),
+    (
+        "new-hessian-meta",
+        _run(lambda p: p.new_hessian_batch(torch.empty(1, device="meta"))),
+        ValueError,
+        r"`batch` is a tensor on the meta device",
+    ),
 ]
 
 
@@ -520,7 +686,8 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
     """A small BiSSL-like run that checkpoints every ``save_every`` iterations and resumes from ``ckpt``.
 
     Exercises everything a checkpoint must carry: momentum, two schedulers, the warm-start vector,
-    counters and the global RNG (batches are drawn with ``torch.randint``/``torch.randn``).
+    counters and (opt-in, next to the problem's state) the global RNG: batches are drawn with
+    ``torch.randint``/``torch.randn``.
     """
     import os
     import random
@@ -554,7 +721,8 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
     start = 0
     if os.path.exists(ckpt):
         state = hypergrad.load_checkpoint(ckpt)
-        problem.load_state_dict(state)
+        problem.load_state_dict(state["problem"])
+        hypergrad.set_rng_state(state["rng"])  # opt-in, outside the problem's state dict
         start = state["iteration"]
     gen = torch.Generator().manual_seed(5)
     pool_x, pool_y = torch.randn(64, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
@@ -564,10 +732,12 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
         down = (pool_x[idx] + 0.01 * torch.randn(8, 3, dtype=torch.float64), pool_y[idx])
         for b in pre:
             problem.inner_step(b)
+        problem.new_hessian_batch(pre[-1])
         for _ in range(2):  # BiSSL-style: several outer steps on one Hessian batch (operator reused)
-            problem.outer_step(down, hessian_batch=pre[-1])
+            problem.outer_step(down)
         if (it + 1) % save_every == 0:
-            hypergrad.save_checkpoint({**problem.state_dict(), "iteration": it + 1}, ckpt)
+            state = {"problem": problem.state_dict(), "rng": hypergrad.get_rng_state(), "iteration": it + 1}
+            hypergrad.save_checkpoint(state, ckpt)
         if progress is not None:
             progress.put(it + 1)
     torch.save(problem.state_dict(), out)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hypergrad
-from applications.toy import LogisticProblem, QuadraticProblem, RidgeProblem, ToyProblem
 from hypergrad import CG, Dense, Identity, SolverError, Status
+from tests.reference import LogisticProblem, QuadraticProblem, RidgeProblem, ToyProblem
 from tests.registry import ProblemInfo, SolverEntry, solvers_with
 
 F64 = torch.float64
@@ -240,8 +240,15 @@ def test_warm_start_from_previous_outer_step() -> None:
 def test_throw_raises_solver_error() -> None:
     prob, lam, theta, (lo, hi) = setup("quadratic", "cpu")
     too_short = CG(max_steps=1, rtol=1e-12)
-    g, sol = hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam, solver=too_short)
-    assert sol.status is Status.MAX_STEPS_REACHED  # by default the failure is data ...
+    with pytest.warns(hypergrad.SolveFailedWarning, match=r"'max_steps_reached'.*on_failure='raise'"):
+        g, sol = hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam, solver=too_short)
+    assert sol.status is Status.MAX_STEPS_REACHED  # by default the failure is data and a warning ...
+    _, quiet = hypergrad.implicit_grad(
+        prob.inner_loss, prob.outer_loss, theta, lam, solver=too_short, on_failure="apply"
+    )
+    assert quiet.status is Status.MAX_STEPS_REACHED
+    with pytest.raises(SolverError, match=r"CG failed with status 'max_steps_reached'"):
+        hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam, solver=too_short, on_failure="raise")
     with pytest.raises(SolverError, match=r"CG failed with status 'max_steps_reached'.*Try increasing `max_steps`"):
         hypergrad.implicit_grad(prob.inner_loss, prob.outer_loss, theta, lam, solver=too_short, throw=True)
     with pytest.raises(SolverError, match=r"'diverged'.*lower `alpha`"):  # ... or raised on request

@@ -244,10 +244,11 @@ def test_operator_reuse_across_outer_steps() -> None:
         )
         problem, lower, upper = bissl_problem(method, inner_loss=counting_pretext)
         problem.inner_step(pre)
+        problem.new_hessian_batch(pre)  # the caller declares the linearisation
         counts, reused, out = [], [], []
         for _ in range(3):
             calls["n"] = 0
-            rec = problem.outer_step(down, hessian_batch=pre)
+            rec = problem.outer_step(down)
             counts.append(calls["n"])
             reused.append(rec.operator_reused)
             out.append(flat({k: p.detach().clone() for k, p in upper.named_parameters()}))
@@ -255,9 +256,13 @@ def test_operator_reuse_across_outer_steps() -> None:
         if reuse:
             assert reused == [False, True, True]
             assert counts[1] == counts[2] == 0  # no forward pass of the inner loss at all
-            rec = problem.inner_step(pre)  # the inner parameters change: rebuilt
+            problem.inner_step(pre)  # the inner parameters change: rebuilt
+            assert [problem.outer_step(down).operator_reused for _ in range(2)] == [False, True]
+            problem.new_hessian_batch(pre + 0)  # a new batch: rebuilt
+            assert [problem.outer_step(down).operator_reused for _ in range(2)] == [False, True]
+            # a batch passed to the call is used for that call only, never served from a cache
             assert problem.outer_step(down, hessian_batch=pre).operator_reused is False
-            assert problem.outer_step(down, hessian_batch=(pre + 0)).operator_reused is False  # new batch
+            assert problem.outer_step(down, hessian_batch=pre).operator_reused is False
         else:
             assert reused == [False, False, False] and min(counts) >= 5
     for a, b in zip(grads[False], grads[True]):
@@ -340,7 +345,9 @@ def test_proximal_step_same_on_every_device(device: str) -> None:
         for opt in (problem.inner.optimizer, problem.outer.optimizer):
             opt.state.clear()
         rec = problem.step([pre.to(dev)] * 3, tuple(t.to(dev) for t in down))
-        rec2 = problem.outer_step(tuple(t.to(dev) for t in down), hessian_batch=pre.to(dev))
+        problem.new_hessian_batch(pre.to(dev))
+        problem.outer_step(tuple(t.to(dev) for t in down))
+        rec2 = problem.outer_step(tuple(t.to(dev) for t in down))
         assert (
             not rec.skipped
             and rec2.operator_reused

@@ -28,5 +28,5 @@ def test_guide_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     # lightning is installed by the [dev]/[all] extras, so every block runs, the Lightning one too.
     for i, block in enumerate(_blocks()):
         exec(compile(block, f"{GUIDE.name}[block {i}]", "exec"), namespace)
-    assert namespace["problem"].outer_steps == 46
+    assert namespace["problem"].outer_steps == 47
     assert namespace["module"].problem.outer_steps == 8

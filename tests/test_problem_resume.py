@@ -66,4 +66,6 @@ def test_killed_run_resumes_bitwise(tmp_path: Path) -> None:
             assert a[k] == b[k], k
     assert a["/counters/outer_steps"] == 2 * STEPS and a["/warm_start/backbone.0.weight"] is not None
     # the run moved: a resume that silently restarted from scratch or skipped steps would differ
-    assert not torch.equal(a["/outer_module/backbone.0.weight"], at_kill["outer_module"]["backbone.0.weight"])
+    assert not torch.equal(
+        a["/outer_module/backbone.0.weight"], at_kill["problem"]["outer_module"]["backbone.0.weight"]
+    )

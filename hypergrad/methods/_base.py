@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, cast
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_positive
+from .._checks import check_choice, check_positive, fill_zeros, loss_grads
 from .._typing import TensorTree
 from ..operators import HVP_MODES, HessianOperator, HVPMode
 from ..records import NonFiniteError
@@ -31,19 +31,26 @@ from ..solvers import AbstractLinearSolver, Solution, Status
 from ..solvers._base import check_solver
 from ..tree import tree_all_finite
 
-__all__ = ["AbstractHypergradMethod", "MethodState", "MethodOutput"]
+__all__ = ["AbstractHypergradMethod", "MethodState", "MethodOutput", "FailurePolicy", "FAILURE_POLICIES"]
 
 Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 PureLoss = Callable[[TensorTree, TensorTree], Tensor]
+#: What :class:`~hypergrad.BilevelProblem` does with a failed solve of a method (see ``on_failure``).
+FailurePolicy = Literal["warn", "skip", "raise", "apply"]
+FAILURE_POLICIES: tuple[str, ...] = ("warn", "skip", "raise", "apply")
 
 
 @dataclass
 class MethodState:
-    """Mutable per-problem state of a method: the warm-start vector and a reusable operator."""
+    """Mutable per-problem state of a method: the warm-start vector and a reusable operator.
+
+    ``operator_token`` is the explicit token (given by the caller) under which ``operator`` was
+    built; it is served again only for an equal, non-``None`` token.
+    """
 
     x0: Optional[dict[str, Tensor]] = None
     operator: Any = None
-    operator_key: Any = None
+    operator_token: Any = None
     checked: bool = False
 
 
@@ -57,8 +64,11 @@ class MethodOutput(NamedTuple):
     operator_reused: bool
 
 
-def _check_common(owner: str, solver: Any, hvp_mode: Any, damping: Any, warm_start: Any, reuse_operator: Any) -> None:
+def _check_common(
+    owner: str, solver: Any, hvp_mode: Any, damping: Any, warm_start: Any, reuse_operator: Any, on_failure: Any
+) -> None:
     check_solver(solver, owner=owner)
+    check_choice("on_failure", on_failure, FAILURE_POLICIES, owner=owner)
     check_choice("hvp_mode", hvp_mode, HVP_MODES, owner=owner)
     check_positive("damping", damping, allow_zero=True, owner=owner)
     for name, flag in (("warm_start", warm_start), ("reuse_operator", reuse_operator)):
@@ -77,22 +87,9 @@ def _wide(value: Tensor) -> Tensor:
 
 
 def value_and_grads(fn: PureLoss, params: TensorTree, hparams: TensorTree) -> tuple[Tensor, dict, dict]:
-    """``fn(params, hparams)`` and its gradients w.r.t. both trees (zeros where unused)."""
-    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    h = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
-    with torch.enable_grad():
-        value = fn(p, h)
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"`outer_loss` must return a scalar tensor, got {shape}; reduce it with .mean().")
-        if not value.requires_grad:
-            raise ValueError(
-                "`outer_loss` does not depend on the trained parameters of either level; use the modules it is given."
-            )
-        grads = torch.autograd.grad(value, [*p.values(), *h.values()], allow_unused=True)
-    gp = {k: torch.zeros_like(p[k]) if g is None else g for k, g in zip(p, grads[: len(p)])}
-    gh = {k: torch.zeros_like(h[k]) if g is None else g for k, g in zip(h, grads[len(p) :])}
-    return _wide(value), gp, gh
+    """``fn(params, hparams)`` (widened, possibly non-finite) and its gradients w.r.t. both trees (zeros where unused)."""
+    value, gp, gh = loss_grads("outer_loss", fn, params, hparams, finite=False)
+    return _wide(value), fill_zeros(gp, params), fill_zeros(gh, hparams)
 
 
 def reduced_outer_grads(
@@ -172,11 +169,17 @@ class AbstractHypergradMethod(abc.ABC):
             hparams: the outer parameters :math:`\\lambda` (detached).
             state: the problem's :class:`MethodState` (warm start, cached operator), mutated.
             reduce: averages a tree over data-parallel ranks; apply it to every gradient and HVP.
-            operator_key: identifies the linearisation point; equal keys allow operator reuse.
+            operator_key: the caller's explicit token for the linearisation point (the inner
+                parameters and the Hessian batch, plus the outer parameters when
+                :attr:`hessian_depends_on_outer`). A method with ``reuse_operator=True`` serves its
+                cached operator only for a token equal (``==``) to the one it was built under;
+                ``None`` never reuses. No identity or version keys are taken from the tensors.
 
         Returns:
-            A :class:`MethodOutput` ``(grad, outer_loss, solution, num_hvps, operator_reused)``.
-            Raise :class:`~hypergrad.NonFiniteError` for a non-finite value.
+            A :class:`MethodOutput` ``(grad, outer_loss, solution, num_hvps, operator_reused)``. A
+            failed but finite solve is returned as it is: the caller applies the method's
+            ``on_failure`` (:class:`~hypergrad.BilevelProblem` does). Raise
+            :class:`~hypergrad.NonFiniteError` for a non-finite value (never returned).
         """
 
 
@@ -185,19 +188,30 @@ class _LinearSolveMethod(AbstractHypergradMethod):
     hvp_mode: HVPMode
     warm_start: bool
     reuse_operator: bool
+    on_failure: FailurePolicy
 
     def _operator(
-        self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, key: Any
-    ) -> tuple[Any, bool]:
-        """``(operator, reused)``; a reused operator was built by an earlier call with the same key."""
+        self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, token: Any
+    ) -> tuple[HessianOperator, bool]:
+        """``(operator, reused)``; a reused operator was built by an earlier call with an equal token."""
         if not self.reuse_operator:
             return HessianOperator(fn, params, mode=self.hvp_mode), False
-        if state.operator is not None and state.operator_key == key:
+        if token is not None and state.operator is not None and state.operator_token == token:
             return state.operator, True
-        state.operator, state.operator_key = None, None  # free the old graph before building a new one
+        state.operator, state.operator_token = None, None  # free the old graph before building a new one
         op = HessianOperator(fn, params, mode="rev_rev_cached")
-        state.operator, state.operator_key = op, key
+        if token is not None:
+            state.operator, state.operator_token = op, token
         return op, False
+
+    def _on_solution(self, state: MethodState, what: str) -> Callable[[Solution], None]:
+        """The hook run after the solve: refuse a non-finite solution, keep a good one as warm start."""
+
+        def hook(solution: Solution) -> None:
+            check_solution(solution, what)
+            self._store_x0(state, solution)
+
+        return hook
 
     def _x0(self, state: MethodState, rhs: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
         x0 = state.x0 if self.warm_start else None
@@ -209,4 +223,5 @@ class _LinearSolveMethod(AbstractHypergradMethod):
         """Keep ``x`` for the next solve, unless the solve failed (a bad start would propagate)."""
         if self.warm_start:
             ok = not solution.failed and bool(tree_all_finite(solution.x))
-            state.x0 = {k: v.detach().clone() for k, v in solution.x.items()} if ok else None
+            x = cast(dict[str, Tensor], solution.x)
+            state.x0 = {k: v.detach().clone() for k, v in x.items()} if ok else None

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..operators import Damped, HVPMode, mixed_hvp
+from .._assembly import implicit_assembly
+from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
-from ..tree import tree_sub
-from ._base import MethodOutput, _check_common, _LinearSolveMethod, check_solution, reduced_outer_grads
+from ._base import FailurePolicy, MethodOutput, _check_common, _LinearSolveMethod, reduced_outer_grads
 
 __all__ = ["Implicit"]
 
@@ -31,9 +30,14 @@ class Implicit(_LinearSolveMethod):
         damping: :math:`\mu \ge 0` added to the Hessian.
         warm_start: start each solve from the previous outer step's :math:`v` (kept in
             ``state_dict()``).
-        reuse_operator: keep the Hessian's gradient graph (mode ``"rev_rev_cached"``) while the
-            inner and outer parameters and the Hessian batch are unchanged (e.g. several
-            hypergradients at one point).
+        reuse_operator: keep the Hessian's gradient graph (mode ``"rev_rev_cached"``) and serve
+            it again while the caller's token is unchanged (:class:`~hypergrad.BilevelProblem`
+            changes it with the inner and outer parameters and the Hessian batch).
+        on_failure: what :class:`~hypergrad.BilevelProblem` does with a failed (finite) solve:
+            ``"warn"`` (default: apply it with a :class:`~hypergrad.SolveFailedWarning`, counted in
+            the record), ``"skip"`` (skip the outer step), ``"raise"``
+            (:class:`~hypergrad.SolverError`), ``"apply"`` (apply it quietly). A non-finite solve is
+            never applied (``on_nonfinite`` of the problem).
 
     Example:
         >>> import hypergrad
@@ -46,19 +50,34 @@ class Implicit(_LinearSolveMethod):
     damping: float = 0.0
     warm_start: bool = False
     reuse_operator: bool = False
+    on_failure: FailurePolicy = "warn"
 
     def __post_init__(self) -> None:
-        _check_common("Implicit", self.solver, self.hvp_mode, self.damping, self.warm_start, self.reuse_operator)
+        _check_common(
+            "Implicit",
+            self.solver,
+            self.hvp_mode,
+            self.damping,
+            self.warm_start,
+            self.reuse_operator,
+            self.on_failure,
+        )
 
     def hypergradient(self, inner_fn, outer_fn, params, hparams, state, reduce, operator_key) -> MethodOutput:
         value, g_theta, g_lam = reduced_outer_grads(outer_fn, params, hparams, reduce)
         op, reused = self._operator(lambda th: inner_fn(th, hparams), params, state, operator_key)
-        matvec: Any = lambda v: reduce(op(v))
-        if self.damping > 0:
-            matvec = Damped(matvec, self.damping)
-        solution = self.solver(matvec, g_theta, self._x0(state, g_theta))
-        check_solution(solution, "implicit hypergradient")
-        self._store_x0(state, solution)
-        cross_mode = "rev_rev" if op.mode in ("rev_rev", "rev_rev_cached") else self.hvp_mode
-        cross = reduce(mixed_hvp(inner_fn, params, hparams, solution.x, mode=cross_mode))
-        return MethodOutput(tree_sub(g_lam, cross), value, solution, solution.num_matvecs + 1, reused)
+        grad, solution = implicit_assembly(
+            inner_fn,
+            params,
+            hparams,
+            g_theta,
+            g_lam,
+            solver=self.solver,
+            hvp_mode=self.hvp_mode,
+            damping=self.damping,
+            operator=op,
+            reduce=reduce,
+            x0=self._x0(state, g_theta),
+            on_solution=self._on_solution(state, "implicit hypergradient"),
+        )
+        return MethodOutput(grad, value, solution, solution.num_matvecs + 1, reused)

@@ -8,12 +8,12 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from .._assembly import proximal_assembly
 from .._checks import check_positive
 from .._typing import TensorTree
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
-from ..tree import tree_axpy
-from ._base import MethodOutput, PureLoss, _check_common, _LinearSolveMethod, check_solution, reduced_outer_grads
+from ._base import FailurePolicy, MethodOutput, PureLoss, _check_common, _LinearSolveMethod, reduced_outer_grads
 
 __all__ = ["Proximal"]
 
@@ -44,9 +44,9 @@ class Proximal(_LinearSolveMethod):
             below them, matched by their remaining names; ``{"": ""}`` couples everything).
         solver: e.g. ``CG(max_steps=5)``.
         damping: :math:`d \ge 0`, added to :math:`\lambda` in the linear system only.
-        hvp_mode, warm_start, reuse_operator: as in :class:`Implicit`; here the Hessian does not
-            depend on the outer parameters, so a reused operator survives outer steps and is
-            rebuilt only when the inner parameters or the Hessian batch change.
+        hvp_mode, warm_start, reuse_operator, on_failure: as in :class:`Implicit`; here the
+            Hessian does not depend on the outer parameters, so a reused operator survives outer
+            steps and is rebuilt only when the inner parameters or the Hessian batch change.
 
     Example:
         >>> import hypergrad
@@ -66,6 +66,7 @@ class Proximal(_LinearSolveMethod):
     hvp_mode: HVPMode = "auto"
     warm_start: bool = False
     reuse_operator: bool = False
+    on_failure: FailurePolicy = "warn"
 
     hessian_depends_on_outer = False
 
@@ -79,7 +80,15 @@ class Proximal(_LinearSolveMethod):
         for k, v in self.coupling.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"Proximal: `coupling` keys and values must be strings, got {k!r}: {v!r}.")
-        _check_common("Proximal", self.solver, self.hvp_mode, self.damping, self.warm_start, self.reuse_operator)
+        _check_common(
+            "Proximal",
+            self.solver,
+            self.hvp_mode,
+            self.damping,
+            self.warm_start,
+            self.reuse_operator,
+            self.on_failure,
+        )
 
     def pairs(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, str]:
         """Resolve :attr:`coupling` to ``{inner_param: outer_param}`` (exact names or prefixes).
@@ -148,15 +157,22 @@ class Proximal(_LinearSolveMethod):
 
         theta_c = {k: params[k].detach() for k in pairs}
         op, reused = self._operator(lower, theta_c, state, operator_key)
-        scale = 1.0 / (self.lam + self.damping)
         rhs = {k: g_theta[k] for k in pairs}
-        solution = self.solver(lambda v: tree_axpy(scale, reduce(op(v)), v), rhs, self._x0(state, rhs))
-        check_solution(solution, "proximal hypergradient")
-        self._store_x0(state, solution)
-        out = dict(g_lam)
-        for i, o in pairs.items():
-            out[o] = out[o] + solution.x[i]
-        return MethodOutput(out, value, solution, solution.num_matvecs, reused)
+        grad, solution = proximal_assembly(
+            lower,
+            theta_c,
+            rhs,
+            lam=self.lam + self.damping,
+            solver=self.solver,
+            hvp_mode=self.hvp_mode,
+            rename=pairs,
+            direct=dict(g_lam),
+            operator=op,
+            reduce=reduce,
+            x0=self._x0(state, rhs),
+            on_solution=self._on_solution(state, "proximal hypergradient"),
+        )
+        return MethodOutput(grad, value, solution, solution.num_matvecs, reused)
 
 
 def _check_inner_ignores_outer(inner_fn: PureLoss, params: dict, hparams: dict) -> None:

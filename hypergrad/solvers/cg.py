@@ -31,7 +31,9 @@ class CG(AbstractLinearSolver):
     :math:`\|r_k\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})`, reading the residual each step.
     A direction with :math:`p^\top A p \le 0` (negative curvature) is never stepped along; it is
     reported as :attr:`Status.NEGATIVE_CURVATURE` with the smallest Rayleigh quotient met in
-    ``stats["min_curvature"]``. ``residual_norm`` is CG's recursively updated residual.
+    ``stats["min_curvature"]``. An operator tagged ``symmetric=False`` (see
+    :class:`hypergrad.LinearOperator`) is refused with a ``ValueError``; untagged callables are
+    trusted. ``residual_norm`` is CG's recursively updated residual.
 
     Args:
         max_steps: iteration budget (>= 1).
@@ -68,11 +70,17 @@ class CG(AbstractLinearSolver):
         check_positive("atol", self.atol, allow_zero=True, owner="CG")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
+        if getattr(matvec, "symmetric", None) is False:
+            raise ValueError(
+                f"CG assumes a symmetric operator, but `matvec` ({type(matvec).__name__}) is tagged "
+                "symmetric=False (e.g. I - d(phi)/d(params)^T of a fixed-point map). Use FixedPoint, Neumann "
+                "or Dense, or pass symmetric=True if phi is a gradient-descent step."
+            )
         check = self.rtol > 0 or self.atol > 0
         x, r, num_matvecs = _start(matvec, b, x0)
         p = r
         rr = tree_vdot(r, r)
-        tol = _tolerance(torch.sqrt(tree_vdot(b, b)), self.rtol, self.atol) if check else None
+        tol = _tolerance(torch.sqrt(tree_vdot(b, b)), self.rtol, self.atol) if check else torch.zeros_like(rr)
         min_curv = torch.full_like(rr, float("inf"))
         pp = rr  # ||p||^2, updated by CG's recursion below (no extra reduction per step)
         zero = torch.zeros_like(rr)
