@@ -19,9 +19,9 @@ its LoRA adapters with ``--lora-rank``) on one pretext batch per alternation.
 Text-specific choices: the lower optimiser is AdamW (``lower_lr``, ``lower_wd``; warm-up + cosine),
 the upper one SGD as in the image path; the head warm-up trains :math:`\phi` on features computed
 once (no augmentation in text, so the frozen backbone's features do not change between epochs).
-Every hypergradient runs under ``sdpa_kernel(SDPBackend.MATH)``, the attention backend with forward-
-mode AD and double backward on every device (fused CPU/GPU SDPA kernels have neither); the lower steps
-keep the fast kernel.
+Attention: the model keeps ``F.scaled_dot_product_attention``; hypergrad runs every second-order pass
+(HVPs, solves) under ``sdpa_kernel(SDPBackend.MATH)``, the backend with forward-mode AD and double
+backward (the fused CPU / GPU kernels have neither), and every first-order pass on the fast kernel.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ __all__ = ["downstream_batch", "warmup_head", "bissl_text", "math_attention"]
 
 
 def math_attention():
-    """Context manager: scaled-dot-product attention on the MATH backend (second order works)."""
+    """Context manager: scaled-dot-product attention on the MATH backend, for hand-written double backward.
+
+    hypergrad's own second-order passes need no wrapper (it selects this backend itself).
+    """
     return sdpa_kernel([SDPBackend.MATH])
 
 
@@ -171,13 +174,13 @@ def bissl_text(
             x, y = lm_batch(train_ids, L, b.pretext_batch, alt * (b.lower_steps + 1) + s, cfg.seed)
             inner_losses += problem.inner_step((x.to(dev), y.to(dev))).inner_losses
         x, y = lm_batch(train_ids, L, b.pretext_batch, alt * (b.lower_steps + 1) + b.lower_steps, cfg.seed)
-        h_batch = (x.to(dev), y.to(dev), HESSIAN)  # one Hessian batch per alternation
+        # one Hessian batch per alternation; with `reuse_operator` its operator serves every upper step
+        problem.new_hessian_batch((x.to(dev), y.to(dev), HESSIAN))
         hvps, outer_losses, failed = 0, [], 0
         for u in range(b.upper_steps):
             idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
             batch = (data.x_train[idx].to(dev), data.y_train[idx].to(dev))
-            with math_attention():
-                rec = problem.hypergradient(batch, h_batch)
+            rec = problem.hypergradient(batch)
             problem.outer_step()
             hvps += rec.num_hvps
             if rec.outer_loss is not None:
