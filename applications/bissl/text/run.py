@@ -32,7 +32,7 @@ def welch_p(a: list[float], b: list[float]) -> float:
 
     Example:
         >>> round(welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), 4)
-        0.0161
+        0.0213
     """
     if len(a) < 2 or len(b) < 2:
         return float("nan")
