@@ -12,14 +12,18 @@ track running statistics (BatchNorm, SyncBatchNorm, InstanceNorm with ``track_ru
   those of the training objective. Running statistics keep being updated only by the ordinary
   (non-transformed) training steps that the user runs.
 * ``buffers="running_stats"``: the layer normalises with its stored running statistics (as in
-  ``eval()``), which are not updated. Use it when the objective is defined in eval mode.
+  ``eval()``), which are not updated. Use it when the objective is defined in eval mode. To do so,
+  the normalisation layers' ``.training`` flag is set to ``False`` for the duration of each call
+  and restored afterwards (also when the call raises); nothing else of the module is touched. Do
+  not run the same module concurrently from another thread during such a call.
 
 Other buffers are passed as they are, read-only.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+import difflib
+from typing import Any, Callable, Literal, Mapping
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -74,8 +78,11 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
     r"""A pure function ``f(params, *args, **kwargs)`` that runs ``module`` with ``params``.
 
     ``params`` may hold any subset of the module's parameters (the rest are taken from the
-    module, detached). Buffers follow the policy in this module's docstring; the module itself is
-    never mutated, so ``f`` is safe under ``torch.func.grad``, ``jvp``, ``vjp`` and ``vmap``.
+    module, detached); a key that names no parameter or buffer of the module (a misspelling) is a
+    ``ValueError``, never silently ignored. Buffers follow the policy in this module's docstring.
+    The module's parameters and buffers are never written, so ``f`` is safe under
+    ``torch.func.grad``, ``jvp``, ``vjp`` and ``vmap``; with ``buffers="running_stats"`` the
+    normalisation layers' ``.training`` flag is switched off during the call and restored after.
 
     Args:
         module: the network.
@@ -84,6 +91,10 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
     Returns:
         ``f(params, *args, **kwargs)``: the module's output with ``params`` (a dict keyed by
         parameter names) in place of the module's own parameters.
+
+    Raises:
+        ValueError: (when ``f`` is called) a key of ``params`` is not a parameter or buffer name.
+        TypeError: ``params`` is not a dict of tensors.
 
     Example:
         >>> import torch
@@ -102,7 +113,27 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
         prefix, _, leaf = name.rpartition(".")
         return leaf in _RUNNING and prefix in norm_prefixes
 
+    known: set[str] = set()
+
+    def check_keys(params: Any) -> None:
+        if not isinstance(params, Mapping):
+            raise TypeError(f"`params` must be a dict {{name: tensor}}, got {type(params).__name__}.")
+        if not known or not known.issuperset(params):
+            known.clear()
+            known.update(n for n, _ in module.named_parameters(remove_duplicate=False))
+            known.update(n for n, _ in module.named_buffers(remove_duplicate=False))
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            hints = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r} -> did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            raise ValueError(
+                f"`params` has key(s) {unknown[:5]} that name no parameter or buffer of the "
+                f"{type(module).__name__}; they would be ignored and the module's own tensors used instead. "
+                f"{hint + ' ' if hint else ''}Use the names of module.named_parameters()."
+            )
+
     def call(params: TensorTree, *args: Any, **kwargs: Any) -> Any:
+        check_keys(params)
         state: dict[str, Any] = {}
         for name, b in module.named_buffers():
             if buffers == "batch_stats" and is_running(name):

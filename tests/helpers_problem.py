@@ -644,7 +644,7 @@ def ddp_case(rank: int, world: int) -> dict[str, Tensor]:
         hypergrad.Level(hp, torch.optim.SGD(hp.parameters(), lr=0.1)),
         G,
         F,
-        hypergrad.Implicit(solver=hypergrad.CG(max_steps=6), damping=0.1, hvp_mode="rev_rev"),
+        hypergrad.Implicit(solver=hypergrad.CG(max_steps=6), damping=5.0, hvp_mode="rev_rev"),
     )
     for _ in range(2):
         problem.inner_step((shard(x), shard(y)))

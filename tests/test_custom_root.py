@@ -260,3 +260,17 @@ def test_bad_arguments() -> None:
     f = hypergrad.custom_root(lambda x, a: x - a, solver=hypergrad.Dense())(lambda a: "not a tensor")
     with pytest.raises(TypeError, match=r"must return a Tensor or a non-empty dict of tensors, got str"):
         f(torch.ones(1))
+
+
+def test_guide_deq_example_runs() -> None:
+    """The DEQ example of docs/guide/custom_root.md runs and does what it says."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "guide" / "custom_root.md"
+    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, str(page), "exec"), namespace)
+    net = namespace["net"]
+    assert float(net[0].weight.grad.norm()) > 0
+    assert net[1].equilibrium.last_solution.converged

@@ -324,3 +324,50 @@ def test_auto_fallback_inside_implicit_grad_gives_the_right_hypergradient() -> N
     # dw*/dlam = 1 / (2 w* + 2), dF/dlam = w* dw*/dlam
     torch.testing.assert_close(g["lam"], w_star / (2 * w_star + 2), rtol=1e-12, atol=1e-14)
     assert sol.converged
+
+
+def test_stateless_refuses_a_misspelt_parameter_key() -> None:
+    net = nn.Linear(2, 1).to(F64)
+    f = hypergrad.stateless(net)
+    with pytest.raises(ValueError, match=r"key\(s\) \['wieght'\] that name no parameter .*did you mean 'weight'"):
+        f({"wieght": torch.zeros(1, 2, dtype=F64)}, torch.ones(1, 2, dtype=F64))
+    with pytest.raises(TypeError, match=r"`params` must be a dict"):
+        f([torch.zeros(1, 2, dtype=F64)], torch.ones(1, 2, dtype=F64))
+    out = f({"weight": torch.zeros(1, 2, dtype=F64)}, torch.ones(1, 2, dtype=F64))
+    torch.testing.assert_close(out, net.bias.detach().reshape(1, 1))  # the given weight, not the module's
+
+
+def test_stateless_running_stats_restores_the_training_flag_even_on_error() -> None:
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).to(F64).train()
+    f = hypergrad.stateless(net, buffers="running_stats")
+    f(hypergrad.module_params(net), torch.randn(4, 2, dtype=F64))
+    assert net.training and net[1].training
+    with pytest.raises(RuntimeError):
+        f(hypergrad.module_params(net), torch.randn(4, 5, dtype=F64))  # wrong input width
+    assert net.training and net[1].training
+
+
+def test_hvp_direction_and_meta_errors_name_the_argument() -> None:
+    p = {"w": torch.ones(3, dtype=F64)}
+    f = lambda q: (q["w"] ** 3).sum()
+    with pytest.raises(
+        ValueError, match=r"hvp: `v` must have the keys of `params`; missing \['w'\], unexpected \['x'\]"
+    ):
+        hvp(f, p, {"x": torch.ones(3, dtype=F64)})
+    with pytest.raises(ValueError, match=r"hvp: `v\['w'\]` has shape \(2,\) but `params\['w'\]` has shape \(3,\)"):
+        hvp(f, p, {"w": torch.ones(2, dtype=F64)})
+    with pytest.raises(ValueError, match=r"mixed_hvp: `v\['w'\]` is torch.float32"):
+        mixed_hvp(lambda q, h: f(q) * h["a"].sum(), p, {"a": torch.ones(1, dtype=F64)}, {"w": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"meta tensor"):
+        hvp(f, {"w": torch.ones(3, device="meta")}, {"w": torch.ones(3, device="meta")})
+    with (
+        torch.inference_mode(),
+        pytest.raises(RuntimeError, match=r"implicit_grad was called under torch.inference_mode"),
+    ):
+        hypergrad.implicit_grad(
+            lambda q, h: ((q["w"] - h["a"]) ** 2).sum(),
+            lambda q, h: q["w"].sum(),
+            p,
+            {"a": torch.ones(3, dtype=F64)},
+            solver=hypergrad.Dense(),
+        )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hypergrad
 from applications.toy import hyper_cleaning, imaml
 
 ROOT = Path(__file__).parents[1]
@@ -77,11 +78,31 @@ def test_imaml_meta_training_lowers_test_error(tmp_path: Path) -> None:
     args = imaml.parse_args(["--meta-steps", "30", "--test-tasks", "20", "--no-progress", "--log-dir", str(tmp_path)])
     r = imaml.run(args)
     assert r["test_mse_after"] < 0.9 * r["test_mse_before"]  # seeded smoke run
+    assert r["solves"] == 30 * 4 and r["failed_solves"] == 0  # the default damping keeps CG positive definite
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,train_query_mse")
 
 
+def test_imaml_undamped_solves_fail_and_are_counted_not_applied_silently() -> None:
+    """Without damping CG meets negative curvature; each failure warns and is counted, never silent."""
+    torch.set_num_threads(1)
+    args = imaml.parse_args(["--meta-steps", "2", "--test-tasks", "2", "--damping", "0", "--no-progress"])
+    with pytest.warns(hypergrad.SolveFailedWarning, match="negative_curvature"):
+        r = imaml.run(args)
+    assert r["failed_solves"] > 0 and r["failed_fraction"] == r["failed_solves"] / r["solves"]
+
+
+def test_imaml_summary_prints_the_failed_fraction(capsys: pytest.CaptureFixture) -> None:
+    imaml.main(["--meta-steps", "1", "--meta-batch", "2", "--test-tasks", "2", "--no-progress"])
+    assert "failed linear solves (CG)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
-    "argv, message", [(["--meta-steps", "0"], "--meta-steps must be >= 1"), (["--lam", "0"], "--lam must be > 0")]
+    "argv, message",
+    [
+        (["--meta-steps", "0"], "--meta-steps must be >= 1"),
+        (["--lam", "0"], "--lam must be > 0"),
+        (["--damping", "nan"], "--damping must be >= 0 and finite"),
+    ],
 )
 def test_imaml_cli_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):

@@ -11,7 +11,12 @@ proximally regularised support loss, and :math:`\omega` minimises the query loss
     \theta^*_\tau(\omega) = \arg\min_\theta L^{\text{support}}_\tau(\theta) + \frac{\lambda}{2}\|\theta - \omega\|^2 .
 
 The meta-gradient :math:`\lambda (H + \lambda I)^{-1} \nabla L^{\text{query}}` is computed by
-:class:`hypergrad.Proximal` with CG (no mixed second derivative, no unrolling). Each task runs the
+:class:`hypergrad.Proximal` with CG (no mixed second derivative, no unrolling). The support loss of
+a ReLU network is non-convex, so :math:`H + \lambda I` can be indefinite and CG then stops on
+negative curvature; the default ``--damping`` (added to :math:`\lambda` in the linear system only,
+as in BiSSL) keeps the system positive definite, and the summary prints the fraction of failed
+solves (each one warned about and counted by :class:`hypergrad.BilevelProblem`, never applied
+silently). Each task runs the
 finer calls of :class:`hypergrad.BilevelProblem`: reset the learner to :math:`\omega`, a few
 ``inner_step`` s, then ``hypergradient(..., accumulate=True)``; after a meta-batch the summed
 gradients are averaged and ``outer_step()`` applies them.
@@ -35,6 +40,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import hypergrad
+
+#: Damping of the meta-gradient's system. With lambda = 0.5 the support-loss Hessians of this ReLU
+#: network have eigenvalues well below -0.5, so undamped CG stops on negative curvature in most
+#: solves. Measured with the other defaults (seed 0, 320 solves): damping 0 -> 219 failed, 2 -> 72,
+#: 5 -> 17, 10 -> 4, 20 -> 0 (test query MSE after meta-training 2.63, 2.51, 2.40, 2.92, 2.91).
+DEFAULT_DAMPING = 20.0
 
 
 def sample_tasks(num: int, k: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -73,8 +84,15 @@ class MetaLearner:
             outer=hypergrad.Level(self.meta, torch.optim.Adam(self.meta.parameters(), lr=args.outer_lr)),
             inner_loss=lambda learner, meta, batch: mse(learner, batch[0], batch[1]),
             outer_loss=lambda learner, meta, batch: mse(learner, batch[0], batch[1]),
-            method=hypergrad.Proximal(lam=args.lam, coupling={"": ""}, solver=hypergrad.CG(max_steps=args.cg_steps)),
+            method=hypergrad.Proximal(
+                lam=args.lam,
+                damping=args.damping,
+                coupling={"": ""},
+                solver=hypergrad.CG(max_steps=args.cg_steps),
+                on_failure=args.on_failure,
+            ),
         )
+        self.solves = self.failed = 0
 
     def adapt(self, xs: Tensor, ys: Tensor) -> list[float]:
         """Reset the learner to the meta-parameters and take ``inner_steps`` proximal steps."""
@@ -90,6 +108,8 @@ class MetaLearner:
         for i, (xs, ys, xq, yq) in enumerate(tasks):
             self.adapt(xs, ys)
             rec = self.problem.hypergradient((xq, yq), hessian_batch=(xs, ys), accumulate=i > 0)
+            self.solves += 1
+            self.failed += int(rec.solve_failed)
             if rec.skipped:  # the gradients are cleared and outer_step() will skip: nothing to average
                 self.problem.outer_step()
                 return float("nan")
@@ -131,6 +151,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_mse_after": after,
         "test_mse_zero": zero_predictor(test_tasks),
         "seconds": seconds,
+        "solves": meta.solves,
+        "failed_solves": meta.failed,
+        "failed_fraction": meta.failed / max(meta.solves, 1),
     }
     if logger is not None:
         logger.log(args.meta_steps, result)
@@ -157,6 +180,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--outer-lr", type=float, default=3e-3, help="Adam step on the meta-parameters, default 3e-3")
     p.add_argument("--lam", type=float, default=0.5, help="proximal strength lambda, default 0.5")
     p.add_argument("--cg-steps", type=int, default=5, help="CG steps per meta-gradient, default 5")
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=DEFAULT_DAMPING,
+        help=f"added to lambda in the meta-gradient's linear system (keeps it positive definite), default {DEFAULT_DAMPING}",
+    )
+    p.add_argument(
+        "--on-failure",
+        choices=["warn", "skip", "raise", "apply"],
+        default="warn",
+        help="what a failed CG solve does (hypergrad.Proximal's on_failure), default warn",
+    )
     p.add_argument("--test-tasks", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -169,8 +204,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("inner_lr", "outer_lr", "lam"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")
+    if not (args.damping >= 0 and math.isfinite(args.damping)):
+        p.error(f"--damping must be >= 0 and finite, got {args.damping}")
     return args
 
 
@@ -182,6 +219,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  test query MSE, predicting zero                      : {r['test_mse_zero']:.3f}")
     print(f"  test query MSE after adaptation, before meta-training: {r['test_mse_before']:.3f}")
     print(f"  test query MSE after adaptation, after meta-training : {r['test_mse_after']:.3f}")
+    print(
+        f"  failed linear solves (CG)                            : {r['failed_solves']} of {r['solves']} "
+        f"({100 * r['failed_fraction']:.1f}%)"
+    )
     return 0
 
 

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..level import Level
 from ..methods._base import _wide
@@ -22,6 +22,21 @@ from ..tree import tree_norm
 from ._policy import mark_skipped
 from ._transaction import Snapshot
 from ._validate import check_loss, clear_batchnorm_errors
+
+LossFn = Callable[[nn.Module, nn.Module, Any], Tensor]
+
+
+class LossHost(nn.Module):
+    """Holds both levels so one ``functional_call`` swaps the parameters of both for a whole loss."""
+
+    def __init__(self, inner: nn.Module, outer: nn.Module, loss: LossFn):
+        super().__init__()
+        self.inner, self.outer = inner, outer
+        self._loss = loss
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss(self.inner, self.outer, batch)
+
 
 #: Problem attributes a phase may change (restored on skip/raise).
 BOOKKEEPING = (

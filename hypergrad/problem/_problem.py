@@ -7,39 +7,26 @@ phase), ``reduction`` (combining processes), ``_state`` (state dict) and ``_vali
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, cast
+from typing import Any, Iterable, Optional, cast
 
-from torch import Tensor, nn
+from torch import nn
 
 from .._checks import check_callable, check_choice
-from ..distributed import world_size
 from ..level import Level
 from ..methods import AbstractHypergradMethod, MethodState
 from ..modules import BUFFER_POLICIES, BufferPolicy, stateless
 from ..records import NonFiniteError, StepCallback, StepRecord
 from ..solvers import SolverError
-from . import _phases, _state
+from . import _phases
+from ._linearisation import NO_BATCH, Linearisation
+from ._phases import LossFn
 from ._policy import NONFINITE_POLICIES, NonFinitePolicy, StepPolicy, method_failure_policy
+from ._state import StateDict
 from ._validate import check_batch, check_bool, check_inner_batches, check_modules
-from .reduction import AbstractReduction, DataParallelMean, LocalReduction
-
-LossFn = Callable[[nn.Module, nn.Module, Any], Tensor]
-NO_BATCH: Any = object()  # no inner step applied yet (``None`` is a valid batch)
+from .reduction import AbstractReduction, LocalReduction, reduction_for
 
 
-class _LossHost(nn.Module):
-    """Holds both levels so one ``functional_call`` swaps the parameters of both for a whole loss."""
-
-    def __init__(self, inner: nn.Module, outer: nn.Module, loss: LossFn):
-        super().__init__()
-        self.inner, self.outer = inner, outer
-        self._loss = loss
-
-    def forward(self, batch: Any) -> Tensor:
-        return self._loss(self.inner, self.outer, batch)
-
-
-class BilevelProblem:
+class BilevelProblem(StateDict, Linearisation):
     r"""A bilevel problem over ``nn.Module`` s, trained with ``torch.optim`` optimisers in your loop.
 
     .. math::
@@ -132,7 +119,7 @@ class BilevelProblem:
             )
         check_choice("buffers", buffers, BUFFER_POLICIES)
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-        self.reduction = _reduction(distributed, reduction)
+        self.reduction = reduction_for(distributed, reduction)
         if callable(callbacks) or not isinstance(callbacks, Iterable):
             raise TypeError(
                 f"`callbacks` must be a list of callables record -> None, got {type(callbacks).__name__}; "
@@ -163,8 +150,8 @@ class BilevelProblem:
         self._inner_params = inner.trained_parameters()
         self._outer_params = outer.trained_parameters()
         method.check(self._inner_params, self._outer_params)
-        self._G = stateless(_LossHost(inner_module, outer_module, inner_loss), buffers=buffers)
-        self._F = stateless(_LossHost(inner_module, outer_module, outer_loss), buffers=buffers)
+        self._G = stateless(_phases.LossHost(inner_module, outer_module, inner_loss), buffers=buffers)
+        self._F = stateless(_phases.LossHost(inner_module, outer_module, outer_loss), buffers=buffers)
         self.method_state = MethodState()
         #: Optimiser steps applied / skipped per level, and failed linear solves (applied or not).
         self.inner_steps = self.outer_steps = self.inner_skipped = self.outer_skipped = self.failed_solves = 0
@@ -311,38 +298,6 @@ class BilevelProblem:
         _phases.outer(self, record)
         return self._emit(record)
 
-    def new_hessian_batch(self, batch: Any) -> None:
-        """Declare the Hessian batch of the following hypergradients; drops any cached operator.
-
-        Call it whenever the linearisation changes in a way the problem cannot see: a new Hessian
-        batch, the same batch object after changing its tensors in place, or parameters changed
-        outside :meth:`inner_step` / :meth:`outer_step`. Until the next call, hypergradients
-        without ``hessian_batch=`` use ``batch``, and with ``reuse_operator=True`` on the method
-        they share one Hessian operator while no inner (or, for Hessians that depend on the outer
-        parameters, outer) step is applied.
-
-        Args:
-            batch: the batch of ``inner_loss`` for the Hessian (and mixed) products.
-
-        Example:
-            >>> import torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> level = lambda p, lr: hypergrad.Level({"p": p}, torch.optim.SGD([p], lr=lr))
-            >>> problem = hypergrad.BilevelProblem(level(w, 0.5), level(lam, 0.1),
-            ...     lambda i, o, b: b * (i.p**2).sum(), lambda i, o, b: ((i.p - 2.0) ** 2).sum(),
-            ...     hypergrad.Proximal(lam=1.0, coupling={"p": "p"}, reuse_operator=True))
-            >>> problem.new_hessian_batch(torch.tensor(1.0))
-            >>> [problem.hypergradient(None).operator_reused for _ in range(2)]
-            [False, True]
-            >>> problem.new_hessian_batch(torch.tensor(2.0))    # a new linearisation: rebuilt
-            >>> problem.hypergradient(None).operator_reused
-            False
-        """
-        check_batch("batch", batch)
-        self._declared_batch, self._has_declared = batch, True
-        self._linearisation += 1
-        _drop_operator(self.method_state)  # free the old graph now
-
     def add_callback(self, callback: StepCallback) -> None:
         """Register ``callback(record)``, called after every public call.
 
@@ -357,63 +312,6 @@ class BilevelProblem:
             raise TypeError(f"`callback` must be callable record -> None, got {type(callback).__name__}.")
         self.callbacks.append(callback)
 
-    # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume, as a dict of tensors and plain types (no RNG state).
-
-        Holds the modules, optimisers, schedulers, the warm-start vector and the counters. Like
-        ``torch.optim``, it does not capture the random generators: for a bit-exact resume save
-        :func:`hypergrad.get_rng_state` next to it and restore it with
-        :func:`hypergrad.set_rng_state`. As with ``nn.Module.state_dict``, module tensors share
-        memory with the live parameters: save it (:func:`hypergrad.save_checkpoint`) or
-        ``copy.deepcopy`` it before training on.
-
-        Returns:
-            A dict with ``format``, ``{inner,outer}_{module,optimizer,scheduler}``, ``warm_start``
-            and ``counters``.
-
-        Example:
-            See :meth:`load_state_dict`.
-        """
-        return _state.build(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; everything is checked before anything is written.
-
-        A state dict that does not fit (other keys, shapes or dtypes in a module, another
-        optimiser or scheduler, group structure, warm-start vector, counters) raises one
-        ``ValueError`` listing every mismatch and leaves the problem untouched. Cached operators
-        are dropped; the default Hessian batch is forgotten (pass one or run an inner step).
-
-        Args:
-            state: a :meth:`state_dict` of a problem built the same way (same modules, optimisers
-                and schedulers), e.g. from :func:`hypergrad.load_checkpoint`.
-
-        Example:
-            >>> import copy, torch, hypergrad
-            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
-            >>> level = lambda p, lr: hypergrad.Level({"p": p}, torch.optim.SGD([p], lr=lr))
-            >>> problem = hypergrad.BilevelProblem(level(w, 0.5), level(lam, 0.1),  # G: w* = lam
-            ...     lambda i, o, b: ((i.p - o.p) ** 2).sum(), lambda i, o, b: ((i.p - 2.0) ** 2).sum(),
-            ...     hypergrad.Implicit(solver=hypergrad.Dense()))
-            >>> saved = copy.deepcopy(problem.state_dict())
-            >>> rng = hypergrad.get_rng_state()           # opt-in, next to the state dict
-            >>> saved["counters"]["outer_steps"]
-            0
-            >>> _ = problem.step([None], None)
-            >>> problem.load_state_dict(saved)
-            >>> hypergrad.set_rng_state(rng)
-            >>> problem.outer_steps, lam.item()
-            (0, 1.0)
-        """
-        _state.validate(self, state)
-        _state.load(self, state)
-        _drop_operator(self.method_state)
-        self._last_inner_batch, self._declared_batch = NO_BATCH, None
-        self._has_declared = False
-        self._pending_skip = None
-        self._linearisation += 1
-
     # ------------------------------------------------------------------ helpers
     def _emit(self, record: StepRecord) -> StepRecord:
         record.inner_steps, record.outer_steps = self.inner_steps, self.outer_steps
@@ -421,40 +319,3 @@ class BilevelProblem:
         for cb in self.callbacks:
             cb(record)
         return record
-
-    def _hessian_batch(self) -> Any:
-        if self._has_declared:
-            return self._declared_batch
-        if self._last_inner_batch is NO_BATCH:
-            raise ValueError(
-                "no inner step has been applied yet, so there is no default Hessian batch; pass `hessian_batch=` "
-                "or call problem.new_hessian_batch(batch)."
-            )
-        return self._last_inner_batch
-
-    def _operator_token(self) -> int:
-        return self._linearisation
-
-
-def _reduction(distributed: Any, reduction: Any) -> AbstractReduction:
-    if reduction is not None:
-        if not isinstance(reduction, AbstractReduction):
-            raise TypeError(
-                f"`reduction` must be a hypergrad.AbstractReduction (e.g. hypergrad.DataParallelMean()), "
-                f"got {type(reduction).__name__}."
-            )
-        return reduction
-    if distributed not in (None, True, False):
-        raise TypeError(f"`distributed` must be None, True or False, got {distributed!r}.")
-    if distributed and world_size() == 1:
-        raise ValueError(
-            "`distributed=True` but torch.distributed is not initialised with more than one rank; "
-            "call torch.distributed.init_process_group first (e.g. under torchrun) or pass distributed=None."
-        )
-    use = world_size() > 1 if distributed is None else distributed
-    return DataParallelMean() if use else LocalReduction()
-
-
-def _drop_operator(state: Any) -> None:
-    if getattr(state, "operator", None) is not None:
-        object.__setattr__(state, "operator", None)

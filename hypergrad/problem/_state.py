@@ -11,7 +11,7 @@ state dict leaves the problem untouched.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -26,6 +26,67 @@ _OPTIONAL_GROUP_KEYS = frozenset(
 )
 # Optimisers whose state is not elementwise (factored or history lists): tensor shapes not checked.
 _NON_ELEMENTWISE = ("Adafactor", "LBFGS")
+
+
+class StateDict:
+    """Mixin of :class:`~hypergrad.BilevelProblem`: ``state_dict`` and ``load_state_dict``."""
+
+    _pending_skip: Optional[str]
+    _forget_linearisation: Callable[[], None]  # from Linearisation
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as a dict of tensors and plain types (no RNG state).
+
+        Holds the modules, optimisers, schedulers, the warm-start vector and the counters. Like
+        ``torch.optim``, it does not capture the random generators: for a bit-exact resume save
+        :func:`hypergrad.get_rng_state` next to it and restore it with
+        :func:`hypergrad.set_rng_state`. As with ``nn.Module.state_dict``, module tensors share
+        memory with the live parameters: save it (:func:`hypergrad.save_checkpoint`) or
+        ``copy.deepcopy`` it before training on.
+
+        Returns:
+            A dict with ``format``, ``{inner,outer}_{module,optimizer,scheduler}``, ``warm_start``
+            and ``counters``.
+
+        Example:
+            See :meth:`load_state_dict`.
+        """
+        return build(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; everything is checked before anything is written.
+
+        A state dict that does not fit (other keys, shapes or dtypes in a module, another
+        optimiser or scheduler, group structure, warm-start vector, counters) raises one
+        ``ValueError`` listing every mismatch and leaves the problem untouched. Cached operators
+        are dropped; the default Hessian batch is forgotten (pass one or run an inner step).
+
+        Args:
+            state: a :meth:`state_dict` of a problem built the same way (same modules, optimisers
+                and schedulers), e.g. from :func:`hypergrad.load_checkpoint`.
+
+        Example:
+            >>> import copy, torch, hypergrad
+            >>> w, lam = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.ones(1))
+            >>> level = lambda p, lr: hypergrad.Level({"p": p}, torch.optim.SGD([p], lr=lr))
+            >>> problem = hypergrad.BilevelProblem(level(w, 0.5), level(lam, 0.1),  # G: w* = lam
+            ...     lambda i, o, b: ((i.p - o.p) ** 2).sum(), lambda i, o, b: ((i.p - 2.0) ** 2).sum(),
+            ...     hypergrad.Implicit(solver=hypergrad.Dense()))
+            >>> saved = copy.deepcopy(problem.state_dict())
+            >>> rng = hypergrad.get_rng_state()           # opt-in, next to the state dict
+            >>> saved["counters"]["outer_steps"]
+            0
+            >>> _ = problem.step([None], None)
+            >>> problem.load_state_dict(saved)
+            >>> hypergrad.set_rng_state(rng)
+            >>> problem.outer_steps, lam.item()
+            (0, 1.0)
+        """
+        validate(self, state)
+        load(self, state)
+        self._pending_skip = None
+        self._forget_linearisation()
 
 
 def build(problem: Any) -> dict[str, Any]:

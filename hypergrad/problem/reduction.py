@@ -23,7 +23,7 @@ A new strategy subclasses :class:`AbstractReduction` and is passed as
 from __future__ import annotations
 
 import abc
-from typing import Iterable
+from typing import Any, Iterable
 
 from torch import Tensor, nn
 
@@ -119,3 +119,23 @@ class DataParallelMean(AbstractReduction):
 
     def __repr__(self) -> str:
         return f"DataParallelMean(world_size={self.world_size})"
+
+
+def reduction_for(distributed: Any, reduction: Any) -> AbstractReduction:
+    """The strategy of ``BilevelProblem(distributed=..., reduction=...)`` (validated)."""
+    if reduction is not None:
+        if not isinstance(reduction, AbstractReduction):
+            raise TypeError(
+                f"`reduction` must be a hypergrad.AbstractReduction (e.g. hypergrad.DataParallelMean()), "
+                f"got {type(reduction).__name__}."
+            )
+        return reduction
+    if distributed not in (None, True, False):
+        raise TypeError(f"`distributed` must be None, True or False, got {distributed!r}.")
+    if distributed and world_size() == 1:
+        raise ValueError(
+            "`distributed=True` but torch.distributed is not initialised with more than one rank; "
+            "call torch.distributed.init_process_group first (e.g. under torchrun) or pass distributed=None."
+        )
+    use = world_size() > 1 if distributed is None else distributed
+    return DataParallelMean() if use else LocalReduction()
