@@ -3,8 +3,9 @@ r"""The method registry: every hypergrad hypergradient method the benchmarks tim
 A :class:`Method` turns a :class:`~benchmarks.problems.ProblemCase` and an iteration budget
 :math:`K` into a zero-argument callable that computes the hypergradient, so that the timed call
 contains only the hypergradient (the inner solution is computed once, outside the timer). Every
-concrete solver exported by :mod:`hypergrad` must appear here (``tests/test_benchmarks_smoke.py``
-checks it), so a new solver is one file, one export and one line below.
+solver in the library's registry (:func:`hypergrad.registered_solvers`) appears here automatically,
+configured by its registry factory for the case's spectrum and budget (``tests/test_registry.py``
+checks that a new registry line reaches this table).
 
 Budgets: ``K`` is the solver's ``max_steps`` (one HVP per step for CG/Neumann, one VJP of the
 inner step for FixedPoint, one differentiated inner step for unrolling). Tolerances are off
@@ -13,6 +14,7 @@ inner step for FixedPoint, one differentiated inner step for unrolling). Toleran
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ class RunResult:
     residual_norm: float | None
     status: str
     x: Any = None
+    setup_matvecs: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class Method:
 
 
 def _result(grad: dict[str, Tensor], sol: hypergrad.Solution) -> RunResult:
-    return RunResult(grad, sol.num_matvecs, sol.num_steps, sol.residual_norm, sol.status.value, sol.x)
+    setup = int(sol.stats.get("setup_matvecs", 0))
+    return RunResult(grad, sol.num_matvecs, sol.num_steps, sol.residual_norm, sol.status.value, sol.x, setup)
 
 
 def _implicit(case: ProblemCase, solver: Any, mode: str, x0: Any) -> Callable[[], RunResult]:
@@ -137,14 +141,28 @@ def _unrolled(case: ProblemCase, budget: int) -> Callable[[], RunResult]:
     return run
 
 
-def _neumann(k: int, case: ProblemCase) -> hypergrad.Neumann:
-    return hypergrad.Neumann(max_steps=k, alpha=1.0 / case.lambda_max)
+def _snake(name: str) -> str:
+    """``FixedPoint`` -> ``fixed_point``, ``MINRES`` -> ``minres``, ``RecycledLanczos`` -> ``recycled_lanczos``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
+def _registered(spec: hypergrad.SolverSpec) -> Method:
+    """The benchmark entry of a registered solver: built through its registry factory."""
+
+    def solver(k: int, case: ProblemCase) -> hypergrad.AbstractLinearSolver:
+        info = hypergrad.SystemInfo(case.lambda_min, case.lambda_max, case.num_params, rtol=0.0, max_steps=k)
+        return spec.build(info)
+
+    kind = "fixed_point" if "unit_step" in spec.tags else "implicit"
+    return Method(_snake(spec.name), kind, solver, uses_budget="iterative" in spec.tags, solver_class=spec.load())
+
+
+# Every registered solver (hypergrad.registered_solvers(): the library's one registry), plus the
+# benchmark-only variants: CG on the cached reverse graph, and unrolled differentiation.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("cg", "implicit", lambda k, c: hypergrad.CG(max_steps=k), solver_class=hypergrad.CG),
+        *(_registered(spec) for spec in hypergrad.registered_solvers()),
         Method(
             "cg_cached",
             "implicit",
@@ -152,22 +170,7 @@ METHODS: dict[str, Method] = {
             hvp_mode="rev_rev_cached",
             solver_class=hypergrad.CG,
         ),
-        Method("neumann", "implicit", _neumann, solver_class=hypergrad.Neumann),
-        Method(
-            "fixed_point",
-            "fixed_point",
-            lambda k, c: hypergrad.FixedPoint(max_steps=k, rtol=0.0),
-            solver_class=hypergrad.FixedPoint,
-        ),
         Method("unrolled", "unrolled"),
-        Method("dense", "implicit", lambda k, c: hypergrad.Dense(), uses_budget=False, solver_class=hypergrad.Dense),
-        Method(
-            "identity",
-            "implicit",
-            lambda k, c: hypergrad.Identity(),
-            uses_budget=False,
-            solver_class=hypergrad.Identity,
-        ),
     ]
 }
 

@@ -28,3 +28,14 @@ napoleon_numpy_docstring = False
 html_theme = "alabaster"
 suppress_warnings = ["myst.header"]
 nitpicky = False
+
+
+def _registered_solvers(app, docname, source):
+    """Expand ``<!-- registered-solvers -->`` into one autodoc block per registered solver."""
+    from hypergrad.solvers._registry import api_markdown
+
+    source[0] = source[0].replace("<!-- registered-solvers -->", api_markdown())
+
+
+def setup(app):
+    app.connect("source-read", _registered_solvers)

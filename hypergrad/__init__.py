@@ -3,6 +3,8 @@
 The public API is what this module re-exports; everything else is private.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import distributed as distributed
 from . import solvers as solvers
 from . import tree as tree
@@ -10,6 +12,7 @@ from ._typing import BilevelLoss as BilevelLoss
 from ._typing import FixedPointMap as FixedPointMap
 from ._typing import MatVec as MatVec
 from ._typing import TensorTree as TensorTree
+from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import get_rng_state as get_rng_state
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
@@ -52,16 +55,17 @@ from .records import SolveFailedWarning as SolveFailedWarning
 from .records import SolveInfo as SolveInfo
 from .records import StepCallback as StepCallback
 from .records import StepRecord as StepRecord
-from .solvers import CG as CG
 from .solvers import AbstractLinearSolver as AbstractLinearSolver
-from .solvers import Dense as Dense
-from .solvers import FixedPoint as FixedPoint
-from .solvers import Identity as Identity
-from .solvers import Neumann as Neumann
+from .solvers import AbstractPreconditioner as AbstractPreconditioner
+from .solvers import HutchinsonDiagonal as HutchinsonDiagonal
+from .solvers import Nystrom as Nystrom
 from .solvers import Solution as Solution
 from .solvers import SolverError as SolverError
+from .solvers import SolverSpec as SolverSpec
 from .solvers import Status as Status
+from .solvers import SystemInfo as SystemInfo
 from .solvers import materialize as materialize
+from .solvers import registered_solvers as registered_solvers
 from .tree import tree_add as tree_add
 from .tree import tree_axpy as tree_axpy
 from .tree import tree_cast as tree_cast
@@ -71,6 +75,9 @@ from .tree import tree_scale as tree_scale
 from .tree import tree_sub as tree_sub
 from .tree import tree_vdot as tree_vdot
 from .tree import tree_zeros_like as tree_zeros_like
+
+# Every registered solver class, re-exported from hypergrad.solvers (one registry entry, no import line).
+globals().update({_s.name: getattr(solvers, _s.name) for _s in registered_solvers()})
 
 __version__ = "0.1.0"
 
@@ -109,11 +116,13 @@ __all__ = [
     "Solution",
     "SolverError",
     "Status",
-    "CG",
-    "Dense",
-    "FixedPoint",
-    "Identity",
-    "Neumann",
+    *(_s.name for _s in registered_solvers()),  # every registered solver (hypergrad/solvers/_registry.py)
+    "AbstractPreconditioner",
+    "HutchinsonDiagonal",
+    "Nystrom",
+    "SolverSpec",
+    "SystemInfo",
+    "registered_solvers",
     # modules
     "stateless",
     "module_params",
@@ -131,6 +140,7 @@ __all__ = [
     # training loops (BilevelProblem layer)
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointError",
     "MetricsLogger",
     "ProgressHook",
     "SolveInfo",
@@ -151,3 +161,7 @@ __all__ = [
     "LocalReduction",
     "DataParallelMean",
 ]
+
+if TYPE_CHECKING:  # the registered solver classes are set at import time; type checkers see Any
+
+    def __getattr__(name: str) -> Any: ...

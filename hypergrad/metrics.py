@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import IO, Any, Iterable, Mapping
 
 from .records import StepRecord
 
@@ -67,7 +67,7 @@ class MetricsLogger:
         self.csv_path = self.log_dir / "metrics.csv" if csv else None
         self.jsonl_path = self.log_dir / "metrics.jsonl" if jsonl else None
         self._columns: list[str] = ["step"]
-        self._csv_file = None
+        self._csv_file: IO[str] | None = None
         if self.csv_path is not None:
             if self.csv_path.exists() and self.csv_path.stat().st_size > 0:
                 with open(self.csv_path, newline="") as f:
@@ -161,12 +161,17 @@ class MetricsLogger:
         self.close()
 
     def _write_csv_row(self, row: Mapping[str, Any], *, header: bool = False) -> None:
-        writer = _csv.writer(self._csv_file)
+        csv_file = self._csv_file
+        if csv_file is None:  # only called when CSV output is on
+            raise RuntimeError("MetricsLogger: CSV output is off; this is a bug in hypergrad")
+        writer = _csv.writer(csv_file)
         writer.writerow(self._columns if header else [_csv_cell(row.get(c)) for c in self._columns])
-        self._csv_file.flush()
+        csv_file.flush()
 
     def _widen_csv(self, new_columns: Iterable[str]) -> None:
         """Rewrite the CSV with a wider header; the rewrite is atomic (temp file + os.replace)."""
+        if self._csv_file is None or self.csv_path is None:
+            raise RuntimeError("MetricsLogger: CSV output is off; this is a bug in hypergrad")
         self._csv_file.close()
         with open(self.csv_path, newline="") as f:
             rows = list(_csv.reader(f))[1:]

@@ -9,7 +9,7 @@ host-device synchronisation, and it is the caller's choice.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, cast
 
 import torch
 from torch import Tensor
@@ -42,7 +42,8 @@ def tree_map(fn: Callable[..., Tensor], tree: TreeOrTensor, *rest: TreeOrTensor)
     Args:
         fn: ``fn(leaf, *other_leaves) -> Tensor``.
         tree: a dict of tensors or a single tensor.
-        *rest: further trees keyed like ``tree`` (their leaves are passed to ``fn`` in order).
+        *rest: further trees keyed like ``tree`` (their leaves are passed to ``fn`` in order); a
+            tree with other keys, or a dict where ``tree`` is a tensor, is a ``ValueError``/``TypeError``.
 
     Returns:
         A new tree keyed like ``tree`` (a tensor if ``tree`` is one).
@@ -53,8 +54,15 @@ def tree_map(fn: Callable[..., Tensor], tree: TreeOrTensor, *rest: TreeOrTensor)
         tensor([-1., -1.])
     """
     if isinstance(tree, Tensor):
+        for i, r in enumerate(rest):
+            if not isinstance(r, Tensor):
+                raise TypeError(f"tree_map: `rest[{i}]` must be a Tensor like `tree`, got {type(r).__name__}.")
         return fn(tree, *rest)
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+    _check_tree("tree_map", "tree", tree)
+    for i, r in enumerate(rest):
+        _check_keys("tree_map", f"rest[{i}]", r, "tree", tree)
+    others = [cast(Mapping[str, Tensor], r) for r in rest]
+    return {k: fn(v, *(r[k] for r in others)) for k, v in tree.items()}
 
 
 def tree_add(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
@@ -62,17 +70,21 @@ def tree_add(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
 
     Args:
         a: a tree (or tensor).
-        b: a tree keyed like ``a``, leaves broadcastable to ``a``'s.
+        b: a tree with the keys, shapes and dtypes of ``a`` (no broadcasting).
 
     Returns:
         A new tree keyed like ``a``.
+
+    Raises:
+        TypeError: one is a tensor and the other a dict, or a leaf is not a tensor.
+        ValueError: keys, shapes, dtypes or devices differ; the message names the leaf.
 
     Example:
         >>> import torch
         >>> tree_add({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
         tensor([2., 2.])
     """
-    return tree_map(torch.add, a, b)
+    return _combine("tree_add", torch.add, a, "a", b, "b")
 
 
 def tree_sub(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
@@ -80,17 +92,21 @@ def tree_sub(a: TreeOrTensor, b: TreeOrTensor) -> TreeOrTensor:
 
     Args:
         a: a tree (or tensor).
-        b: a tree keyed like ``a``, leaves broadcastable to ``a``'s.
+        b: a tree with the keys, shapes and dtypes of ``a`` (no broadcasting).
 
     Returns:
         A new tree keyed like ``a``.
+
+    Raises:
+        TypeError: one is a tensor and the other a dict, or a leaf is not a tensor.
+        ValueError: keys, shapes, dtypes or devices differ; the message names the leaf.
 
     Example:
         >>> import torch
         >>> tree_sub({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
         tensor([0., 0.])
     """
-    return tree_map(torch.sub, a, b)
+    return _combine("tree_sub", torch.sub, a, "a", b, "b")
 
 
 def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
@@ -98,7 +114,8 @@ def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
 
     Args:
         a: a tree (or tensor).
-        s: a Python number or a 0-dim tensor (cast to each leaf's dtype).
+        s: a Python number or a one-element tensor (cast to each leaf's dtype); a tensor with more
+            elements is refused (it would broadcast).
 
     Returns:
         A new tree keyed like ``a``.
@@ -108,6 +125,7 @@ def tree_scale(a: TreeOrTensor, s: float | Tensor) -> TreeOrTensor:
         >>> tree_scale({"w": torch.ones(2)}, torch.tensor(3.0))["w"]
         tensor([3., 3.])
     """
+    _check_scalar("tree_scale", "s", s)
     if isinstance(s, Tensor):
         return tree_map(lambda x: x * s.to(x.dtype), a)
     return tree_map(lambda x: x * s, a)
@@ -117,21 +135,28 @@ def tree_axpy(alpha: float | Tensor, x: TreeOrTensor, y: TreeOrTensor) -> TreeOr
     """Leaf-wise ``alpha * x + y``; ``alpha`` may be a 0-dim tensor (no host sync).
 
     Args:
-        alpha: a Python number or a 0-dim tensor.
+        alpha: a Python number or a one-element tensor.
         x: a tree (or tensor).
-        y: a tree keyed and shaped like ``x``.
+        y: a tree with the keys, shapes and dtypes of ``x`` (no broadcasting).
 
     Returns:
         A new tree keyed like ``x``.
+
+    Raises:
+        TypeError: ``alpha`` is not a number or one-element tensor; one tree is a tensor and the
+            other a dict; a leaf is not a tensor.
+        ValueError: keys, shapes, dtypes or devices differ; the message names the leaf.
 
     Example:
         >>> import torch
         >>> tree_axpy(2.0, {"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
         tensor([3., 3.])
     """
+    _check_scalar("tree_axpy", "alpha", alpha)
     if isinstance(alpha, Tensor):
-        return tree_map(lambda u, v: torch.addcmul(v, alpha.to(u.dtype), u), x, y)
-    return tree_map(lambda u, v: torch.add(v, u, alpha=alpha), x, y)
+        a = alpha.reshape(())
+        return _combine("tree_axpy", lambda u, v: torch.addcmul(v, a.to(u.dtype), u), x, "x", y, "y")
+    return _combine("tree_axpy", lambda u, v: torch.add(v, u, alpha=alpha), x, "x", y, "y")
 
 
 def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
@@ -139,25 +164,42 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
 
     Args:
         a: a non-empty tree (or tensor).
-        b: a tree keyed and shaped like ``a``.
+        b: a tree with the keys and shapes of ``a`` (dtypes may differ: they are promoted).
 
     Returns:
         A 0-dim tensor in ``a``'s dtype promoted to at least float32.
+
+    Raises:
+        TypeError: one is a tensor and the other a dict, or a leaf is not a tensor.
+        ValueError: ``a`` is empty, or keys, shapes or devices differ.
 
     Example:
         >>> import torch
         >>> tree_vdot({"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)})
         tensor(6.)
     """
-    if isinstance(a, Tensor):
-        return _dot(a, b)
-    total = None
-    for k, v in a.items():
-        term = _dot(v, b[k])
-        total = term if total is None else total + term
-    if total is None:
+    # --- FSDP2 block (helper FSDP): DTensor leaves sum their local dots and all_reduce once. ---
+    if _is_dtensor_tree(a):
+        from .fsdp.vectors import sharded_vdot
+
+        return sharded_vdot(a, b)
+    # --- end FSDP2 block ---
+    if isinstance(a, Mapping) and len(a) == 0:
         raise ValueError("tree_vdot got an empty tree `a`: pass at least one tensor.")
+    terms = _combine("tree_vdot", _dot, a, "a", b, "b", same_dtype=False)
+    if isinstance(terms, Tensor):
+        return terms
+    total = None
+    for term in terms.values():
+        total = term if total is None else total + term
+    assert total is not None  # a is non-empty
     return total
+
+
+def _is_dtensor_tree(a: TreeOrTensor) -> bool:
+    # FSDP2 block (helper FSDP): a DTensor leaf means the tree is sharded over ranks.
+    leaf = a if isinstance(a, Tensor) else next(iter(a.values()), None)
+    return leaf is not None and type(leaf).__name__ == "DTensor"
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
@@ -247,8 +289,10 @@ def tree_ravel(a: TreeOrTensor) -> tuple[Tensor, Callable[[Tensor], TreeOrTensor
         a: a tree (or tensor); leaves are concatenated in key order.
 
     Returns:
-        ``(flat, unravel)``: a 1-D tensor of length :math:`\\sum_k` ``a[k].numel()`` and a function
-        mapping such a vector back to a tree shaped like ``a``.
+        ``(flat, unravel)``: a 1-D tensor of length :math:`\\sum_k` ``a[k].numel()`` (leaves of
+        different dtypes are promoted to a common one) and a function mapping such a vector back to
+        a tree shaped like ``a``, each leaf in its original dtype; a vector of another length or
+        shape is a ``ValueError``.
 
     Example:
         >>> import torch
@@ -259,32 +303,57 @@ def tree_ravel(a: TreeOrTensor) -> tuple[Tensor, Callable[[Tensor], TreeOrTensor
         torch.Size([1, 2])
     """
     if isinstance(a, Tensor):
-        shape = a.shape
-        return a.reshape(-1), lambda v: v.reshape(shape)
+        shape, n = a.shape, a.numel()
+
+        def unravel_tensor(v: Tensor) -> Tensor:
+            _check_flat(v, n)
+            return v.reshape(shape)
+
+        return a.reshape(-1), unravel_tensor
+    _check_tree("tree_ravel", "a", a)
     keys = list(a.keys())
     shapes = [a[k].shape for k in keys]
     sizes = [a[k].numel() for k in keys]
+    dtypes = [a[k].dtype for k in keys]
+    mixed = len(set(dtypes)) > 1
     flat = torch.cat([a[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
+    total = sum(sizes)
 
     def unravel(v: Tensor) -> dict[str, Tensor]:
+        _check_flat(v, total)
         parts = torch.split(v, sizes)
+        if mixed:  # torch.cat promoted the leaves; give each its own dtype back
+            return {k: p.reshape(s).to(d) for k, p, s, d in zip(keys, parts, shapes, dtypes)}
         return {k: p.reshape(s) for k, p, s in zip(keys, parts, shapes)}
 
     return flat, unravel
 
 
-def tree_check_like(name: str, tree: object, reference: TreeOrTensor, ref_name: str) -> None:
-    """Raise a clear error unless ``tree`` has the keys and shapes of ``reference``.
+def tree_check_like(
+    name: str,
+    tree: object,
+    reference: TreeOrTensor,
+    ref_name: str,
+    *,
+    dtype: bool = False,
+    device: bool = True,
+    owner: str | None = None,
+) -> None:
+    """Raise a clear error unless ``tree`` has the keys and shapes (and devices, dtypes) of ``reference``.
 
     Args:
         name: how ``tree`` is called in the error message (e.g. ``"x0"``).
         tree: the tree to check.
         reference: the tree (or tensor) ``tree`` must match.
         ref_name: how ``reference`` is called in the error message.
+        dtype: also require the same dtype leaf by leaf.
+        device: also require the same device leaf by leaf (default).
+        owner: prefix of the message (e.g. ``"CG"``).
 
     Raises:
         TypeError: ``tree`` is not a dict of tensors (or not a tensor, for a tensor ``reference``).
-        ValueError: keys or shapes differ; the message lists the missing/unexpected keys or shapes.
+        ValueError: keys, shapes, dtypes or devices differ; the message lists the missing/unexpected
+            keys or the first leaf that differs.
 
     Example:
         >>> import torch
@@ -293,27 +362,122 @@ def tree_check_like(name: str, tree: object, reference: TreeOrTensor, ref_name: 
         ...
         ValueError: `x0['w']` has shape (3,) but `b['w']` has shape (2,); they must match.
     """
+    prefix = f"{owner}: " if owner else ""
     if isinstance(reference, Tensor):
         if not isinstance(tree, Tensor):
-            raise TypeError(f"`{name}` must be a Tensor like `{ref_name}`, got {type(tree).__name__}.")
-        if tree.shape != reference.shape:
-            raise ValueError(
-                f"`{name}` has shape {tuple(tree.shape)} but `{ref_name}` has shape "
-                f"{tuple(reference.shape)}; they must match."
-            )
+            raise TypeError(f"{prefix}`{name}` must be a Tensor like `{ref_name}`, got {type(tree).__name__}.")
+        _check_leaf(prefix, f"`{name}`", tree, f"`{ref_name}`", reference, dtype=dtype, device=device)
         return
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"`{name}` must be a dict of tensors keyed like `{ref_name}`, got {type(tree).__name__}.")
-    if set(tree.keys()) != set(reference.keys()):
-        missing = sorted(set(reference) - set(tree))
-        extra = sorted(set(tree) - set(reference))
-        raise ValueError(f"`{name}` must have the same keys as `{ref_name}`: missing {missing}, unexpected {extra}.")
+    if isinstance(tree, Tensor) or not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{prefix}`{name}` must be a dict of tensors keyed like `{ref_name}`, got {type(tree).__name__}."
+        )
+    if tree.keys() != reference.keys():
+        missing = sorted(map(str, set(reference) - set(tree)))
+        extra = sorted(map(str, set(tree) - set(reference)))
+        raise ValueError(
+            f"{prefix}`{name}` must have the same keys as `{ref_name}`: missing {missing}, unexpected {extra}."
+        )
     for k, ref in reference.items():
         v = tree[k]
         if not isinstance(v, Tensor):
-            raise TypeError(f"`{name}[{k!r}]` must be a Tensor, got {type(v).__name__}.")
-        if v.shape != ref.shape:
+            raise TypeError(f"{prefix}`{name}[{k!r}]` must be a Tensor, got {type(v).__name__}.")
+        _check_leaf(prefix, f"`{name}[{k!r}]`", v, f"`{ref_name}[{k!r}]`", ref, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Private checks. The arithmetic ones run on every call of a solver loop, so they compare keys,
+# shapes and dtypes only (Python-level comparisons, no device work); devices are diagnosed only
+# when torch itself fails.
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_leaf(prefix: str, name: str, v: Tensor, ref_name: str, ref: Tensor, *, dtype: bool, device: bool) -> None:
+    if v.shape != ref.shape:
+        raise ValueError(
+            f"{prefix}{name} has shape {tuple(v.shape)} but {ref_name} has shape {tuple(ref.shape)}; they must match."
+        )
+    if dtype and v.dtype != ref.dtype:
+        raise ValueError(
+            f"{prefix}{name} has dtype {v.dtype} but {ref_name} has dtype {ref.dtype}; they must match "
+            f"(cast it with .to({ref.dtype}))."
+        )
+    if device and v.device != ref.device:
+        raise ValueError(
+            f"{prefix}{name} is on {v.device} but {ref_name} is on {ref.device}; move it with .to({str(ref.device)!r})."
+        )
+
+
+def _check_tree(fn: str, name: str, tree: object) -> None:
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{fn}: `{name}` must be a Tensor or a dict of tensors, got {type(tree).__name__}.")
+    for k, v in tree.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{fn}: `{name}[{k!r}]` must be a Tensor, got {type(v).__name__}.")
+
+
+def _check_keys(fn: str, name: str, tree: object, ref_name: str, ref: Mapping[str, Tensor]) -> None:
+    if isinstance(tree, Tensor) or not isinstance(tree, Mapping):
+        raise TypeError(f"{fn}: `{name}` must be a dict of tensors keyed like `{ref_name}`, got {type(tree).__name__}.")
+    if tree.keys() != ref.keys():
+        missing = sorted(map(str, set(ref) - set(tree)))
+        extra = sorted(map(str, set(tree) - set(ref)))
+        raise ValueError(
+            f"{fn}: `{name}` must have the same keys as `{ref_name}`: missing {missing}, unexpected {extra}."
+        )
+
+
+def _check_scalar(fn: str, name: str, s: object) -> None:
+    if isinstance(s, Tensor):
+        if s.numel() != 1:
             raise ValueError(
-                f"`{name}[{k!r}]` has shape {tuple(v.shape)} but `{ref_name}[{k!r}]` has shape "
-                f"{tuple(ref.shape)}; they must match."
+                f"{fn}: `{name}` must be a number or a one-element tensor, got a tensor of shape {tuple(s.shape)} "
+                "(it would broadcast over every leaf); use tree_map for leaf-wise products."
             )
+    elif isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise TypeError(f"{fn}: `{name}` must be a number or a one-element tensor, got {type(s).__name__}.")
+
+
+def _combine(
+    fn: str,
+    op: Callable[[Tensor, Tensor], Tensor],
+    a: object,
+    a_name: str,
+    b: object,
+    b_name: str,
+    *,
+    same_dtype: bool = True,
+) -> TreeOrTensor:
+    """``op`` leaf-wise on two trees that must have the same keys, shapes (and dtypes)."""
+    if isinstance(a, Tensor):
+        if not isinstance(b, Tensor):
+            raise TypeError(f"{fn}: `{b_name}` must be a Tensor like `{a_name}`, got {type(b).__name__}.")
+        pairs: list[tuple[str | None, Tensor, Tensor]] = [(None, a, b)]
+    else:
+        _check_tree(fn, a_name, a)
+        am = cast(Mapping[str, Tensor], a)
+        _check_keys(fn, b_name, b, a_name, am)
+        bm = cast(Mapping[str, Tensor], b)
+        pairs = [(k, u, bm[k]) for k, u in am.items()]
+    for k, u, v in pairs:
+        if not isinstance(v, Tensor) or v.shape != u.shape or (same_dtype and v.dtype != u.dtype):
+            where = "" if k is None else f"[{k!r}]"
+            if not isinstance(v, Tensor):
+                raise TypeError(f"{fn}: `{b_name}{where}` must be a Tensor, got {type(v).__name__}.")
+            _check_leaf(f"{fn}: ", f"`{b_name}{where}`", v, f"`{a_name}{where}`", u, dtype=same_dtype, device=False)
+    try:
+        if isinstance(a, Tensor):
+            return op(a, cast(Tensor, b))
+        return {cast(str, k): op(u, v) for k, u, v in pairs}
+    except RuntimeError:
+        for k, u, v in pairs:  # say which leaf is on which device instead of torch's generic message
+            where = "" if k is None else f"[{k!r}]"
+            _check_leaf(f"{fn}: ", f"`{b_name}{where}`", v, f"`{a_name}{where}`", u, dtype=False, device=True)
+        raise
+
+
+def _check_flat(v: object, n: int) -> None:
+    if not isinstance(v, Tensor):
+        raise TypeError(f"unravel: `v` must be a 1-D Tensor of length {n}, got {type(v).__name__}.")
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"unravel: `v` must be a 1-D Tensor of length {n}, got shape {tuple(v.shape)}.")

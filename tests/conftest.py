@@ -1,4 +1,4 @@
-"""Shared fixtures: seeding and the device list (CUDA is tested where present, skipped elsewhere)."""
+"""Shared fixtures: seeding, global-state hygiene and the device list (CUDA tested where present)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,25 @@ DEVICES = [
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Give every test the same torch globals and put them back afterwards.
+
+    Application code under test may legitimately set thread counts (``--threads``), the default
+    dtype or grad mode; a test that changes them must not change what the next test sees.
+    """
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture(params=DEVICES)

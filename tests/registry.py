@@ -1,13 +1,16 @@
 """What the generic tests run over: the solver registry and the bad-input registry.
 
-Adding a solver to hypergrad is one file in ``hypergrad/solvers/``, one export line and ONE entry
-in :data:`SOLVERS` below; the contract, reference and hypergradient tests then cover it.
+Adding a solver to hypergrad is one file in ``hypergrad/solvers/`` and ONE entry in the library's
+registry, ``hypergrad/solvers/_registry.py``; :data:`SOLVERS` below is built from it, so the
+contract, reference and hypergradient tests then cover it (``tests/test_registry.py`` proves it).
 
-Tags:
+Tags (set in the registry entry):
 
-* ``"symmetric_only"``: assumes a symmetric positive definite operator (CG).
+* ``"symmetric_only"``: assumes a symmetric operator (CG, PCG, MINRES, RecycledLanczos).
+* ``"indefinite"``: also solves symmetric indefinite systems (MINRES).
 * ``"approximate"``: makes no accuracy claim (Identity): only in the contract tests.
-* ``"iterative"``: has ``max_steps`` and a tolerance; warm start and fixed budgets apply.
+* ``"iterative"``: has ``max_steps`` and a tolerance; warm start and fixed budgets apply (the
+  matvec counts exclude ``stats["setup_matvecs"]``, spent on a preconditioner or recycled basis).
 * ``"unit_step"``: Richardson with step 1 (FixedPoint); converges only on operators with spectrum
   in ``(0, 2)``, such as ``I - d(phi)/d(theta)^T`` of a contraction. The accuracy tests give it
   such operators (fixed-point form, or a system scaled into ``(0, 2)``).
@@ -15,7 +18,6 @@ Tags:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,42 +25,11 @@ from typing import Any, Callable
 import torch
 
 import hypergrad
-from hypergrad import CG, Damped, Dense, FixedPoint, Identity, Neumann
+from hypergrad import CG, Damped, Dense, FixedPoint, Neumann
 
-
-@dataclass(frozen=True)
-class ProblemInfo:
-    """What a factory may know about the SPD (or contraction) system it will solve.
-
-    ``lambda_min``/``lambda_max`` bound the operator's spectrum; ``rtol`` is the requested relative
-    tolerance (0: fixed budget of ``max_steps``); ``max_steps=None`` lets the factory pick enough.
-    """
-
-    lambda_min: float
-    lambda_max: float
-    size: int
-    rtol: float = 1e-12
-    max_steps: int | None = None
-
-
-def richardson_steps(info: ProblemInfo, alpha: float) -> int:
-    """Steps for Richardson with step ``alpha`` to shrink the residual by ``rtol`` (with margin)."""
-    q = max(abs(1 - alpha * info.lambda_min), abs(1 - alpha * info.lambda_max))
-    target = info.rtol if info.rtol > 0 else 1e-12
-    return int(math.ceil(math.log(target) / math.log(q))) + 20
-
-
-def _cg(info: ProblemInfo) -> CG:
-    return CG(max_steps=info.max_steps or 3 * info.size + 10, rtol=info.rtol)
-
-
-def _neumann(info: ProblemInfo) -> Neumann:
-    alpha = 1.0 / info.lambda_max
-    return Neumann(max_steps=info.max_steps or richardson_steps(info, alpha), alpha=alpha, rtol=info.rtol)
-
-
-def _fixed_point(info: ProblemInfo) -> FixedPoint:
-    return FixedPoint(max_steps=info.max_steps or richardson_steps(info, 1.0), rtol=info.rtol)
+#: What a factory may know about the SPD (or contraction) system it will solve: the library's own
+#: :class:`hypergrad.SystemInfo` (``lambda_min``/``lambda_max``, ``size``, ``rtol``, ``max_steps``).
+ProblemInfo = hypergrad.SystemInfo
 
 
 @dataclass(frozen=True)
@@ -73,13 +44,9 @@ class SolverEntry:
         return self.name
 
 
-SOLVERS: list[SolverEntry] = [
-    SolverEntry("CG", _cg, frozenset({"symmetric_only", "iterative"})),
-    SolverEntry("Neumann", _neumann, frozenset({"iterative"})),
-    SolverEntry("FixedPoint", _fixed_point, frozenset({"iterative", "unit_step"})),
-    SolverEntry("Dense", lambda info: Dense(), frozenset()),
-    SolverEntry("Identity", lambda info: Identity(), frozenset({"approximate"})),
-]
+# Every registered solver, from the library's single registry (hypergrad/solvers/_registry.py):
+# adding a solver there puts it under every generic test below; nothing to add in this file.
+SOLVERS: list[SolverEntry] = [SolverEntry(s.name, s.build, s.tags) for s in hypergrad.registered_solvers()]
 
 
 def solvers_with(*, include: set[str] = frozenset(), exclude: set[str] = frozenset()) -> list[SolverEntry]:

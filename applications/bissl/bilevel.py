@@ -24,7 +24,8 @@ with :math:`H = \nabla^2_{\theta_P} L_P` (backbone only) on the Hessian batch, a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,29 +35,44 @@ from hypergrad import BilevelProblem, Level, Proximal
 
 from .config import BiSSLConfig
 
-__all__ = ["HESSIAN", "inner_loss", "make_outer_loss", "build_problem"]
+__all__ = ["PretextBatch", "local_negatives", "inner_loss", "make_outer_loss", "build_problem"]
 
-#: Tag a pretext batch ``(x1, x2, HESSIAN)`` to mark it as the Hessian batch: its SimCLR loss then
-#: uses this rank's negatives only (no ``all_gather`` inside ``torch.func`` transforms).
-HESSIAN = "hessian"
+
+class PretextBatch(NamedTuple):
+    """Two augmented views of a pretext batch, and whether SimCLR's negatives stay on this rank.
+
+    ``local_negatives=True`` marks the Hessian batch: inside ``torch.func`` transforms the loss
+    cannot ``all_gather``, so each rank uses its own negatives there (plain ``(x1, x2)`` tuples are
+    ordinary batches with negatives gathered over all ranks).
+    """
+
+    x1: Tensor
+    x2: Tensor
+    local_negatives: bool = False
+
+
+@contextmanager
+def local_negatives(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Within the block, ``model.loss_fn`` (SimCLR) uses this rank's negatives only (no-op for BYOL)."""
+    loss_fn = getattr(model, "loss_fn", None)
+    if not on or not hasattr(loss_fn, "gather"):
+        yield
+        return
+    gather, loss_fn.gather = loss_fn.gather, False
+    try:
+        yield
+    finally:
+        loss_fn.gather = gather
 
 
 def inner_loss(inner: nn.Module, outer: nn.Module, batch: Any) -> Tensor:
-    r""":math:`L_P`: the SSL model's pretext loss on a two-view batch ``(x1, x2[, HESSIAN])``.
+    r""":math:`L_P`: the SSL model's pretext loss on a two-view batch (a :class:`PretextBatch` or ``(x1, x2)``).
 
     ``outer`` is unused: the lower level sees :math:`\theta_D` only through the proximal term,
     which :class:`hypergrad.Proximal` adds.
     """
-    x1, x2 = batch[0], batch[1]
-    loss_fn = getattr(inner, "loss_fn", None)
-    local = len(batch) > 2 and batch[2] == HESSIAN and hasattr(loss_fn, "gather")
-    if not local:
-        return inner(x1, x2)
-    gather, loss_fn.gather = loss_fn.gather, False
-    try:
-        return inner(x1, x2)
-    finally:
-        loss_fn.gather = gather
+    with local_negatives(inner, bool(getattr(batch, "local_negatives", False))):
+        return inner(batch[0], batch[1])
 
 
 def make_outer_loss(gamma: float) -> Callable[[nn.Module, nn.Module, Any], Tensor]:
@@ -94,6 +110,8 @@ def build_problem(
     lower_sched: Any = None,
     upper_sched: Any = None,
     callbacks: tuple = (),
+    lam: float | None = None,
+    damping: float | None = None,
 ) -> BilevelProblem:
     r"""The BiSSL :class:`hypergrad.BilevelProblem`.
 
@@ -107,10 +125,11 @@ def build_problem(
         lower_opt, upper_opt: optimisers over ``ssl``'s trainable parameters and over
             ``upper`` + ``head``; ``lower_sched``, ``upper_sched`` their schedulers.
         callbacks: passed to :class:`hypergrad.BilevelProblem`.
+        lam, damping: override ``cfg.lam`` / ``cfg.damping`` (adaptive settings of the stage).
     """
     method = Proximal(
-        lam=cfg.lam,
-        damping=cfg.damping,
+        lam=lam if lam is not None else cfg.lam,
+        damping=damping if damping is not None else cfg.damping,
         coupling={"backbone": "backbone"},
         solver=cfg.solver,
         hvp_mode=cfg.hvp_mode,

@@ -7,6 +7,15 @@ scripts where one exists: ``--pretext-type`` (``ssl_pre-training.py``), ``--d-ds
 ``--use-hpo`` (``fine-tuning.py``). Run any command under ``torchrun --nproc-per-node N`` for
 data parallelism (gloo on CPU, NCCL on CUDA).
 
+User mistakes (bad values, missing or foreign files, a device that is not there) end with one
+``argparse``-style line on stderr and exit code 2; ``--debug`` (before the command) shows the
+traceback instead. A stage that fails at run time (every upper step skipped) exits with code 1 and
+its reason.
+
+Other modules extend the CLI through :data:`EXTENSIONS` (functions called with the sub-parsers
+object after the built-in commands are added) and :data:`FLAG_TABLES` (the flag tables that
+:func:`add_flags` turns into options).
+
 Examples::
 
     python -m applications.bissl run --preset demo
@@ -27,10 +36,20 @@ import torch
 from hypergrad import CG, Dense, Identity, Neumann
 
 from . import distributed as dist_utils
+from .argtypes import finite_float, nonnegative_int, positive_int
 from .config import PRESETS, PipelineConfig, get_preset
 from .pretrain import add_pretrain_args
+from .solvers import LayerwiseCG
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = [
+    "EXTENSIONS",
+    "FLAG_TABLES",
+    "add_flags",
+    "build_parser",
+    "check_environment",
+    "config_from_args",
+    "main",
+]
 
 # flag -> (dotted config field, type, help)
 _COMMON = {
@@ -38,52 +57,82 @@ _COMMON = {
     "--out-dir": ("out_dir", str, "results folder; each preset writes to <out-dir>/<preset>"),
     "--log-dir": ("log_dir", str, "metrics folder (default <out-dir>/<preset>/logs)"),
     "--device": ("device", str, "cpu, cuda or cuda:N"),
-    "--num-workers": ("num_workers", int, "DataLoader worker processes"),
-    "--seed": ("seed", int, "base random seed"),
-    "--threads": ("threads", int, "torch CPU threads (default: the preset's; torch's own when unset)"),
+    "--num-workers": ("num_workers", nonnegative_int, "DataLoader worker processes"),
+    "--seed": ("seed", nonnegative_int, "base random seed"),
+    "--threads": ("threads", positive_int, "torch CPU threads (default: the preset's; torch's own when unset)"),
     "--arch": ("model.arch", str, "resnet18 or resnet50"),
-    "--width": ("model.width", int, "ResNet base width (64 = torchvision)"),
-    "--image-size": ("model.image_size", int, "input image side in pixels"),
+    "--width": ("model.width", positive_int, "ResNet base width (64 = torchvision)"),
+    "--image-size": ("model.image_size", positive_int, "input image side in pixels"),
     "--p-pretext-type": ("pretrain.pretext_type", str, "pretext task of the pretrained model: simclr or byol"),
-    "--max-train-samples": ("max_train_samples", int, "cap every downstream training set (quick tests)"),
-    "--max-test-samples": ("max_test_samples", int, "evaluate on a seeded subset of this many test images"),
+    "--max-train-samples": ("max_train_samples", positive_int, "cap every downstream training set (quick tests)"),
+    "--max-test-samples": ("max_test_samples", positive_int, "evaluate on a seeded subset of this many test images"),
 }
 _BISSL = {
-    "--alternations": ("bissl.alternations", int, "number of (lower, upper) alternations (paper 500)"),
-    "--lower-steps": ("bissl.lower_steps", int, "N_L lower steps per alternation (paper 20)"),
-    "--upper-steps": ("bissl.upper_steps", int, "N_U upper steps per alternation (paper 8)"),
-    "--lam": ("bissl.lam", float, "proximal strength lambda (paper 1e-3)"),
-    "--damping": ("bissl.damping", float, "damping added to lambda in the linear system (paper 10)"),
-    "--gamma": ("bissl.gamma", float, "weight of L_D(theta_D, phi) in the upper objective (paper 1)"),
-    "--head-warmup-epochs": ("bissl.head_warmup_epochs", int, "linear-head warm-up epochs (paper 20)"),
-    "--upper-lr": ("bissl.upper_lr", float, "upper SGD lr (default: the authors' per-dataset value)"),
-    "--upper-wd": ("bissl.upper_wd", float, "upper SGD weight decay (default: per-dataset value)"),
-    "--lower-lr": ("bissl.lower_lr", float, "lower LARS lr (paper 1.0)"),
-    "--pretext-batch": ("bissl.pretext_batch", int, "pretext batch size (paper 1024)"),
-    "--downstream-batch": ("bissl.downstream_batch", int, "downstream batch size (paper 256)"),
+    "--alternations": ("bissl.alternations", positive_int, "number of (lower, upper) alternations (paper 500)"),
+    "--lower-steps": ("bissl.lower_steps", positive_int, "N_L lower steps per alternation (paper 20)"),
+    "--upper-steps": ("bissl.upper_steps", positive_int, "N_U upper steps per alternation (paper 8)"),
+    "--lam": ("bissl.lam", finite_float, "proximal strength lambda (paper 1e-3)"),
+    "--damping": ("bissl.damping", finite_float, "damping added to lambda in the linear system (paper 10)"),
+    "--gamma": ("bissl.gamma", finite_float, "weight of L_D(theta_D, phi) in the upper objective (paper 1)"),
+    "--head-warmup-epochs": ("bissl.head_warmup_epochs", nonnegative_int, "linear-head warm-up epochs (paper 20)"),
+    "--upper-lr": ("bissl.upper_lr", finite_float, "upper SGD lr (default: the authors' per-dataset value)"),
+    "--upper-wd": ("bissl.upper_wd", finite_float, "upper SGD weight decay (default: per-dataset value)"),
+    "--lower-lr": ("bissl.lower_lr", finite_float, "lower LARS lr (paper 1.0)"),
+    "--pretext-batch": ("bissl.pretext_batch", positive_int, "pretext batch size (paper 1024)"),
+    "--downstream-batch": ("bissl.downstream_batch", positive_int, "downstream batch size (paper 256)"),
     "--hvp-mode": ("bissl.hvp_mode", str, "Hessian-vector product mode (hypergrad.HVP_MODES)"),
+    "--head-warmup-mode": (
+        "bissl.head_warmup_mode",
+        str,
+        "train (authors: frozen backbone copy in train mode, train transform) or eval",
+    ),
+    "--damping-mode": (
+        "bissl.damping_mode",
+        str,
+        "constant (paper) or adaptive (damping raised from a Lanczos estimate of H's most negative eigenvalue)",
+    ),
+    "--curvature-steps": ("bissl.curvature_steps", positive_int, "Lanczos steps of --damping-mode adaptive"),
+    "--lam-mode": ("bissl.lam_mode", str, "constant (paper) or target_share (lam chosen for --target-share)"),
+    "--target-share": (
+        "bissl.target_share",
+        finite_float,
+        "proximal share of the lower step for lam_mode target_share",
+    ),
+    "--upper-split": (
+        "bissl.upper_split",
+        str,
+        "train (authors: the stage never sees fine-tuning's validation images) or all (leaks them)",
+    ),
 }
 _FINETUNE = {
-    "--ft-epochs": ("finetune.epochs", int, "fine-tuning epochs per run (paper 400)"),
-    "--ft-batch-size": ("finetune.batch_size", int, "fine-tuning batch size (paper 256)"),
-    "--hpo-trials": ("finetune.hpo_trials", int, "random-search trials (paper 100)"),
-    "--hpo-epochs": ("finetune.hpo_epochs", int, "epochs per HPO trial (default: --ft-epochs)"),
-    "--num-runs": ("finetune.num_runs", int, "seeded runs at the chosen lr/wd (paper 10)"),
+    "--ft-epochs": ("finetune.epochs", positive_int, "fine-tuning epochs per run (paper 400)"),
+    "--ft-batch-size": ("finetune.batch_size", positive_int, "fine-tuning batch size (paper 256)"),
+    "--hpo-trials": ("finetune.hpo_trials", positive_int, "random-search trials (paper 100)"),
+    "--hpo-epochs": ("finetune.hpo_epochs", positive_int, "epochs per HPO trial (default: --ft-epochs)"),
+    "--num-runs": ("finetune.num_runs", positive_int, "seeded runs at the chosen lr/wd (paper 10)"),
 }
 _RUN = {
-    "--pretrain-epochs": ("pretrain.epochs", int, "pretext pretraining epochs"),
+    "--pretrain-epochs": ("pretrain.epochs", positive_int, "pretext pretraining epochs"),
     "--pretext-type": ("pretrain.pretext_type", str, "simclr or byol"),
     "--pretext-dataset": ("pretrain.dataset", str, "pretext (unlabelled) data set"),
 }
-SOLVERS = ("cg", "neumann", "dense", "identity")
+SOLVERS = ("cg", "layerwise_cg", "neumann", "dense", "identity")
+#: name -> flag table, for modules that extend the CLI.
+FLAG_TABLES = {"common": _COMMON, "bissl": _BISSL, "finetune": _FINETUNE, "run": _RUN}
+#: called as ``fn(subparsers)`` at the end of :func:`build_parser` (e.g. a ``--modality`` hook).
+EXTENSIONS: list[Any] = []
 
 
-def _add(sp: argparse.ArgumentParser, table: dict, title: str) -> None:
+def add_flags(sp: argparse.ArgumentParser, table: dict, title: str) -> None:
+    """Add a flag table ``{flag: (dotted config field, type, help)}`` as an argument group."""
     g = sp.add_argument_group(title)
     for flag, (dotted, typ, help_) in table.items():
         g.add_argument(
             flag, type=typ, default=None, dest=dotted.replace(".", "__"), help=help_, metavar=typ.__name__.upper()
         )
+
+
+_add = add_flags
 
 
 def _add_solver(sp: argparse.ArgumentParser) -> None:
@@ -92,7 +141,13 @@ def _add_solver(sp: argparse.ArgumentParser) -> None:
         "--solver", choices=SOLVERS, default=None, help="linear solver for (I + H/(lam+damping)) x = g (default cg)"
     )
     g.add_argument(
-        "--solver-steps", type=int, default=None, help="iterations of the solver (default 5, as the authors)"
+        "--solver-steps", type=positive_int, default=None, help="iterations of the solver (default 5, as the authors)"
+    )
+    g.add_argument(
+        "--lars-exclude-1d",
+        action="store_true",
+        default=None,
+        help="lower-level LARS exempts 1-D tensors (BatchNorm, bias); default: the authors' LARS (no filters)",
     )
     g.add_argument(
         "--warm-start", action="store_true", default=None, help="start each solve from the previous solution"
@@ -114,8 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Presets: paper (authors' protocol, GPUs + data sets on disk), mini (small CPU replication on "
         "Fashion-MNIST), demo (minutes on 2 CPU cores, offline), tiny (seconds, tests).",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run}")
     add_pretrain_args(sub)
+    _add_bissl_command(sub)
+    _add_finetune_command(sub)
+    _add_run_command(sub)
+    for extend in EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+def _add_bissl_command(sub: Any) -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "bissl",
@@ -134,10 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained", default=None, help="pretext checkpoint (default <out-dir>/<preset>/pretrain/pretrained.pt)"
     )
     sp.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    sp.add_argument(
+        "--arm",
+        choices=("bissl", "control"),
+        default="bissl",
+        help="bissl, or control: the same lower steps without the upper level (continued pretraining)",
+    )
     _add(sp, _COMMON, "data, output, model")
     _add(sp, _BISSL, "BiSSL stage")
     _add_solver(sp)
     sp.set_defaults(func=_cmd_bissl)
+    return sp
+
+
+def _add_finetune_command(sub: Any) -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "finetune",
@@ -149,22 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dset", required=True, help="downstream task (see bissl --d-dset)")
     sp.add_argument(
         "--backbone-origin",
-        choices=("pretext", "bissl"),
+        choices=("pretext", "control", "bissl"),
         default="bissl",
-        help="start from the pretext backbone (baseline) or the BiSSL lower backbone",
+        help="start from the pretext backbone (baseline), the control arm's or the BiSSL lower backbone",
     )
     sp.add_argument(
         "--backbone", default=None, help="backbone checkpoint (default: the stage's output under <out-dir>)"
     )
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1, help="1: random search; 0: use --lr/--wd")
-    sp.add_argument("--lr", type=float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
+    sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
     sp.add_argument(
-        "--wd", type=float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
+        "--wd", type=finite_float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
     )
-    sp.add_argument("--epochs", type=int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run")
+    sp.add_argument(
+        "--epochs", type=positive_int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run"
+    )
     _add(sp, _COMMON, "data, output, model")
     _add(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
     sp.set_defaults(func=_cmd_finetune)
+    return sp
+
+
+def _add_run_command(sub: Any) -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "run",
@@ -181,8 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sp, _BISSL, "BiSSL stage")
     _add_solver(sp)
     _add(sp, _FINETUNE, "fine-tuning protocol")
+    sp.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated arms to fine-tune: pretext (baseline), control, bissl (default: the preset's)",
+    )
     sp.set_defaults(func=_cmd_run)
-    return parser
+    return sp
 
 
 def _solver(args: Any, current: Any) -> Any:
@@ -193,6 +279,7 @@ def _solver(args: Any, current: Any) -> Any:
     steps = steps if steps is not None else 5
     return {
         "cg": lambda: CG(max_steps=steps),
+        "layerwise_cg": lambda: LayerwiseCG(max_steps=steps),
         "neumann": lambda: Neumann(max_steps=steps),
         "dense": Dense,
         "identity": Identity,
@@ -217,20 +304,35 @@ def config_from_args(args: Any) -> PipelineConfig:
     solver = _solver(args, cfg.bissl.solver)
     if solver is not cfg.bissl.solver:
         extra["solver"] = solver
-    for flag in ("warm_start", "reuse_operator"):
+    for flag in ("warm_start", "reuse_operator", "lars_exclude_1d"):
         if getattr(args, flag, None):
             extra[flag] = True
     if extra:
         cfg.bissl = dataclasses.replace(cfg.bissl, **extra)
     if getattr(args, "tasks", None):
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if getattr(args, "arms", None):
+        cfg.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+        cfg.__post_init__()
     return cfg
 
 
-def _setup(cfg: PipelineConfig) -> PipelineConfig:
+def check_environment(cfg: PipelineConfig) -> PipelineConfig:
+    """Refuse settings this machine cannot honour (device, output folder); set the thread count."""
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible on this machine; pass --device cpu.")
+    if cfg.device not in ("cpu",) and not str(cfg.device).startswith(("cuda", "mps")):
+        raise ValueError(f"--device {cfg.device!r} is not a device; pass cpu, cuda or cuda:N.")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(
+            f"--out-dir {cfg.out_dir!r} is a file, not a folder; pass a folder (it is created if missing)."
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return cfg
+
+
+_setup = check_environment
 
 
 def _cmd_bissl(args: Any) -> int:
@@ -239,7 +341,7 @@ def _cmd_bissl(args: Any) -> int:
     dist_utils.init_distributed()
     cfg = _setup(config_from_args(args))
     pre = args.pretrained or os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
-    path = run_bissl(cfg, pre, resume=not args.no_resume)
+    path = run_bissl(cfg, pre, resume=not args.no_resume, arm=args.arm)
     if dist_utils.is_main_process():
         print(path)
     return 0
@@ -253,7 +355,7 @@ def _cmd_finetune(args: Any) -> int:
     path = args.backbone or (
         os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
         if args.backbone_origin == "pretext"
-        else os.path.join(cfg.run_dir, "bissl", args.dset.replace("@", "_at"), "lower_backbone.pt")
+        else os.path.join(cfg.run_dir, args.backbone_origin, args.dset.replace("@", "_at"), "lower_backbone.pt")
     )
     if dist_utils.is_main_process():
         r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo))
@@ -273,8 +375,17 @@ def _cmd_run(args: Any) -> int:
     return 0
 
 
+#: exceptions that mean "the user asked for something impossible" (exit code 2, one line).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code.
+
+    User mistakes print ``<prog> <command>: error: <one line>`` on stderr and return 2; a stage
+    that fails at run time returns 1 with its reason; ``--debug`` re-raises both with the traceback.
+    ``--modality text`` hands the command to the language-model pipeline (applications/bissl/text).
+    """
     from .text.cli import split_modality
 
     modality, argv = split_modality(sys.argv[1:] if argv is None else list(argv))
@@ -282,8 +393,27 @@ def main(argv: list[str] | None = None) -> int:
         from .text.cli import main as text_main
 
         return text_main(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     finally:
         dist_utils.cleanup_distributed()
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename!r}"
+    return text

@@ -16,8 +16,10 @@ Presets (:func:`get_preset`):
 * ``mini`` - a faithful small-scale replication on CPU: pretext on Fashion-MNIST (train split,
   labels unused), downstream digits, Fashion-MNIST with 20 labels per class and inverted
   Fashion-MNIST with 20 labels per class, 10 seeds.
-* ``demo`` - the end-to-end job on embedded offline data (sklearn digits; Fashion-MNIST as pretext
-  when its files are installed), a few minutes on 2 CPU cores.
+* ``demo`` - the end-to-end job on offline data, a transfer experiment on every machine: pretext
+  on Fashion-MNIST when its files are installed (``bash run.sh demo`` installs them where it can),
+  otherwise on patches of scikit-learn's sample photographs; downstream sklearn digits. A few
+  minutes on 2 CPU cores.
 * ``tiny`` - seconds; used by the tests.
 
 Example:
@@ -31,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,10 +99,13 @@ def upper_hparams(dataset: str, pretext_type: str = "simclr") -> tuple[float, fl
 
 def _pos(owner: str, name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
     kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not allow_zero)
+    bad = isinstance(value, bool) or not isinstance(value, kind)
+    bad = bad or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
     if bad:
         need = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{owner}: `{name}` must be {'an integer' if integer else 'a number'} {need}, got {value!r}.")
+        raise ValueError(
+            f"{owner}: `{name}` must be a finite {'integer' if integer else 'number'} {need}, got {value!r}."
+        )
 
 
 @dataclass
@@ -135,7 +141,11 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """Self-supervised pretext training (SimCLR or BYOL with LARS, warm-up + cosine)."""
+    """Self-supervised pretext training (SimCLR or BYOL with LARS, warm-up + cosine).
+
+    ``lars_exclude_1d=False`` (the authors' LARS: one group, every tensor decayed and trust-ratio
+    scaled, BatchNorm and bias included); ``True`` exempts 1-D tensors as the SimCLR/VICReg recipes do.
+    """
 
     pretext_type: str = "simclr"
     dataset: str = "imagefolder"
@@ -148,6 +158,7 @@ class PretrainConfig:
     temperature: float = 0.5
     ema_decay: float = 0.9995
     max_samples: int | None = None
+    lars_exclude_1d: bool = False
 
     def __post_init__(self) -> None:
         if self.pretext_type not in PRETEXT_TYPES:
@@ -189,6 +200,24 @@ class BiSSLConfig:
         clip_norm: gradient-norm clipping on both levels (10).
         pretext_batch, downstream_batch: batch sizes (1024 and 256).
         downstream: the downstream task the upper level optimises (``--d-dset``).
+        head_warmup_mode: ``"train"`` (the authors: a copy of the downstream backbone, frozen but in
+            train mode so BatchNorm uses batch statistics, on train-transformed images) or ``"eval"``
+            (frozen backbone in eval mode on eval-transformed images).
+        lars_exclude_1d: LARS of the lower level exempts 1-D tensors (``False``: the authors' LARS).
+        damping_mode: ``"constant"`` (the paper's ``damping``) or ``"adaptive"``: before the upper
+            steps of each alternation, ``curvature_steps`` Lanczos steps on :math:`H` estimate its
+            most negative Ritz value :math:`\mu`, and the damping becomes
+            :math:`\max(d, m\,(-\mu) - \lambda)` with margin :math:`m` = ``damping_margin``, so that
+            :math:`I + H/(\lambda + d)` is positive definite on the Krylov space.
+        lam_mode: ``"constant"`` (the paper's ``lam``) or ``"target_share"``: each alternation sets
+            :math:`\lambda = s\,\|\nabla L_P\| / \|\theta_P - \theta_D\|` (clipped to
+            ``[lam, lam_max]``) so that the proximal term is a share :math:`s` = ``target_share`` of
+            the lower gradient.
+        continue_stream: the stage's pretext views continue the pretraining stream (epochs after the
+            pretraining epochs) instead of replaying pretraining's epoch 0.
+        upper_split: ``"train"`` (the authors: the upper level and the head warm-up use only the
+            train part of the shared train/val split, so fine-tuning's validation images stay unseen)
+            or ``"all"`` (every labelled training image; leaks fine-tuning's validation labels).
     """
 
     downstream: str = "pets"
@@ -213,8 +242,29 @@ class BiSSLConfig:
     clip_norm: float = 10.0
     pretext_batch: int = 1024
     downstream_batch: int = 256
+    head_warmup_mode: str = "train"
+    lars_exclude_1d: bool = False
+    damping_mode: str = "constant"
+    curvature_steps: int = 8
+    damping_margin: float = 2.0
+    lam_mode: str = "constant"
+    target_share: float = 0.05
+    lam_max: float = 1.0
+    continue_stream: bool = True
+    upper_split: str = "train"
 
     def __post_init__(self) -> None:
+        for name, allowed in (
+            ("head_warmup_mode", ("train", "eval")),
+            ("damping_mode", ("constant", "adaptive")),
+            ("lam_mode", ("constant", "target_share")),
+            ("upper_split", ("train", "all")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"BiSSLConfig: `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        _pos("BiSSLConfig", "curvature_steps", self.curvature_steps, integer=True)
+        for name in ("damping_margin", "target_share", "lam_max"):
+            _pos("BiSSLConfig", name, getattr(self, name))
         for name in ("alternations", "lower_steps", "upper_steps", "pretext_batch", "downstream_batch"):
             _pos("BiSSLConfig", name, getattr(self, name), integer=True)
         for name in ("head_warmup_epochs", "lower_warmup_steps"):
@@ -223,6 +273,9 @@ class BiSSLConfig:
             _pos("BiSSLConfig", name, getattr(self, name))
         for name in ("damping", "gamma", "lower_wd", "momentum"):
             _pos("BiSSLConfig", name, getattr(self, name), allow_zero=True)
+        for name in ("upper_lr", "upper_wd"):
+            if getattr(self, name) is not None:
+                _pos("BiSSLConfig", name, getattr(self, name), allow_zero=name == "upper_wd")
         if not isinstance(self.solver, AbstractLinearSolver):
             raise TypeError(
                 f"BiSSLConfig: `solver` must be a hypergrad solver object such as hypergrad.CG(max_steps=5), "
@@ -278,7 +331,9 @@ class PipelineConfig:
     ``downstream`` lists the downstream tasks (names understood by the task loader, e.g.
     ``"digits"``, ``"fashion_mnist@20"`` = 20 labels per class, ``"fashion_mnist_inv@20"``).
     ``threads`` sets ``torch.set_num_threads`` (``None``: torch's default); one thread is faster
-    for the tiny convolutions of the CPU presets, especially on a shared machine.
+    for the tiny convolutions of the CPU presets, especially on a shared machine. ``arms`` are the
+    backbones fine-tuned per task: ``pretext`` (baseline), ``control`` (continued pretraining with
+    the stage's lower steps, no upper level) and ``bissl``.
     """
 
     name: str = "paper"
@@ -296,6 +351,14 @@ class PipelineConfig:
     seed: int = 0
     max_train_samples: int | None = None
     max_test_samples: int | None = None
+    arms: tuple[str, ...] = ("pretext", "bissl")
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ("pretext", "control", "bissl")]
+        if bad or not self.arms:
+            raise ValueError(
+                f"PipelineConfig: `arms` must be a non-empty subset of ('pretext', 'control', 'bissl'), got {self.arms!r}."
+            )
 
     @property
     def run_dir(self) -> str:
@@ -343,6 +406,7 @@ def _mini() -> PipelineConfig:
         downstream=("digits", "fashion_mnist@20", "fashion_mnist_inv@20"),
         max_test_samples=2000,
         threads=1,
+        arms=("pretext", "control", "bissl"),
     )
 
 
@@ -355,12 +419,12 @@ def _demo() -> PipelineConfig:
             arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16, proj_dims=64, pred_hidden=64
         ),
         pretrain=PretrainConfig(
-            dataset="fashion_mnist" if fm else "digits",
+            dataset="fashion_mnist" if fm else "photo_patches",
             epochs=3,
             batch_size=128,
             lr=1.0,
             warmup_epochs=1,
-            max_samples=2000 if fm else None,
+            max_samples=2000,
         ),
         bissl=BiSSLConfig(
             downstream="digits",

@@ -6,7 +6,8 @@ per step and no warm-up. Hyper-parameters are chosen by random search,
 .. math:: \log \text{lr} \sim \mathcal U[\log 10^{-4}, \log 1],\qquad
           \log \text{wd} \sim \mathcal U[\log 10^{-5}, \log 10^{-2}],
 
-each trial trained on a seeded split of the training set and scored by top-1 accuracy on the
+each trial trained on the `train` part of the shared split (:mod:`applications.bissl.splits`, the
+only labelled images the BiSSL stage saw) and scored by top-1 accuracy on its
 held-out validation part; then ``num_runs`` runs with seeds ``0..R-1`` are trained on the full
 training set at the chosen values and their test top-1 is reported as mean :math:`\pm` std.
 The backbone comes from the pretext stage (``origin="pretext"``, the baseline) or from the BiSSL
@@ -31,14 +32,16 @@ from tqdm.auto import tqdm
 from hypergrad import MetricsLogger
 
 from .augment import eval_transform, train_transform
+from .checkpoints import load_into, read_checkpoint
 from .config import FinetuneConfig, PipelineConfig
-from .data import train_val_split
 from .models import LinearHead, build_backbone
+from .splits import task_split
+from .supervised import supervised_epoch
 from .tasks import build_task, task_classes, with_inversion
 
 __all__ = ["Trial", "sample_trials", "random_search", "train_classifier", "evaluate", "finetune", "load_backbone"]
 
-ORIGINS = ("pretext", "bissl")
+ORIGINS = ("pretext", "control", "bissl")
 
 
 class Trial(NamedTuple):
@@ -101,9 +104,9 @@ def load_backbone(cfg: PipelineConfig, path: str | None) -> tuple[nn.Module, int
     m = cfg.model
     backbone, feat_dim = build_backbone(m.arch, small_stem=m.small_stem, width=m.width, in_channels=m.in_channels)
     if path is not None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path, "backbone checkpoint")
         state = state.get("backbone", state) if isinstance(state, dict) else state
-        backbone.load_state_dict(state)
+        load_into(backbone, state, "the backbone", path)
     return backbone, feat_dim
 
 
@@ -151,17 +154,11 @@ def train_classifier(
     )
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=ft.momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
-    loss_fn = nn.CrossEntropyLoss()
     for _ in tqdm(range(epochs), desc=desc, leave=False):
         model.train()
-        for x, y in loader:
-            loss = loss_fn(model(x.to(cfg.device)), y.to(cfg.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if not torch.isfinite(loss):
-                return model  # diverged: the evaluation will score it at chance level or NaN
+        _, finite = supervised_epoch(model, loader, opt, cfg.device, scheduler=sched)
+        if not finite:
+            return model  # diverged: the evaluation will score it at chance level or NaN
     return model
 
 
@@ -196,7 +193,8 @@ def finetune(
     if not os.path.exists(backbone_path):
         raise FileNotFoundError(
             f"Backbone {backbone_path!r} does not exist; run the "
-            f"{'pretrain' if origin == 'pretext' else 'bissl'} stage first (or pass its path)."
+            f"{'pretrain' if origin == 'pretext' else 'bissl'} stage first (or pass its path; the control arm is "
+            "`bissl --arm control`)."
         )
     ft: FinetuneConfig = cfg.finetune
     out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", task.replace("@", "_at"), origin)
@@ -213,7 +211,7 @@ def finetune(
     backbone, _ = load_backbone(cfg, backbone_path)
     bstate = {k: v.clone() for k, v in backbone.state_dict().items()}
     m = cfg.model
-    n_cls = task_classes(task)
+    n_cls = task_classes(task, cfg.data_root)
     tr_tf, ev_tf = train_transform(m.image_size, m.in_channels), eval_transform(m.image_size, m.in_channels)
     cap = cfg.max_train_samples
     train_aug = build_task(task, cfg.data_root, "train", tr_tf, image_size=m.image_size, max_samples=cap)
@@ -223,7 +221,8 @@ def finetune(
 
     lr, wd = ft.lr, ft.weight_decay
     if use_hpo and ft.hpo_trials > 0:
-        hpo_train, hpo_val = train_val_split(train_aug, ft.val_fraction, ft.seed)
+        # The shared split (the BiSSL stage's upper level saw only `hpo_train`): same indices.
+        hpo_train, hpo_val = task_split(cfg, task, tr_tf)
         hpo_val = hpo_val.with_transform(with_inversion(task, ev_tf))
         val_loader = DataLoader(hpo_val, batch_size=512, num_workers=cfg.num_workers)
 

@@ -29,9 +29,11 @@ class LARS(Optimizer):
         \end{aligned}
 
     with learning rate :math:`\gamma`, weight decay :math:`\lambda`, momentum :math:`\mu` and trust
-    coefficient :math:`\eta`. With ``exclude_bias_and_norm=True`` one-dimensional tensors (biases,
-    BatchNorm weights) skip both the weight decay and the trust ratio (:math:`\lambda = 0`,
-    :math:`r = 1`), as in the SimCLR/BYOL/VICReg recipes.
+    coefficient :math:`\eta`. By default (the BiSSL authors' LARS) there are no parameter filters:
+    every tensor, BatchNorm weights and biases included, is decayed and trust-ratio scaled. With
+    ``exclude_bias_and_norm=True`` one-dimensional tensors (biases, BatchNorm weights) skip both
+    the weight decay and the trust ratio (:math:`\lambda = 0`, :math:`r = 1`), as in the
+    SimCLR/BYOL/VICReg recipes.
 
     Args:
         params: parameters or parameter groups (each group may override every option).
@@ -39,7 +41,8 @@ class LARS(Optimizer):
         weight_decay: :math:`\lambda` (BiSSL: 1e-6).
         momentum: :math:`\mu` (0.9).
         eta: trust coefficient :math:`\eta` (0.001).
-        exclude_bias_and_norm: skip weight decay and adaptation for 1-D tensors.
+        exclude_bias_and_norm: skip weight decay and adaptation for 1-D tensors (default ``False``,
+            the BiSSL authors' choice).
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]).reshape(1, 2))
@@ -60,7 +63,7 @@ class LARS(Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         eta: float = 0.001,
-        exclude_bias_and_norm: bool = True,
+        exclude_bias_and_norm: bool = False,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: lr={lr!r}; pass lr >= 0.")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from hypergrad import MetricsLogger, load_checkpoint, save_checkpoint
 
 from . import distributed as du
+from .argtypes import finite_float, nonnegative_int, positive_int
 from .augment import TwoViewAugment
 from .config import PipelineConfig
 from .data import TwoViewDataset, get_dataset
@@ -47,6 +48,7 @@ __all__ = [
     "config_from_args",
     "epoch_batches",
     "pretrain",
+    "pretext_dataset",
     "run_pretrain_command",
 ]
 
@@ -106,9 +108,14 @@ def _device(cfg: PipelineConfig) -> torch.device:
     return dev
 
 
-def _dataset(cfg: PipelineConfig) -> TwoViewDataset:
+def pretext_dataset(cfg: PipelineConfig) -> TwoViewDataset:
+    """The unlabelled pretext images as two augmented views, at the model's one resolution.
+
+    Used by pretraining and by the BiSSL stage alike (``cfg.pretrain.max_samples`` keeps the first
+    images), so both see the same images at ``cfg.model.image_size``.
+    """
     p, m = cfg.pretrain, cfg.model
-    images = get_dataset(p.dataset, cfg.data_root, "train")
+    images = get_dataset(p.dataset, cfg.data_root, "train", image_size=m.image_size)
     if p.max_samples is not None and len(images) > p.max_samples:
         images = images.subset(range(p.max_samples))  # the first max_samples, as the BiSSL stage
     return TwoViewDataset(images, TwoViewAugment(m.image_size, m.in_channels), seed=cfg.seed)
@@ -188,7 +195,7 @@ def pretrain(
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
     torch.manual_seed(cfg.seed)
-    data = _dataset(cfg)
+    data = pretext_dataset(cfg)
     steps_per_epoch = len(data) // p.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -199,7 +206,11 @@ def pretrain(
 
     model = build_pretrain_model(cfg).to(device)
     opt = LARS(
-        [q for q in model.parameters() if q.requires_grad], lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum
+        [q for q in model.parameters() if q.requires_grad],
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        momentum=p.momentum,
+        exclude_bias_and_norm=p.lars_exclude_1d,
     )
     sched = warmup_cosine(opt, p.warmup_epochs * steps_per_epoch, total, final_lr_scale)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
@@ -278,30 +289,30 @@ def pretrain(
 # Command line: ``python -m applications.bissl pretrain ...`` (registered by the package CLI via
 # add_pretrain_args) or ``python -m applications.bissl.pretrain ...`` (this module alone).
 
-_OVERRIDES: dict[str, tuple[str, type]] = {
+_OVERRIDES: dict[str, tuple[str, Any]] = {
     # flag: (dotted config field, type)
     "--pretext-type": ("pretrain.pretext_type", str),
     "--dataset": ("pretrain.dataset", str),
-    "--epochs": ("pretrain.epochs", int),
-    "--batch-size": ("pretrain.batch_size", int),
-    "--lr": ("pretrain.lr", float),
-    "--weight-decay": ("pretrain.weight_decay", float),
-    "--warmup-epochs": ("pretrain.warmup_epochs", int),
-    "--temperature": ("pretrain.temperature", float),
-    "--ema-decay": ("pretrain.ema_decay", float),
-    "--max-samples": ("pretrain.max_samples", int),
+    "--epochs": ("pretrain.epochs", positive_int),
+    "--batch-size": ("pretrain.batch_size", positive_int),
+    "--lr": ("pretrain.lr", finite_float),
+    "--weight-decay": ("pretrain.weight_decay", finite_float),
+    "--warmup-epochs": ("pretrain.warmup_epochs", nonnegative_int),
+    "--temperature": ("pretrain.temperature", finite_float),
+    "--ema-decay": ("pretrain.ema_decay", finite_float),
+    "--max-samples": ("pretrain.max_samples", positive_int),
     "--arch": ("model.arch", str),
-    "--width": ("model.width", int),
-    "--image-size": ("model.image_size", int),
-    "--in-channels": ("model.in_channels", int),
-    "--proj-dims": ("model.proj_dims", int),
-    "--pred-hidden": ("model.pred_hidden", int),
+    "--width": ("model.width", positive_int),
+    "--image-size": ("model.image_size", positive_int),
+    "--in-channels": ("model.in_channels", positive_int),
+    "--proj-dims": ("model.proj_dims", positive_int),
+    "--pred-hidden": ("model.pred_hidden", positive_int),
     "--data-root": ("data_root", str),
     "--out-dir": ("out_dir", str),
     "--device": ("device", str),
-    "--num-workers": ("num_workers", int),
-    "--threads": ("threads", int),
-    "--seed": ("seed", int),
+    "--num-workers": ("num_workers", nonnegative_int),
+    "--threads": ("threads", positive_int),
+    "--seed": ("seed", nonnegative_int),
 }
 
 
@@ -342,9 +353,18 @@ def add_pretrain_args(subparsers: Any) -> Any:
             metavar=flag[2:].upper().replace("-", "_"),
             help=f"override {dotted}",
         )
+    sp.add_argument(
+        "--lars-exclude-1d",
+        action="store_true",
+        default=None,
+        dest="pretrain__lars_exclude_1d",
+        help="LARS exempts 1-D tensors (BatchNorm, bias) from decay and trust ratio (default: the authors' LARS)",
+    )
     sp.add_argument("--stage-dir", default=None, help="output folder (default <out-dir>/<preset>/pretrain)")
-    sp.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 1 epoch)")
-    sp.add_argument("--log-every", type=int, default=10, help="steps between metric rows")
+    sp.add_argument(
+        "--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: 1 epoch)"
+    )
+    sp.add_argument("--log-every", type=positive_int, default=10, help="steps between metric rows")
     sp.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     sp.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
     sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -366,13 +386,17 @@ def config_from_args(args: Any) -> PipelineConfig:
             setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{name: value}))  # re-validates
         else:
             setattr(cfg, dotted, value)
+    if getattr(args, "pretrain__lars_exclude_1d", None):
+        cfg.pretrain = dataclasses.replace(cfg.pretrain, lars_exclude_1d=True)
     return cfg
 
 
 def run_pretrain_command(args: Any) -> int:
     """Run ``pretrain`` from parsed arguments; print the checkpoint path; return 0."""
+    from .cli import check_environment
+
     path = pretrain(
-        config_from_args(args),
+        check_environment(config_from_args(args)),
         args.stage_dir,
         resume=not args.no_resume,
         checkpoint_every=args.checkpoint_every,

@@ -55,9 +55,14 @@ def parse_task(spec: str) -> TaskSpec:
     return TaskSpec(m.group("name"), m.group("inv") is not None, int(k) if k else None)
 
 
-def task_classes(spec: str) -> int:
-    """Number of classes of a task."""
-    return num_classes(parse_task(spec).dataset)
+def task_classes(spec: str, root: str | None = None) -> int:
+    """Number of classes of a task (``imagefolder``: the class folders of ``<root>/train``)."""
+    t = parse_task(spec)
+    if t.dataset == "imagefolder":
+        if root is None:
+            raise ValueError("task 'imagefolder' needs the data root (--data-root DIR with DIR/train/<class>/...).")
+        return len(get_dataset("imagefolder", root, "train").classes)
+    return num_classes(t.dataset)
 
 
 def with_inversion(spec: str, transform: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:

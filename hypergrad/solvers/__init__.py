@@ -1,29 +1,44 @@
 """Linear solvers with one protocol: ``solver(matvec, b, x0=None) -> Solution``.
 
-Adding a solver: write ``hypergrad/solvers/<name>.py``, add one import line here and one
-registry line in ``tests/registry.py``.
+The solver classes are exported from the registry (:func:`registered_solvers`): adding a solver is
+one file in ``hypergrad/solvers/`` and one :class:`SolverSpec` line in
+``hypergrad/solvers/_registry.py`` (see CONTRIBUTING.md); this module, ``hypergrad``, the contract
+tests, the benchmarks and the API docs all read that list.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import Solution as Solution
 from ._base import SolverError as SolverError
 from ._base import Status as Status
-from .cg import CG as CG
-from .dense import Dense as Dense
+from ._registry import SolverSpec as SolverSpec
+from ._registry import SystemInfo as SystemInfo
+from ._registry import registered_solvers as registered_solvers
 from .dense import materialize as materialize
-from .fixed_point import FixedPoint as FixedPoint
-from .identity import Identity as Identity
-from .neumann import Neumann as Neumann
+from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
+from .preconditioners import HutchinsonDiagonal as HutchinsonDiagonal
+from .preconditioners import Nystrom as Nystrom
+
+# The registered solver classes, imported from their modules and exported under their names.
+_CLASSES: dict[str, type[AbstractLinearSolver]] = {s.name: s.load() for s in registered_solvers()}
+globals().update(_CLASSES)
 
 __all__ = [
     "AbstractLinearSolver",
     "Solution",
     "SolverError",
     "Status",
-    "CG",
-    "Dense",
-    "FixedPoint",
-    "Identity",
-    "Neumann",
+    *_CLASSES,
     "materialize",
+    "AbstractPreconditioner",
+    "HutchinsonDiagonal",
+    "Nystrom",
+    "SolverSpec",
+    "SystemInfo",
+    "registered_solvers",
 ]
+
+if TYPE_CHECKING:  # the registered classes are set above at import time; type checkers see Any
+
+    def __getattr__(name: str) -> Any: ...

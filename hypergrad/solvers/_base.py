@@ -9,15 +9,19 @@ silently. The caller decides whether a failure raises (:meth:`Solution.raise_if_
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
+from .._checks import check_positive
 from .._typing import MatVec, TreeOrTensor
-from ..tree import tree_check_like, tree_sub, tree_zeros_like
+from ..tree import tree_check_like, tree_norm, tree_sub, tree_zeros_like
 
 __all__ = ["AbstractLinearSolver", "Solution", "Status", "SolverError", "check_solver"]
 
@@ -25,9 +29,12 @@ __all__ = ["AbstractLinearSolver", "Solution", "Status", "SolverError", "check_s
 class Status(enum.Enum):
     """Outcome of a linear solve. ``failed`` statuses carry a remedy in :attr:`message`.
 
-    ``SUCCESS``: the tolerance was reached. ``FIXED_BUDGET``: no tolerance was asked for and the
-    budget was spent. The others (``MAX_STEPS_REACHED``, ``NONFINITE``, ``NEGATIVE_CURVATURE``,
-    ``DIVERGED``, ``SINGULAR``) are failures.
+    ``SUCCESS``: the tolerance was reached (a per-step ``rtol``/``atol``, or a ``budget_rtol``
+    checked after a fixed budget). ``FIXED_BUDGET``: no tolerance was asked for and the budget was
+    spent; the result carries ``residual_norm`` and ``relative_residual`` so a caller can judge it,
+    and a solver built with ``budget_rtol > 0`` never returns it (it returns ``SUCCESS`` or
+    ``MAX_STEPS_REACHED``). The others (``MAX_STEPS_REACHED``, ``NONFINITE``,
+    ``NEGATIVE_CURVATURE``, ``DIVERGED``, ``SINGULAR``) are failures.
 
     Example:
         >>> from hypergrad import Status
@@ -68,11 +75,12 @@ _MESSAGES = {
     Status.SUCCESS: "The requested tolerance was reached.",
     Status.FIXED_BUDGET: (
         "No tolerance was requested (rtol = atol = 0): the solver ran its fixed budget of "
-        "`max_steps`; see `residual_norm` for the accuracy reached."
+        "`max_steps`; see `residual_norm` / `relative_residual` for the accuracy reached, or set "
+        "`budget_rtol` on the solver to have a budget that misses it reported as a failure."
     ),
     Status.MAX_STEPS_REACHED: (
-        "The tolerance was not reached within `max_steps`. Try increasing `max_steps`, loosening "
-        "`rtol`/`atol`, adding damping with `hypergrad.Damped(operator, mu)`, or warm-starting with "
+        "The tolerance (`rtol`/`atol`, or `budget_rtol` checked after the fixed budget) was not reached "
+        "within `max_steps`. Try increasing `max_steps`, loosening the tolerance, adding damping with `hypergrad.Damped(operator, mu)`, or warm-starting with "
         "`x0`."
     ),
     Status.NONFINITE: (
@@ -138,7 +146,10 @@ class Solution:
         num_matvecs: calls of ``matvec`` made by the solver (HVPs, for a Hessian operator).
         residual_norm: :math:`\\|b - A x\\|_2` of the returned ``x`` (``None`` when not computed,
             as for :class:`~hypergrad.solvers.Identity`).
-        stats: solver-specific extras (e.g. ``min_curvature`` for CG).
+        stats: solver-specific extras (e.g. ``min_curvature`` for CG; ``budget_rtol`` when a fixed
+            budget was judged against it).
+        b_norm: :math:`\\|b\\|_2`, filled in by :meth:`AbstractLinearSolver.__call__` whenever
+            ``residual_norm`` is (one reduction, read once after the solve).
 
     Example:
         >>> import torch
@@ -154,6 +165,21 @@ class Solution:
     num_matvecs: int
     residual_norm: float | None
     stats: dict[str, Any] = field(default_factory=dict)
+    b_norm: float | None = None
+
+    @property
+    def relative_residual(self) -> float | None:
+        """:math:`\\|b - A x\\| / \\|b\\|` (``residual_norm / b_norm``), or ``None`` when unknown.
+
+        Returns:
+            A float (``0.0`` for ``b = 0`` solved exactly, ``inf`` for ``b = 0`` with a non-zero
+            residual), or ``None`` when either norm was not computed.
+        """
+        if self.residual_norm is None or self.b_norm is None:
+            return None
+        if self.b_norm == 0:
+            return 0.0 if self.residual_norm == 0 else float("inf")
+        return self.residual_norm / self.b_norm
 
     @property
     def converged(self) -> bool:
@@ -196,6 +222,7 @@ class Solution:
         return self
 
 
+@dataclass(frozen=True)
 class AbstractLinearSolver(abc.ABC):
     """Base of all linear solvers: ``solver(matvec, b, x0=None) -> Solution``.
 
@@ -206,43 +233,181 @@ class AbstractLinearSolver(abc.ABC):
     (CG does); fixed-point hypergradients refuse such solvers because their operator is not
     symmetric.
 
+    Every solver shares this entry point, which validates the call before ``_solve`` runs and
+    judges a fixed budget after it:
+
+    * ``b`` is a tensor or a non-empty dict of floating-point tensors, not on the ``meta`` device,
+      all on one device; ``x0`` has the keys, shapes, dtypes and device of ``b``;
+    * the first output of ``matvec`` is checked once against ``b`` (type, keys, shape, dtype,
+      device), so a map returning another shape or other keys is an error naming ``matvec``
+      instead of a broadcast ``x`` (no extra matvec; later calls are passed through);
+    * ``budget_rtol`` (keyword, default 0): when ``> 0``, a solve that ends in
+      :attr:`Status.FIXED_BUDGET` is judged once after the budget by its residual,
+      :math:`\\|b - A x\\| \\le \\text{budget\\_rtol}\\,\\|b\\|`: met gives :attr:`Status.SUCCESS`,
+      missed gives the failure :attr:`Status.MAX_STEPS_REACHED`. It adds no host sync inside the
+      loop (unlike ``rtol``, which stops early and reads the residual every step); a solver that
+      reports no residual (:class:`~hypergrad.solvers.Identity`) spends one matvec on it.
+
+    Args:
+        budget_rtol: relative residual a fixed-budget solve must reach to count as a success
+            (0 disables the check; keyword-only, on every solver).
+
     Example:
+        >>> import torch
         >>> import hypergrad
         >>> isinstance(hypergrad.CG(), hypergrad.AbstractLinearSolver), hypergrad.CG.symmetric_only
         (True, True)
+        >>> A = torch.diag(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64))
+        >>> sol = hypergrad.CG(max_steps=2, budget_rtol=1e-6)(lambda v: A @ v, torch.ones(3, dtype=torch.float64))
+        >>> sol.status.value, sol.failed, sol.relative_residual > 1e-6
+        ('max_steps_reached', True, True)
     """
 
-    symmetric_only: bool = False
+    budget_rtol: float = field(default=0.0, kw_only=True)
+
+    symmetric_only: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_positive("budget_rtol", self.budget_rtol, allow_zero=True, owner=type(self).__name__)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_base", False):  # run the base check first
+
+            @functools.wraps(own)
+            def __post_init__(self: AbstractLinearSolver) -> None:
+                AbstractLinearSolver.__post_init__(self)
+                own(self)
+
+            __post_init__._checks_base = True  # type: ignore[attr-defined]
+            cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+        if "__repr__" not in cls.__dict__:  # set before @dataclass runs, so it keeps this one
+            cls.__repr__ = AbstractLinearSolver._repr  # type: ignore[method-assign, assignment]
+
+    def _repr(self) -> str:
+        """``CG(max_steps=5, rtol=0.0, atol=0.0)``: the solver's own fields, ``budget_rtol`` only when set."""
+        own = [f for f in dataclasses.fields(self) if f.repr and f.name != "budget_rtol"]
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in own]
+        if self.budget_rtol:
+            parts.append(f"budget_rtol={self.budget_rtol!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     def __call__(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None = None) -> Solution:
         """Solve :math:`A x = b`.
 
         Args:
-            matvec: the linear map ``v -> A v`` on trees shaped like ``b``.
-            b: the right-hand side, a dict of tensors or a tensor.
-            x0: optional initial guess shaped like ``b`` (warm start); ``None`` starts from zero.
+            matvec: the linear map ``v -> A v`` on trees shaped like ``b``; its first output is
+                checked against ``b`` (type, keys, shape, dtype, device).
+            b: the right-hand side, a floating-point tensor or a non-empty dict of them, on one
+                device.
+            x0: optional initial guess with the keys, shapes, dtypes and device of ``b`` (warm
+                start); ``None`` starts from zero.
 
         Returns:
             A :class:`Solution`; check :attr:`Solution.failed` or call
             :meth:`Solution.raise_if_failed`.
+
+        Raises:
+            TypeError: ``matvec`` is not callable; ``b`` is not a tensor or dict of tensors or not
+                floating point; ``matvec`` returns a non-tensor or a tree where ``b`` is a tensor.
+            ValueError: ``b`` is empty, on the ``meta`` device or on several devices; ``x0`` or the
+                output of ``matvec`` differs from ``b`` in keys, shape, dtype or device.
         """
+        name = type(self).__name__
         if not callable(matvec):
             raise TypeError(
-                f"{type(self).__name__}: `matvec` must be a callable v -> A v (for example a "
+                f"{name}: `matvec` must be a callable v -> A v (for example a "
                 f"`hypergrad.HessianOperator`), got {type(matvec).__name__}. To solve with a dense "
                 "matrix M, pass `lambda v: M @ v`."
             )
-        if not isinstance(b, (Tensor, dict)) and not hasattr(b, "items"):
-            raise TypeError(
-                f"{type(self).__name__}: `b` must be a Tensor or a dict of tensors, got {type(b).__name__}."
-            )
+        _check_rhs(name, b)
         if x0 is not None:
-            tree_check_like("x0", x0, b, "b")
-        return self._solve(matvec, b, x0)
+            tree_check_like("x0", x0, b, "b", dtype=True, device=True, owner=name)
+        checked = _CheckedMatVec(matvec, b, name)
+        solution = self._solve(checked, b, x0)
+        return self._judge(solution, checked, b)
 
     @abc.abstractmethod
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
-        """Solve ``A x = b``; ``x0`` has already been validated."""
+        """Solve ``A x = b``; ``b``, ``x0`` and the first output of ``matvec`` are validated."""
+
+    def _judge(self, solution: Solution, matvec: MatVec, b: TreeOrTensor) -> Solution:
+        """Fill ``b_norm``; judge a fixed budget by its residual when ``budget_rtol > 0``."""
+        judge = self.budget_rtol > 0 and solution.status is Status.FIXED_BUDGET
+        residual = solution.residual_norm
+        if judge and residual is None:  # e.g. Identity: one matvec to measure it
+            residual = float(tree_norm(tree_sub(b, matvec(solution.x))))
+            solution = dataclasses.replace(solution, residual_norm=residual, num_matvecs=solution.num_matvecs + 1)
+        if residual is None or solution.b_norm is not None:
+            return solution
+        solution = dataclasses.replace(solution, b_norm=float(tree_norm(b)))
+        if not judge:
+            return solution
+        met = residual <= self.budget_rtol * solution.b_norm  # type: ignore[operator]
+        status = Status.SUCCESS if met else Status.MAX_STEPS_REACHED
+        return dataclasses.replace(solution, status=status, stats={**solution.stats, "budget_rtol": self.budget_rtol})
+
+
+class _CheckedMatVec:
+    """``matvec`` whose first output is checked against ``b``; attributes pass through to it."""
+
+    def __init__(self, fn: MatVec, b: TreeOrTensor, owner: str):
+        self.wrapped, self._b, self._owner, self._checked = fn, b, owner, False
+
+    def __call__(self, v: TreeOrTensor) -> TreeOrTensor:
+        out = self.wrapped(v)
+        if not self._checked:
+            _check_matvec_output(self._owner, out, self._b)
+            self._checked = True
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # operator tags (e.g. ``symmetric``) stay visible
+        return getattr(self.wrapped, name)
+
+
+def _check_matvec_output(owner: str, out: object, b: TreeOrTensor) -> None:
+    hint = (
+        " A linear map v -> A v must return a vector with the keys, shapes, dtype and device of v "
+        "(here: of `b`); check the operator, e.g. a matrix of the wrong size or a forgotten key."
+    )
+    if isinstance(b, Tensor) and not isinstance(out, Tensor):
+        raise TypeError(f"{owner}: `matvec` must return a Tensor like `b`, got {type(out).__name__}.{hint}")
+    try:
+        tree_check_like("matvec(v)", out, b, "b", dtype=True, device=True, owner=owner)
+    except TypeError as err:
+        raise TypeError(f"{err}{hint}") from None
+    except ValueError as err:
+        raise ValueError(f"{err}{hint}") from None
+
+
+def _check_rhs(owner: str, b: object) -> None:
+    if isinstance(b, Tensor):
+        leaves: list[tuple[str, object]] = [("`b`", b)]
+    elif isinstance(b, Mapping):
+        if len(b) == 0:
+            raise ValueError(f"{owner}: `b` is an empty dict; pass at least one tensor.")
+        leaves = [(f"`b[{k!r}]`", v) for k, v in b.items()]
+    else:
+        raise TypeError(f"{owner}: `b` must be a Tensor or a dict of tensors, got {type(b).__name__}.")
+    devices = set()
+    for where, leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{owner}: {where} must be a Tensor, got {type(leaf).__name__}.")
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{owner}: {where} has dtype {leaf.dtype}; linear solves need a real floating-point "
+                "right-hand side (an integer one would truncate every step). Cast it, e.g. b.double() or "
+                "b.float()."
+            )
+        if leaf.device.type == "meta":
+            raise ValueError(
+                f"{owner}: {where} is on the meta device, which holds no data, so there is nothing to "
+                "solve; materialise it first (e.g. module.to_empty(device=...) and load the weights)."
+            )
+        devices.add(leaf.device)
+    if len(devices) > 1:
+        raise ValueError(f"{owner}: `b` mixes devices {sorted(map(str, devices))}; move every tensor to one device.")
 
 
 def check_solver(solver: Any, *, owner: Optional[str] = None) -> AbstractLinearSolver:

@@ -119,5 +119,5 @@ def test_bad_values_fail_with_the_field_name():
 
 
 def test_missing_pretrained_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the `pretrain` stage first"):
+    with pytest.raises(FileNotFoundError, match="(?i)run the `pretrain` stage first"):
         main(["bissl", "--preset", "tiny", "--out-dir", str(tmp_path)])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergrad
-from applications.bissl.bilevel import HESSIAN, build_problem
+from applications.bissl.bilevel import PretextBatch, build_problem
 from applications.bissl.config import BiSSLConfig
 from applications.bissl.losses import BYOLLoss, NTXentLoss
 from applications.bissl.ssl_model import SSLModel
@@ -50,7 +50,7 @@ def _setup(kind: str, **cfg_kw):
     x2 = x1 + 0.3 * torch.randn_like(x1)
     xd = torch.randn(10, 4, dtype=torch.float64)
     yd = torch.randint(0, 3, (10,))
-    return problem, (ssl, upper, head), reference, (x1, x2, HESSIAN), (xd, yd), cfg
+    return problem, (ssl, upper, head), reference, PretextBatch(x1, x2, True), (xd, yd), cfg
 
 
 def _reference(kind, reference, h_batch, d_batch):

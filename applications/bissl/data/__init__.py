@@ -4,8 +4,9 @@
 
 * the paper's twelve downstream sets (:mod:`.paper_sets`): ``food, cars, dtd, pets, flowers,
   aircraft, cifar10, cifar100, caltech101, sun397, voc07`` (multi-label), ``cub200``;
-* offline sets (:mod:`.offline`): ``digits`` (scikit-learn, no files) and ``fashion_mnist``
-  (local idx files or the Debian package);
+* offline sets (:mod:`.offline`): ``digits`` (scikit-learn, no files), ``photo_patches``
+  (patches of scikit-learn's two sample photographs, no files) and ``fashion_mnist`` (local idx
+  files or the Debian package);
 * ``imagenet``: the paper's pretext data, ``<root>/imagenet/{train,val}/<wnid>/...``;
 * ``imagefolder``: any ``<root>/<split>/<class>/<image>`` tree.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .labeled import LabeledDataset, few_label_subset, stratified_split, train_val_split
-from .offline import digits, fashion_mnist, prepare_fashion_mnist
+from .offline import digits, fashion_mnist, photo_patches, prepare_fashion_mnist
 from .paper_sets import PAPER_BUILDERS, VOC_CLASSES, cub200, image_folder, imagenet
 from .views import TwoViewDataset
 
@@ -40,6 +41,7 @@ __all__ = [
     "image_folder",
     "imagenet",
     "num_classes",
+    "photo_patches",
     "prepare_fashion_mnist",
     "stratified_split",
     "train_val_split",
@@ -81,6 +83,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("cub200", 200, 3),
         DatasetInfo("digits", 10, 1),
         DatasetInfo("fashion_mnist", 10, 1),
+        DatasetInfo("photo_patches", 2, 1),
         DatasetInfo("imagenet", 1000, 3),
         DatasetInfo("imagefolder", None, 3),
     ]
@@ -147,7 +150,7 @@ def get_dataset(
             :mod:`.paper_sets`).
         transform: applied to each image (e.g. :func:`~applications.bissl.augment.eval_transform`).
         download: allow torchvision to download (never in tests or CI).
-        image_size: side of the upscaled images for ``digits`` (ignored otherwise).
+        image_size: side of the images of ``digits`` and ``photo_patches`` (ignored otherwise).
 
     Returns:
         The dataset; ``.targets``, ``.classes``, ``.num_classes`` and ``.multilabel`` describe it.
@@ -161,6 +164,8 @@ def get_dataset(
     root = str(root)
     if key == "digits":
         ds = digits(split, image_size=image_size)
+    elif key == "photo_patches":
+        ds = photo_patches(split, image_size=image_size)
     elif key == "fashion_mnist":
         ds = fashion_mnist(root, split, download=download)
     elif key == "imagefolder":

@@ -6,6 +6,9 @@
   idx files from ``<root>/FashionMNIST/raw/``. When the decompressed files are missing they are
   decompressed from ``*.gz`` files in that folder, or from the Debian package
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``); nothing is downloaded.
+* ``photo_patches``: grayscale patches of the two colour photographs shipped inside scikit-learn
+  (``load_sample_images``: a Chinese temple and a flower), a natural-image pretext set of another
+  domain than handwritten digits that every machine has; labels = which photograph (unused).
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from torchvision.datasets import FashionMNIST
 
 from .labeled import LabeledDataset, stratified_split
 
-__all__ = ["FASHION_MNIST_FILES", "SYSTEM_FASHION_MNIST_DIR", "digits", "fashion_mnist", "prepare_fashion_mnist"]
+__all__ = [
+    "FASHION_MNIST_FILES",
+    "SYSTEM_FASHION_MNIST_DIR",
+    "digits",
+    "fashion_mnist",
+    "photo_patches",
+    "prepare_fashion_mnist",
+]
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the idx files.
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -86,6 +96,57 @@ def _digit_images(image_size: int) -> tuple[list[Image.Image], torch.Tensor]:
     pixels = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     images = [Image.fromarray(p, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR) for p in pixels]
     return images, torch.as_tensor(bunch.target, dtype=torch.long)
+
+
+PATCHES_PER_PHOTO = {"train": 2000, "test": 250}
+PATCH_SIDE = 48  # pixels of the photograph per patch, before resizing to ``image_size``
+
+
+def photo_patches(split: str = "train", image_size: int = 32) -> LabeledDataset:
+    """Random grayscale patches of scikit-learn's two sample photographs (offline natural images).
+
+    Every patch is a ``48 x 48`` square of a photograph (427 x 640 pixels) at a seeded random
+    position, converted to grayscale and resized to ``image_size``. Train patches come from the left
+    80 % of each photograph, test patches from the right 20 %, so the splits never overlap.
+
+    Args:
+        split: ``"train"`` (4,000 patches) or ``"test"`` (500).
+        image_size: side of the returned images.
+
+    Returns:
+        A 2-class (which photograph) :class:`LabeledDataset` of 1-channel PIL images.
+
+    Example:
+        >>> ds = photo_patches("test", image_size=16)
+        >>> len(ds), ds.image(0).size, ds.image(0).mode
+        (500, (16, 16), 'L')
+    """
+    if split not in PATCHES_PER_PHOTO:
+        raise ValueError(f"photo_patches has splits 'train' and 'test', got split={split!r}.")
+    if not isinstance(image_size, int) or image_size < 4:
+        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}.")
+    images, targets = _photo_patches(split, image_size)
+    return LabeledDataset(_ImageList(images), targets, ["china", "flower"])
+
+
+@functools.lru_cache(maxsize=4)
+def _photo_patches(split: str, image_size: int) -> tuple[list[Image.Image], torch.Tensor]:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    images, targets = [], []
+    for label, photo in enumerate(photos):
+        gray = Image.fromarray(photo).convert("L")
+        w, h = gray.size
+        cut = int(0.8 * w)
+        x_lo, x_hi = (0, cut - PATCH_SIDE) if split == "train" else (cut, w - PATCH_SIDE)
+        for _ in range(PATCHES_PER_PHOTO[split]):
+            x, y = int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(0, h - PATCH_SIDE + 1))
+            patch = gray.crop((x, y, x + PATCH_SIDE, y + PATCH_SIDE))
+            images.append(patch.resize((image_size, image_size), Image.Resampling.BILINEAR))
+            targets.append(label)
+    return images, torch.tensor(targets, dtype=torch.long)
 
 
 def prepare_fashion_mnist(root: str | os.PathLike[str], system_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -1,0 +1,90 @@
+"""Validation of ``fully_shard``-ed modules: every error names the problem and gives the fix."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["sharded_params", "check_dense_module"]
+
+
+def sharded_params(module: Any, keys: Optional[Iterable[str]] = None, *, name: str = "module") -> dict[str, Tensor]:
+    """The trainable ``DTensor`` parameters of a ``fully_shard``-ed module, after consistency checks.
+
+    Raises ``TypeError`` for a module that is not FSDP2 (or mixes in DDP) and ``ValueError`` for a
+    partially wrapped module, parameters on several meshes or placements other than ``Shard(0)``
+    on a 1-D mesh; each message says how to fix it.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"`{name}` must be an nn.Module wrapped with torch.distributed.fsdp.fully_shard, got {type(module).__name__}."
+        )
+    ddp = [n or "<root>" for n, m in module.named_modules() if isinstance(m, DistributedDataParallel)]
+    if ddp:
+        raise TypeError(
+            f"`{name}` mixes DistributedDataParallel (at {ddp[:3]}) with FSDP2: hypergrad's sharded HVPs need "
+            "`fully_shard` alone. Remove the DDP wrapper and call fully_shard on the submodules and then the root; "
+            "for a replicated (data-parallel) model use the ordinary API with hypergrad.distributed instead."
+        )
+    wrapped = [n for n, m in module.named_modules() if isinstance(m, FSDPModule)]
+    if not isinstance(module, FSDPModule):
+        if wrapped:
+            raise ValueError(
+                f"`{name}` is wrapped inconsistently: submodules {wrapped[:3]} are fully_shard-ed but the root "
+                f"{type(module).__name__} is not, so its remaining parameters are plain tensors. Call "
+                "`fully_shard(module)` on the root too (after the submodules)."
+            )
+        raise TypeError(
+            f"`{name}` ({type(module).__name__}) is not wrapped with torch.distributed.fsdp.fully_shard. Wrap it "
+            "(`fully_shard(layer)` for each block, then `fully_shard(module)`), or use hypergrad.implicit_grad / "
+            "hypergrad.BilevelProblem for an unsharded model."
+        )
+    trainable: dict[str, Tensor] = {k: p for k, p in module.named_parameters() if p.requires_grad}
+    plain = [k for k, p in trainable.items() if not isinstance(p, DTensor)]
+    if plain:
+        raise ValueError(
+            f"`{name}` is wrapped inconsistently: parameters {plain[:3]} are plain tensors while the others are "
+            "sharded DTensors (they were registered or replaced after fully_shard). Create every parameter before "
+            "calling fully_shard, and call fully_shard on the root module last."
+        )
+    meshes = {p.device_mesh for p in trainable.values() if isinstance(p, DTensor)}
+    if len(meshes) > 1:
+        raise ValueError(
+            f"`{name}` shards its parameters over {len(meshes)} device meshes; use one mesh for every fully_shard call."
+        )
+    for k, p in trainable.items():
+        assert isinstance(p, DTensor)
+        if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard) or p.placements[0].dim != 0:
+            raise ValueError(
+                f"`{name}` parameter {k!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D mesh; hypergrad "
+                "supports FSDP2 sharding on dimension 0 of a 1-D mesh (no HSDP or tensor parallelism yet)."
+            )
+    if keys is None:
+        return trainable
+    keys = list(keys)
+    missing = [k for k in keys if k not in trainable]
+    if missing:
+        raise ValueError(
+            f"`keys` names {missing[:3]}, which are not trainable parameters of `{name}`: {sorted(trainable)[:6]}."
+        )
+    return {k: trainable[k] for k in keys}
+
+
+def check_dense_module(dense_module: Any, params: dict[str, Tensor]) -> None:
+    """``dense_module`` has the parameter names and global shapes of the sharded module."""
+    if not isinstance(dense_module, nn.Module) or isinstance(dense_module, FSDPModule):
+        raise TypeError(
+            "`dense_module` must be an unsharded nn.Module with the same architecture as the sharded one (build it "
+            f"with the same constructor, on the meta device to save memory), got {type(dense_module).__name__}."
+        )
+    shapes = {k: tuple(p.shape) for k, p in dense_module.named_parameters()}
+    for k, p in params.items():
+        if shapes.get(k) != tuple(p.shape):
+            raise ValueError(
+                f"`dense_module` does not match the sharded module: parameter {k!r} has shape {shapes.get(k)} there "
+                f"and global shape {tuple(p.shape)} in the sharded module. Build both with the same constructor."
+            )

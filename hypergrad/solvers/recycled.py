@@ -1,0 +1,156 @@
+"""Many right-hand sides, one matrix: a Lanczos basis built once per operator and recycled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, cast
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int, check_positive
+from .._typing import MatVec, TreeOrTensor
+from ._base import AbstractLinearSolver, Solution, Status, _tolerance
+from ._lanczos import LowRankInverse, flat_matvec, flattener, lanczos, ritz_pairs
+from ._operator_cache import OperatorCache
+from .minres import MINRES
+from .pcg import pcg_flat
+
+__all__ = ["RecycledLanczos"]
+
+
+@dataclass(frozen=True)
+class RecycledLanczos(AbstractLinearSolver):
+    r"""Krylov recycling: one Lanczos factorisation per operator serves every right-hand side.
+
+    On the first solve with an operator object it runs ``basis_size`` = :math:`m` Lanczos steps
+    (full reorthogonalisation) from the residual :math:`r_0`, which gives both the minimal-residual
+    solution in :math:`x_0 + \mathcal K_m(A, r_0)` and, from :math:`A V_m = V_{m+1}\bar H_m`, the Ritz
+    pairs :math:`(\theta_i, u_i)`. It keeps the deflation preconditioner
+
+    .. math::
+
+        M^{-1} = U\,|\Theta|^{-1}U^\top + \frac{1}{|\theta|_{\min}}\,(I - UU^\top).
+
+    Every later solve with the *same operator object* starts from the recycled guess
+    :math:`x = x_0 + M^{-1} r_0` (no matvec), checks its true residual (one matvec) and, unless that
+    already meets the tolerance, refines with preconditioned CG (at most ``max_steps`` steps).
+    When the recycled basis is not good enough - PCG meets negative curvature (an indefinite
+    system: the Ritz values have both signs) or misses the tolerance - it falls back to a fresh
+    ``fallback`` solve (MINRES with the same budget by default) warm-started at the best iterate.
+    Nothing is applied silently: the returned status is that of the last solver run, and
+    ``stats`` records ``recycled``, ``fallback``, ``setup_matvecs`` (the basis, or the residual
+    check of the recycled guess) and the Ritz values.
+
+    The cache is tied to the operator object by a weak reference (never ``id()``); pass the same
+    operator object for solves that share the matrix, and a new object (a new Hessian batch, new
+    lower parameters) when it changes. A matrix changed in place under the same object is caught by
+    the residual check and costs steps, not accuracy. :meth:`reset` forgets the basis.
+
+    Args:
+        basis_size: Lanczos steps :math:`m` of the factorisation (>= 1).
+        max_steps: PCG steps per solve after the recycled guess (>= 1).
+        rtol: relative tolerance on :math:`\|r\|/\|b\|` (0: fixed budget, no host sync in PCG).
+        atol: absolute tolerance on :math:`\|r\|`.
+        fallback: the solver used when recycling fails; ``None``: ``MINRES(max_steps, rtol, atol)``.
+
+    Returns:
+        A :class:`~hypergrad.solvers.Solution`.
+
+    Example:
+        >>> import torch
+        >>> from hypergrad import RecycledLanczos
+        >>> A = torch.diag(torch.cat([torch.tensor([50.0, 20.0, 10.0]), torch.ones(7)])).double()
+        >>> solver, op = RecycledLanczos(basis_size=4, max_steps=10, rtol=1e-10), lambda v: A @ v
+        >>> first = solver(op, torch.ones(10, dtype=torch.float64))
+        >>> second = solver(op, torch.linspace(-1, 1, 10, dtype=torch.float64))
+        >>> first.num_matvecs, second.num_matvecs, second.converged, second.stats["recycled"]
+        (4, 1, True, True)
+
+    References:
+        Parks, de Sturler, Mackey, Johnson & Maiti (2006), Recycling Krylov subspaces for sequences
+        of linear systems. SIAM J. Sci. Comput. 28(5).
+        Saad, Yeung, Erhel & Guyomarc'h (2000), A deflated version of the conjugate gradient
+        algorithm. SIAM J. Sci. Comput. 21(5).
+    """
+
+    basis_size: int = 8
+    max_steps: int = 10
+    rtol: float = 0.0
+    atol: float = 0.0
+    fallback: Optional[AbstractLinearSolver] = None
+    _cache: OperatorCache = field(default_factory=OperatorCache, init=False, repr=False, compare=False)
+
+    symmetric_only = True
+
+    def __post_init__(self) -> None:
+        check_int("basis_size", self.basis_size, owner="RecycledLanczos")
+        check_int("max_steps", self.max_steps, owner="RecycledLanczos")
+        check_positive("rtol", self.rtol, allow_zero=True, owner="RecycledLanczos")
+        check_positive("atol", self.atol, allow_zero=True, owner="RecycledLanczos")
+        if self.fallback is not None and not isinstance(self.fallback, AbstractLinearSolver):
+            raise TypeError(
+                "RecycledLanczos: `fallback` must be None or a hypergrad solver such as "
+                f"hypergrad.MINRES(max_steps=20), got {type(self.fallback).__name__}."
+            )
+
+    def reset(self) -> None:
+        """Forget the recycled basis (the next solve builds a new one)."""
+        self._cache.clear()
+
+    def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
+        ravel, unravel = flattener(b)
+        mv = flat_matvec(matvec, b)
+        bf = ravel(b)
+        x = ravel(x0) if x0 is not None else torch.zeros_like(bf)
+        r = bf - mv(x) if x0 is not None else bf
+        used = int(x0 is not None)
+        check = self.rtol > 0 or self.atol > 0
+        tol = _tolerance(torch.linalg.vector_norm(bf), self.rtol, self.atol)
+        if check and bool(torch.linalg.vector_norm(r) <= tol):
+            return Solution(unravel(x), Status.SUCCESS, 0, used, float(torch.linalg.vector_norm(r)), _stats(0))
+        inv: LowRankInverse | None = self._cache.get(matvec, b)
+        recycled = inv is not None
+        if inv is None:
+            k = lanczos(mv, r, self.basis_size)
+            setup = k.size
+            if not bool(torch.isfinite(k.H).all()):
+                nan = torch.full_like(bf, float("nan"))
+                return Solution(unravel(nan), Status.NONFINITE, 0, used + setup, float("nan"), _stats(setup))
+            # minimal residual in x0 + K_m: y = argmin || beta0 e1 - H y ||; r = r0 - V_{m+1} H y exactly
+            rhs = torch.zeros(k.H.shape[0], dtype=torch.float64, device=k.H.device)
+            rhs[0] = k.beta0.to(torch.float64)
+            y = torch.linalg.lstsq(k.H, rhs.unsqueeze(1)).solution.squeeze(1)
+            x = x + k.V[: k.size].T @ y.to(bf.dtype)
+            r = r - k.V.T @ (k.H @ y).to(bf.dtype)
+            theta, U = ritz_pairs(k)
+            inv = LowRankInverse(U, theta)
+            self._cache.put(matvec, b, inv)
+        else:
+            x = x + inv(r)
+            r = bf - mv(x)
+            setup = 1
+        used += setup
+        stats = _stats(setup, recycled, inv)
+        res = torch.linalg.vector_norm(r)
+        if check and bool(res <= tol):
+            return Solution(unravel(x), Status.SUCCESS, 0, used, float(res), stats)
+        if inv.all_positive:
+            sol = pcg_flat(mv, bf, x, r, inv, self.max_steps, self.rtol, self.atol)
+            used += sol.num_matvecs
+            stats["min_curvature"] = sol.stats["min_curvature"]
+            if not sol.failed:
+                return Solution(unravel(cast(Tensor, sol.x)), sol.status, sol.num_steps, used, sol.residual_norm, stats)
+            if sol.status is not Status.NONFINITE:
+                x = cast(Tensor, sol.x) if sol.residual_norm is not None and sol.residual_norm < float(res) else x
+        fallback = self.fallback or MINRES(max_steps=self.max_steps, rtol=self.rtol, atol=self.atol)
+        sol = fallback(matvec, b, unravel(x))
+        stats["fallback"] = type(fallback).__name__
+        return Solution(sol.x, sol.status, sol.num_steps, used + sol.num_matvecs, sol.residual_norm, stats)
+
+
+def _stats(setup: int, recycled: bool = False, inv: LowRankInverse | None = None) -> dict:
+    out: dict = {"setup_matvecs": setup, "recycled": recycled, "fallback": None}
+    if inv is not None:
+        out["ritz_values"] = [float(t) for t in inv.theta]
+    return out
