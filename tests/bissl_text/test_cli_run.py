@@ -8,6 +8,8 @@ import os
 import torch
 
 from applications.bissl.cli import main
+from applications.bissl.text.finetune import STATE_KIND
+from hypergrad import load_checkpoint
 
 
 def test_tiny_preset_runs_end_to_end(tmp_path, capsys):
@@ -22,7 +24,7 @@ def test_tiny_preset_runs_end_to_end(tmp_path, capsys):
     bpc = data["meta"]["bpc"]
     assert bpc["pretrained"] < bpc["random init"]  # pretraining learned something
     assert abs(bpc["random init"] - torch.log2(torch.tensor(29.0)).item()) < 0.2  # ~ uniform over 29 tokens
-    state = torch.load(run / "bissl" / "reuters_r8" / "lower_backbone.pt", weights_only=True)
+    state = load_checkpoint(run / "bissl" / "reuters_r8" / "lower_backbone.pt", expected_kind=STATE_KIND)
     assert set(state) == {"backbone", "lm_head", "upper_backbone", "head"}
     stage = json.loads((run / "bissl" / "reuters_r8" / "stage.json").read_text())
     assert stage["inner_skipped"] == 0 and stage["outer_skipped"] == 0
@@ -76,8 +78,8 @@ def test_lora_stage_couples_and_trains_adapters_only(tmp_path):
         "1",
     ]
     assert main(args) == 0
-    state = torch.load(
-        tmp_path / "text-tiny" / "lora2" / "bissl" / "election_tweets" / "lower_backbone.pt", weights_only=True
+    state = load_checkpoint(
+        tmp_path / "text-tiny" / "lora2" / "bissl" / "election_tweets" / "lower_backbone.pt", expected_kind=STATE_KIND
     )
     from safetensors.torch import load_file
 
