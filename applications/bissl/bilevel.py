@@ -85,8 +85,8 @@ def make_outer_loss(gamma: float) -> Callable[[nn.Module, nn.Module, Any], Tenso
         >>> loss.shape, bool(loss.detach() > 0)
         (torch.Size([]), True)
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
-        raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 <= gamma < float("inf")):
+        raise ValueError(f"`gamma` must be a finite number >= 0 (--gamma), got {gamma!r}.")
 
     def outer_loss(inner: nn.Module, outer: nn.Module, batch: Any) -> Tensor:
         x, y = batch

@@ -170,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Fashion-MNIST), demo (minutes on 2 CPU cores, offline), tiny (seconds, tests).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run,ablate}")
     add_pretrain_args(sub)
     _add_bissl_command(sub)
     _add_finetune_command(sub)
     _add_run_command(sub)
+    _add_ablate_command(sub)
     for extend in EXTENSIONS:
         extend(sub)
     return parser
@@ -269,6 +270,38 @@ def _add_run_command(sub: Any) -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=_cmd_run)
     return sp
+
+
+def _add_ablate_command(sub: Any) -> argparse.ArgumentParser:
+    sp = sub.add_parser(
+        "ablate",
+        help="one BiSSL setting changed at a time (lam, damping, CG steps, N_L/N_U); one table",
+        description="From the preset's pretrained checkpoint, run the BiSSL stage for the preset and for each "
+        "variant of --grid, fine-tune each, and write <out-dir>/<preset>/ablation.{md,json}.",
+    )
+    sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
+    sp.add_argument(
+        "--grid",
+        default=None,
+        help="factor=v1,v2;... with factors lam, damping, cg_steps (0 = hypergrad.Identity), steps (N_L/N_U); "
+        "default 'lam=1e-3,1e-2;damping=10,100;cg_steps=0,5;steps=8/4,4/8'",
+    )
+    sp.add_argument("--tasks", default=None, help="downstream task (default: the preset's first)")
+    sp.add_argument("--no-resume", action="store_true", help="start every stage afresh")
+    _add(sp, _COMMON, "data, output, model")
+    _add(sp, _BISSL, "BiSSL stage")
+    _add(sp, _FINETUNE, "fine-tuning protocol")
+    sp.set_defaults(func=_cmd_ablate)
+    return sp
+
+
+def _cmd_ablate(args: Any) -> int:
+    from .ablate import DEFAULT_GRID, parse_grid, run_ablation
+
+    grid = parse_grid(args.grid or DEFAULT_GRID)
+    cfg = check_environment(config_from_args(args))
+    run_ablation(cfg, grid, resume=not args.no_resume)
+    return 0
 
 
 def _solver(args: Any, current: Any) -> Any:

@@ -13,9 +13,10 @@ Presets (:func:`get_preset`):
 
 * ``paper`` - the authors' protocol (ResNet-50, 96 px, batch 1024/256, 500 epochs, 500 alternations,
   100 HPO trials, 10 runs, per-data-set upper lr/wd); needs GPUs and the data sets on disk.
-* ``mini`` - a faithful small-scale replication on CPU: pretext on Fashion-MNIST (train split,
-  labels unused), downstream digits, Fashion-MNIST with 20 labels per class and inverted
-  Fashion-MNIST with 20 labels per class, 10 seeds.
+* ``mini`` - the small replication protocol on CPU: pretext on Fashion-MNIST (train split, labels
+  unused); three arms from the same checkpoint (baseline, compute-matched control, BiSSL); three
+  downstream tasks that differ from the pretext data - digits with 30 labels per class, the same
+  inverted, and inverted Fashion-MNIST with 20 labels per class; 10 paired seeds.
 * ``demo`` - the end-to-end job on offline data, a transfer experiment on every machine: pretext
   on Fashion-MNIST when its files are installed (``bash run.sh demo`` installs them where it can),
   otherwise on patches of scikit-learn's sample photographs; downstream sklearn digits. A few
@@ -389,11 +390,11 @@ def _mini() -> PipelineConfig:
             arch="resnet18", small_stem=True, width=8, in_channels=1, image_size=16, proj_dims=64, pred_hidden=64
         ),
         pretrain=PretrainConfig(
-            dataset="fashion_mnist", epochs=4, batch_size=256, lr=1.0, warmup_epochs=1, max_samples=8000
+            dataset="fashion_mnist", epochs=10, batch_size=256, lr=1.0, warmup_epochs=1, max_samples=8000
         ),
         bissl=BiSSLConfig(
-            downstream="digits",
-            alternations=6,
+            downstream="digits@30",
+            alternations=12,
             lower_steps=10,
             upper_steps=4,
             head_warmup_epochs=5,
@@ -402,8 +403,8 @@ def _mini() -> PipelineConfig:
             downstream_batch=64,
             reuse_operator=True,
         ),
-        finetune=FinetuneConfig(epochs=5, batch_size=128, hpo_trials=6, hpo_epochs=3, num_runs=10),
-        downstream=("digits", "fashion_mnist@20", "fashion_mnist_inv@20"),
+        finetune=FinetuneConfig(epochs=15, batch_size=32, hpo_trials=6, hpo_epochs=8, num_runs=10),
+        downstream=("digits@30", "digits_inv@30", "fashion_mnist_inv@20"),
         max_test_samples=2000,
         threads=1,
         arms=("pretext", "control", "bissl"),

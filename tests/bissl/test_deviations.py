@@ -287,3 +287,28 @@ def test_demo_pretext_differs_from_its_downstream_data(monkeypatch, fm):
     downstream = {parse_task(t).dataset for t in cfg.downstream} | {parse_task(cfg.bissl.downstream).dataset}
     assert cfg.pretrain.dataset not in downstream
     assert cfg.pretrain.dataset == ("fashion_mnist" if fm else "photo_patches")
+
+
+# --- issue 9: a stage whose every upper step was skipped fails with the reason ---------------
+
+
+def test_stage_with_every_upper_step_skipped_fails_with_the_reason(tmp_path, monkeypatch):
+    import applications.bissl.bilevel as bilevel
+    from applications.bissl.cli import main
+
+    real = bilevel.make_outer_loss
+
+    def nan_loss(gamma):
+        f = real(gamma)
+        return lambda inner, outer, batch: f(inner, outer, batch) * float("nan")
+
+    monkeypatch.setattr(bilevel, "make_outer_loss", nan_loss)
+    cfg = _cfg(tmp_path, alternations=1, lower_steps=1, upper_steps=2)
+    torch.save(build_pretrain_model(cfg).checkpoint_state(), tmp_path / "pre.pt")
+    monkeypatch.setattr(stage, "_warmup_head", lambda *a, **k: 0.0)
+    with pytest.raises(RuntimeError, match="every one of the 2 upper steps"):
+        stage.run_bissl(cfg, str(tmp_path / "pre.pt"), resume=False)
+    argv = ["bissl", "--preset", "tiny", "--out-dir", str(tmp_path), "--pretrained", str(tmp_path / "pre.pt")]
+    assert main([*argv, "--alternations", "1", "--upper-steps", "2", "--no-resume"]) == 1
+    with pytest.raises(ValueError, match="gamma"):
+        real(float("nan"))
