@@ -28,6 +28,7 @@ def test_tiny_preset_runs_end_to_end(tmp_path, capsys):
     assert set(state) == {"backbone", "lm_head", "upper_backbone", "head"}
     stage = json.loads((run / "bissl" / "reuters_r8" / "stage.json").read_text())
     assert stage["inner_skipped"] == 0 and stage["outer_skipped"] == 0
+    assert stage["solves"] == 2 * 2 and 0 <= stage["solves_failed"] <= stage["solves"]  # tiny: 2 x 2 upper steps
     assert stage["bpc_before"] == bpc["pretrained"] or abs(stage["bpc_before"] - bpc["pretrained"]) < 1e-6
     # theta_P moved away from the pretrained weights, theta_D too, and differently
     lower, upper = state["backbone"], state["upper_backbone"]

@@ -221,7 +221,7 @@ def bissl_text(
         # `local_negatives` is the image path's Hessian-batch flag (no all_gather inside torch.func); a
         # next-token loss has no negatives, so it only marks the batch.
         problem.new_hessian_batch(PretextBatch(x.to(dev), y.to(dev), local_negatives=True))
-        hvps, outer_losses, failed = 0, [], 0
+        hvps, outer_losses, failed, solves = 0, [], 0, 0
         for u in range(b.upper_steps):
             idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
             batch = (x_up[idx].to(dev), y_up[idx].to(dev))
@@ -231,7 +231,11 @@ def bissl_text(
             if rec.outer_loss is not None:
                 outer_losses.append(rec.outer_loss)
             if rec.solve is not None:
+                solves += 1
                 failed += int(rec.solve.failed)
+        # totals over the stage (kept in the resume checkpoint with `info`)
+        info["solves"] = info.get("solves", 0) + solves
+        info["solves_failed"] = info.get("solves_failed", 0) + failed
         if main:
             row = {
                 "lower_loss": inner_losses[-1] if inner_losses else float("nan"),
@@ -254,6 +258,12 @@ def bissl_text(
     info["bpc_after"] = bits_per_token(lower, eval_ids, L)
     info["stage_time_s"] = time.perf_counter() - t_stage
     info["inner_skipped"], info["outer_skipped"] = problem.inner_skipped, problem.outer_skipped
+    if main and info.get("solves_failed"):
+        echo(
+            f"[bissl {task}] warning: {info['solves_failed']} of {info['solves']} implicit-gradient solves failed "
+            "(applied under hypergrad's on_failure='warn'; e.g. I + H/(lam+damping) not positive definite): "
+            "raise --damping or use --solver dense / more --solver-steps."
+        )
     out_path = os.path.join(out_dir, "lower_backbone.pt")
     if main:
         logger.close()
