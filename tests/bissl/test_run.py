@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import torch
 
@@ -25,7 +26,8 @@ def test_results_table_statistics():
     assert math.isnan(b["bissl_mean"]) and math.isnan(b["gap"])
     md = format_markdown(rows)
     assert (
-        "| a | 82.00 ± 2.00 | 86.00 ± 1.73 | +4.00 | 3 / 3 |" in md and "| b | 50.00 ± 0.00 | n/a | n/a | 1 / 0 |" in md
+        "| a | 82.00 ± 2.00 | 86.00 ± 1.73 | +4.00 [+1.52, +6.48] p=0.0202 MDE 3.10 | 3 / 3 |" in md
+        and "| b | 50.00 ± 0.00 | n/a | n/a | 1 / 0 |" in md
     )
 
 
@@ -63,3 +65,21 @@ def test_run_tiny_end_to_end(tmp_path, capsys):
     main(["run", "--preset", "tiny", "--out-dir", str(tmp_path), "--no-progress"])
     torch.set_num_threads(threads)
     assert (run_dir / "results.md").read_text() == md
+
+
+def test_paired_stats_match_scipy_paired_t_test():
+    from scipy import stats
+
+    from applications.bissl.results import paired_stats
+
+    a, b = [85.0, 85.0, 88.0, 90.0], [80.0, 82.0, 84.0, 89.0]
+    s = paired_stats(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert math.isclose(s["p"], float(ref.pvalue), rel_tol=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert math.isclose(s["ci_low"], float(ci.low), rel_tol=1e-9) and math.isclose(
+        s["ci_high"], float(ci.high), rel_tol=1e-9
+    )
+    d = [x - y for x, y in zip(a, b)]
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    assert math.isclose(s["mde"], (stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * se, rel_tol=1e-9)
