@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from applications.bissl.bilevel import HESSIAN, build_problem
+from applications.bissl.bilevel import PretextBatch, build_problem
 from applications.bissl.config import BiSSLConfig
 from applications.bissl.models import LinearHead
 from applications.bissl.text.model import add_lora, build_gpt, split_lm
@@ -32,7 +32,7 @@ def batches(seed: int = 1):
     xd[1, 3:] = PAD  # a padded document: the mask reaches attention and pooling
     xd[3, 2:] = PAD
     yd = torch.randint(0, 3, (4,), generator=g)
-    return (xp, yp, HESSIAN), (xd, yd)
+    return PretextBatch(xp, yp, local_negatives=True), (xd, yd)
 
 
 def tiny_problem(*, lora: int = 0, **cfg_kw):

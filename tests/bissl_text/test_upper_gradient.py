@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from applications.bissl.text.stage import math_attention
 from hypergrad import Dense
-from applications.bissl.text.stage import MATH_ATTENTION
 
 from .helpers import batches, tiny_problem
 
@@ -28,7 +28,7 @@ def _dense_reference(lower, upper, head, cfg, h_batch, d_batch):
     xp, yp, _ = h_batch
     xd, yd = d_batch
     params = [p for p in lower.backbone.parameters() if p.requires_grad]
-    with MATH_ATTENTION():
+    with math_attention():
         loss = lower(xp, yp)
         g1 = _flat(torch.autograd.grad(loss, params, create_graph=True))
         H = torch.stack([_flat(torch.autograd.grad(g1[i], params, retain_graph=True)) for i in range(len(g1))])
@@ -46,8 +46,7 @@ def test_upper_gradient_equals_dense_formula(lora):
     problem, lower, upper, head, cfg = tiny_problem(lora=lora, lam=0.3, damping=0.5, gamma=0.7, solver=Dense())
     h_batch, d_batch = batches()
     expected, n = _dense_reference(lower, upper, head, cfg, h_batch, d_batch)
-    with MATH_ATTENTION():
-        problem.hypergradient(d_batch, h_batch)
+    problem.hypergradient(d_batch, h_batch)  # hypergrad picks the attention backend itself
     trained = [p for p in upper.parameters() if p.requires_grad]
     got = _flat([p.grad for p in trained])
     assert got.shape == expected.shape == (n,)
@@ -56,8 +55,6 @@ def test_upper_gradient_equals_dense_formula(lora):
         assert all(p.grad is None for p in upper.parameters() if not p.requires_grad)
         assert n < sum(p.numel() for p in upper.parameters()) / 2
     # the implicit term is not negligible: the test would catch a missing or wrong solve
-    direct_only = cfg.gamma * _flat(
-        torch.autograd.grad(F.cross_entropy(head(upper(d_batch[0])), d_batch[1]), trained)
-    )
+    direct_only = cfg.gamma * _flat(torch.autograd.grad(F.cross_entropy(head(upper(d_batch[0])), d_batch[1]), trained))
     assert (expected - direct_only).norm() > 1e-3 * expected.norm()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)

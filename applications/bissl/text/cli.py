@@ -20,40 +20,70 @@ from typing import Any
 
 import torch
 
+from .. import cli as image_cli
 from .. import distributed as dist_utils
-from ..cli import _BISSL, _FINETUNE, _add, _add_solver, _solver
+from ..argtypes import finite_float, nonnegative_int, positive_int
+from ..cli import FLAG_TABLES, USER_ERRORS, _add_solver, _solver, add_flags
 from .config import TEXT_PRESETS, TextConfig, get_text_preset
 
-__all__ = ["MODALITIES", "split_modality", "build_parser", "config_from_args", "main"]
+__all__ = [
+    "MODALITIES",
+    "TEXT_COMMANDS",
+    "IMAGE_ONLY_FLAGS",
+    "split_modality",
+    "build_parser",
+    "config_from_args",
+    "main",
+]
 
 MODALITIES = ("image", "text")
+#: the sub-commands with a text version (the image CLI's ``--modality`` option is added to these).
+TEXT_COMMANDS = ("pretrain", "bissl", "finetune", "run")
+#: BiSSL-stage flags of the image CLI that the text stage does not implement; the text parser does
+#: not accept them (an unknown flag is an error, never a silently ignored setting).
+IMAGE_ONLY_FLAGS = (
+    "--head-warmup-mode",  # text: features of the frozen backbone in eval mode, computed once (no augmentation)
+    "--damping-mode",
+    "--curvature-steps",
+    "--lam-mode",
+    "--target-share",
+)
 
 _COMMON = {
     "--model-path": ("model.model_path", str, "local folder of a Hugging Face causal LM (default: a fresh GPT-2)"),
     "--tokenizer-path": ("model.tokenizer_path", str, "local tokenizer folder (default: the model's, else characters)"),
-    "--seq-len": ("model.seq_len", int, "tokens per sequence (<= the model's context)"),
-    "--n-layer": ("model.n_layer", int, "GPT-2 layers when built from a config"),
-    "--n-embd": ("model.n_embd", int, "GPT-2 width when built from a config"),
-    "--n-head": ("model.n_head", int, "GPT-2 attention heads when built from a config"),
-    "--lora-rank": ("model.lora_rank", int, "0: full-parameter BiSSL; r > 0: LoRA adapters of rank r (peft)"),
-    "--lora-alpha": ("model.lora_alpha", float, "LoRA alpha (default 2r)"),
+    "--seq-len": ("model.seq_len", positive_int, "tokens per sequence (<= the model's context)"),
+    "--n-layer": ("model.n_layer", positive_int, "GPT-2 layers when built from a config"),
+    "--n-embd": ("model.n_embd", positive_int, "GPT-2 width when built from a config"),
+    "--n-head": ("model.n_head", positive_int, "GPT-2 attention heads when built from a config"),
+    "--lora-rank": (
+        "model.lora_rank",
+        nonnegative_int,
+        "0: full-parameter BiSSL; r > 0: LoRA adapters of rank r (peft)",
+    ),
+    "--lora-alpha": ("model.lora_alpha", finite_float, "LoRA alpha (default 2r)"),
     "--data-root": ("data_root", str, "folder of your own sets (file:NAME CSV/JSONL, hf:NAME save_to_disk)"),
     "--text-column": ("text_column", str, "text column of file:/hf: sets (default text)"),
     "--label-column": ("label_column", str, "label column of file:/hf: sets (default label)"),
     "--out-dir": ("out_dir", str, "results folder; each preset writes to <out-dir>/text-<preset>"),
     "--log-dir": ("log_dir", str, "metrics folder (default <out-dir>/text-<preset>/logs)"),
     "--device": ("device", str, "cpu, cuda or cuda:N"),
-    "--threads": ("threads", int, "torch CPU threads"),
-    "--seed": ("seed", int, "base random seed"),
-    "--max-train-samples": ("max_train_samples", int, "cap every downstream training set"),
-    "--max-test-samples": ("max_test_samples", int, "evaluate on a seeded subset of this many test documents"),
+    "--threads": ("threads", positive_int, "torch CPU threads"),
+    "--seed": ("seed", nonnegative_int, "base random seed"),
+    "--max-train-samples": ("max_train_samples", positive_int, "cap every downstream training set"),
+    "--max-test-samples": ("max_test_samples", positive_int, "evaluate on a seeded subset of this many test documents"),
 }
 _PRETRAIN = {
-    "--pretrain-steps": ("pretrain.steps", int, "next-token pretraining steps"),
-    "--pretrain-batch": ("pretrain.batch_size", int, "pretraining windows per step"),
-    "--pretrain-lr": ("pretrain.lr", float, "pretraining AdamW lr"),
-    "--pretrain-max-chars": ("pretrain.max_chars", int, "use the first N characters of the corpus"),
+    "--pretrain-steps": ("pretrain.steps", positive_int, "next-token pretraining steps"),
+    "--pretrain-batch": ("pretrain.batch_size", positive_int, "pretraining windows per step"),
+    "--pretrain-lr": ("pretrain.lr", finite_float, "pretraining AdamW lr"),
+    "--pretrain-max-chars": ("pretrain.max_chars", positive_int, "use the first N characters of the corpus"),
 }
+
+#: the image CLI's BiSSL-stage flags the text stage implements (``--lower-lr`` is AdamW's lr here).
+_BISSL = {k: v for k, v in FLAG_TABLES["bissl"].items() if k not in IMAGE_ONLY_FLAGS}
+_BISSL["--lower-lr"] = ("bissl.lower_lr", finite_float, "lower-level AdamW lr")
+_FINETUNE = FLAG_TABLES["finetune"]
 
 
 def split_modality(argv: list[str]) -> tuple[str, list[str]]:
@@ -81,10 +111,31 @@ def split_modality(argv: list[str]) -> tuple[str, list[str]]:
     return modality, rest
 
 
+def add_modality_option(sub: Any) -> None:
+    """:data:`applications.bissl.cli.EXTENSIONS` hook: document ``--modality`` on the image sub-commands.
+
+    :func:`applications.bissl.cli.main` removes ``--modality`` (:func:`split_modality`) before parsing and
+    hands ``text`` command lines to :func:`main`, so the option only shows in ``--help`` there.
+    """
+    for name in TEXT_COMMANDS:
+        sp = sub.choices.get(name)
+        if sp is not None:
+            sp.add_argument(
+                "--modality",
+                choices=MODALITIES,
+                default="image",
+                help="image (default) or text: BiSSL for language models (applications/bissl/text, own flags)",
+            )
+
+
+if add_modality_option not in image_cli.EXTENSIONS:
+    image_cli.EXTENSIONS.append(add_modality_option)
+
+
 def _common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--preset", default="cpu", choices=sorted(TEXT_PRESETS), help="text preset (default cpu)")
     sp.add_argument("--no-resume", action="store_true", help="start afresh even if outputs exist")
-    _add(sp, _COMMON, "model, data, output")
+    add_flags(sp, _COMMON, "model, data, output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,17 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m applications.bissl ... --modality text",
         description="Text BiSSL: GPT next-token pretext on Shakespeare, BiSSL stage, fine-tuning on text classification.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run}")
     sp = sub.add_parser("pretrain", help="next-token pretraining (stage 1)")
     _common(sp)
-    _add(sp, _PRETRAIN, "pretraining")
+    add_flags(sp, _PRETRAIN, "pretraining")
     sp.set_defaults(func=_cmd_pretrain)
 
     sp = sub.add_parser("bissl", help="the BiSSL stage for one downstream task (stage 2)")
     _common(sp)
     sp.add_argument("--d-dset", default=None, dest="task", help="downstream task (reuters_r8, file:NAME, hf:NAME ...)")
     sp.add_argument("--pretrained", default=None, help="pretrained model folder (default: the pretrain stage's)")
-    _add(sp, _BISSL, "BiSSL stage")
+    add_flags(sp, _BISSL, "BiSSL stage")
     _add_solver(sp)
     sp.set_defaults(func=_cmd_bissl)
 
@@ -114,19 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backbone", default=None, help="BiSSL state (default: the stage's lower_backbone.pt)")
     sp.add_argument("--pretrained", default=None, help="pretrained model folder (default: the pretrain stage's)")
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1)
-    sp.add_argument("--lr", type=float, default=None, dest="finetune__lr")
-    sp.add_argument("--wd", type=float, default=None, dest="finetune__weight_decay")
-    sp.add_argument("--epochs", type=int, default=None, dest="finetune__epochs")
-    _add(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
+    sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
+    sp.add_argument(
+        "--wd", type=finite_float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
+    )
+    sp.add_argument(
+        "--epochs", type=positive_int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run"
+    )
+    add_flags(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
     sp.set_defaults(func=_cmd_finetune)
 
     sp = sub.add_parser("run", help="all stages, ending with the results table")
     _common(sp)
     sp.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: the preset's)")
-    _add(sp, _PRETRAIN, "pretraining")
-    _add(sp, _BISSL, "BiSSL stage")
+    add_flags(sp, _PRETRAIN, "pretraining")
+    add_flags(sp, _BISSL, "BiSSL stage")
     _add_solver(sp)
-    _add(sp, _FINETUNE, "fine-tuning protocol")
+    add_flags(sp, _FINETUNE, "fine-tuning protocol")
     sp.set_defaults(func=_cmd_run)
     return parser
 
@@ -136,8 +192,12 @@ def config_from_args(args: Any) -> TextConfig:
     cfg = get_text_preset(args.preset)
     sections: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
-        if value is None or dest in ("func", "command", "preset", "task", "tasks", "pretrained", "backbone"):
+        if value is None or dest in ("func", "command", "preset", "task", "tasks", "pretrained", "backbone", "debug"):
             continue
+        if dest == "lars_exclude_1d":
+            raise ValueError(
+                "--lars-exclude-1d configures the image path's LARS; the text lower level uses AdamW: drop the flag."
+            )
         if "__" in dest:
             section, name = dest.split("__", 1)
             sections.setdefault(section, {})[name] = value
@@ -190,7 +250,7 @@ def _cmd_finetune(args: Any) -> int:
     from .finetune import finetune_text
 
     cfg = config_from_args(args)
-    state = args.backbone or os.path.join(cfg.run_dir, "bissl", args.task.replace(":", "_"), "lower_backbone.pt")
+    state = args.backbone or os.path.join(cfg.variant_dir, "bissl", args.task.replace(":", "_"), "lower_backbone.pt")
     if dist_utils.is_main_process():
         r = finetune_text(
             cfg,
@@ -200,7 +260,9 @@ def _cmd_finetune(args: Any) -> int:
             state if args.backbone_origin == "bissl" else None,
             use_hpo=bool(args.use_hpo),
         )
-        print(f"{args.task} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over {len(r['test_top1'])} runs")
+        print(
+            f"{args.task} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over {len(r['test_top1'])} runs"
+        )
     dist_utils.barrier()
     return 0
 
@@ -213,10 +275,33 @@ def _cmd_run(args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (without ``--modality``) and run the text command; returns the exit code."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Parse ``argv`` (without ``--modality``) and run the text command; returns the exit code.
+
+    As in the image CLI: user mistakes print ``<prog> <command>: error: <one line>`` on stderr and
+    return 2, a run-time failure returns 1, ``--debug`` re-raises with the traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    prog = f"{parser.prog} {args.command}"
     dist_utils.init_distributed()
     try:
         return args.func(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     finally:
         dist_utils.cleanup_distributed()
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename!r}"
+    return text

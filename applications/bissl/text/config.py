@@ -5,7 +5,11 @@ The BiSSL stage and the fine-tuning protocol reuse the image path's
 (same fields, same meaning). Differences of the text path, all visible here: the lower level and
 pretraining use AdamW (LARS is a large-batch ResNet optimiser; ``lower_lr`` / ``lower_wd`` are
 AdamW's), the upper level and fine-tuning keep the authors' SGD (momentum 0.9, cosine), and the
-batch sizes count sequences of ``seq_len`` tokens.
+batch sizes count sequences of ``seq_len`` tokens. The head warm-up is the ``head_warmup_mode="eval"``
+variant (features of the frozen backbone, computed once: text has no augmentation), and the stage keeps
+the paper's constant ``lam`` / ``damping`` (:func:`~applications.bissl.text.stage.check_text_bissl`
+refuses the image path's adaptive modes). ``upper_split="train"`` keeps fine-tuning's validation
+documents out of the stage, as in the image path.
 
 Presets:
 
@@ -99,7 +103,7 @@ class TextConfig:
     name: str = "cpu"
     model: TextModelConfig = field(default_factory=TextModelConfig)
     pretrain: TextPretrainConfig = field(default_factory=TextPretrainConfig)
-    bissl: BiSSLConfig = field(default_factory=BiSSLConfig)
+    bissl: BiSSLConfig = field(default_factory=lambda: BiSSLConfig(head_warmup_mode="eval"))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     downstream: tuple[str, ...] = ("reuters_r8", "election_tweets")
     data_root: str = "data"
@@ -119,8 +123,15 @@ class TextConfig:
         return os.path.join(self.out_dir, f"text-{self.name}")
 
     @property
+    def variant_dir(self) -> str:
+        """Where the BiSSL stage, fine-tuning and results go: ``run_dir``, or ``run_dir/lora<r>`` with LoRA
+        (the pretrained model in ``run_dir/pretrain`` is shared by both)."""
+        r = self.model.lora_rank
+        return os.path.join(self.run_dir, f"lora{r}") if r else self.run_dir
+
+    @property
     def logs(self) -> str:
-        return self.log_dir or os.path.join(self.run_dir, "logs")
+        return self.log_dir or os.path.join(self.variant_dir, "logs")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -134,6 +145,7 @@ def _tiny() -> TextConfig:
         model=TextModelConfig(n_layer=1, n_embd=16, n_head=2, seq_len=32),
         pretrain=TextPretrainConfig(steps=15, batch_size=8, warmup_steps=2, max_chars=200_000, eval_chars=2000),
         bissl=BiSSLConfig(
+            head_warmup_mode="eval",
             alternations=2,
             lower_steps=2,
             upper_steps=2,
@@ -146,6 +158,7 @@ def _tiny() -> TextConfig:
             pretext_batch=8,
             downstream_batch=16,
             solver=CG(max_steps=2),
+            reuse_operator=True,
         ),
         finetune=FinetuneConfig(epochs=1, batch_size=16, hpo_trials=2, num_runs=2, val_fraction=0.25),
         downstream=("reuters_r8", "election_tweets"),
@@ -159,25 +172,28 @@ def _cpu() -> TextConfig:
     return TextConfig(
         name="cpu",
         model=TextModelConfig(n_layer=2, n_embd=64, n_head=4, seq_len=64),
-        pretrain=TextPretrainConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=30, eval_chars=20000),
+        pretrain=TextPretrainConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=20, eval_chars=20000),
         bissl=BiSSLConfig(
-            alternations=15,
-            lower_steps=10,
+            head_warmup_mode="eval",
+            alternations=8,
+            lower_steps=8,
             upper_steps=4,
+            solver=CG(max_steps=3),
+            reuse_operator=True,
             head_warmup_epochs=5,
             lower_lr=1e-3,
             lower_wd=0.01,
-            lower_warmup_steps=10,
+            lower_warmup_steps=8,
             upper_lr=0.05,
             upper_wd=1e-4,
             pretext_batch=32,
             downstream_batch=32,
         ),
-        finetune=FinetuneConfig(epochs=3, batch_size=32, hpo_trials=4, num_runs=3, val_fraction=0.2),
+        finetune=FinetuneConfig(epochs=2, batch_size=32, hpo_trials=3, num_runs=3, val_fraction=0.2),
         downstream=("reuters_r8", "election_tweets"),
         threads=1,
-        max_train_samples=600,
-        max_test_samples=600,
+        max_train_samples=400,
+        max_test_samples=500,
     )
 
 
@@ -187,6 +203,7 @@ def _gpu() -> TextConfig:
         model=TextModelConfig(n_layer=12, n_embd=768, n_head=12, seq_len=256),
         pretrain=TextPretrainConfig(steps=20000, batch_size=64, lr=6e-4, weight_decay=0.1, warmup_steps=1000),
         bissl=BiSSLConfig(
+            head_warmup_mode="eval",
             alternations=500,
             lower_steps=20,
             upper_steps=8,

@@ -20,12 +20,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..finetune import ORIGINS, Trial, random_search, sample_trials
+from ..checkpoints import read_checkpoint
+from ..config import FinetuneConfig
+from ..finetune import Trial, random_search, sample_trials
 from ..models import LinearHead
 from .config import TextConfig
 from .setup import TaskTensors, device_of, load_lm, maybe_lora, task_tensors
 
-__all__ = ["evaluate_text", "train_text_classifier", "finetune_text"]
+__all__ = ["ORIGINS", "STATE_KIND", "hpo_split", "evaluate_text", "train_text_classifier", "finetune_text"]
+
+#: backbones the text protocol fine-tunes (the image path's ``control`` arm has no text version).
+ORIGINS = ("pretext", "bissl")
+#: ``hypergrad.save_checkpoint`` kind of the text BiSSL stage's output ``lower_backbone.pt``.
+STATE_KIND = "text-bissl-state"
+
+
+def hpo_split(n: int, ft: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` indices of a task's ``n`` training documents: the one seeded split of the text path.
+
+    Fine-tuning's random search trains on ``train`` and scores on ``val``; the BiSSL stage's upper
+    level and head warm-up see only ``train`` (``upper_split="train"``), so the documents that select
+    the hyper-parameters stay unseen before fine-tuning.
+
+    Example:
+        >>> tr, val = hpo_split(10, FinetuneConfig(val_fraction=0.2, seed=0))
+        >>> len(tr), len(val), sorted(set(tr.tolist()) | set(val.tolist())) == list(range(10))
+        (8, 2, True)
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(ft.seed))
+    k = max(1, int(round(n * ft.val_fraction)))
+    return perm[k:], perm[:k]
 
 
 @torch.no_grad()
@@ -33,7 +57,10 @@ def evaluate_text(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
     """Top-1 accuracy (%) of ``model`` on ids ``x`` with labels ``y``."""
     dev = next(model.parameters()).device
     model.eval()
-    correct = sum(int((model(x[i : i + batch].to(dev)).argmax(1).cpu() == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(
+        int((model(x[i : i + batch].to(dev)).argmax(1).cpu() == y[i : i + batch]).sum())
+        for i in range(0, len(y), batch)
+    )
     return 100.0 * correct / max(len(y), 1)
 
 
@@ -81,7 +108,12 @@ def _backbone(cfg: TextConfig, pretrain_dir: str, state_path: str | None):
     _, lm, tok = load_lm(cfg, pretrain_dir)
     maybe_lora(cfg, lm)
     if state_path is not None:
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = read_checkpoint(state_path, "text BiSSL state", "Pass the text `bissl` stage's lower_backbone.pt.")
+        if not isinstance(st, dict) or "backbone" not in st or "lm_head" not in st:
+            raise ValueError(
+                f"{state_path!r} is not the text BiSSL stage's output (no 'backbone' / 'lm_head'); pass its "
+                "lower_backbone.pt (--backbone)."
+            )
         lm.backbone.load_state_dict(st["backbone"])
     return lm.backbone.to(device_of(cfg)), tok
 
@@ -114,7 +146,9 @@ def finetune_text(
     if origin not in ORIGINS:
         raise ValueError(f"`origin` must be one of {ORIGINS} (--backbone-origin), got {origin!r}.")
     if origin == "bissl" and (bissl_state is None or not os.path.exists(bissl_state)):
-        raise FileNotFoundError(f"BiSSL state {bissl_state!r} not found; run the `bissl` stage first (or pass --backbone).")
+        raise FileNotFoundError(
+            f"BiSSL state {bissl_state!r} not found; run the `bissl` stage first (or pass --backbone)."
+        )
     ft = cfg.finetune
     backbone, tok = _backbone(cfg, pretrain_dir, bissl_state if origin == "bissl" else None)
     data = data or task_tensors(cfg, task, tok)
@@ -122,14 +156,17 @@ def finetune_text(
     common = dict(epochs=ft.epochs, batch_size=ft.batch_size, momentum=ft.momentum)
     lr, wd, scored = ft.lr, ft.weight_decay, []
     if use_hpo and ft.hpo_trials > 0:
-        n = len(data.y_train)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(ft.seed))
-        k = max(1, int(round(n * ft.val_fraction)))
-        val, tr = perm[:k], perm[k:]
+        tr, val = hpo_split(len(data.y_train), ft)
 
         def objective(lr_: float, wd_: float) -> float:
             model = train_text_classifier(
-                backbone, n_cls, data.x_train[tr], data.y_train[tr], lr=lr_, weight_decay=wd_, seed=ft.seed,
+                backbone,
+                n_cls,
+                data.x_train[tr],
+                data.y_train[tr],
+                lr=lr_,
+                weight_decay=wd_,
+                seed=ft.seed,
                 **{**common, "epochs": ft.hpo_epochs or ft.epochs},
             )
             if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -154,7 +191,7 @@ def finetune_text(
         "mean": statistics.fmean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
     }
-    out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", task.replace(":", "_"), origin)
+    out_dir = out_dir or os.path.join(cfg.variant_dir, "finetune", task.replace(":", "_"), origin)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)

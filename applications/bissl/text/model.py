@@ -96,9 +96,7 @@ def _untie(model: nn.Module) -> None:
     model.config.tie_word_embeddings = False
 
 
-def build_gpt(
-    vocab_size: int, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, seed: int = 0
-) -> nn.Module:
+def build_gpt(vocab_size: int, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, seed: int = 0) -> nn.Module:
     """A GPT-2 ``GPT2LMHeadModel`` from a config, random init, untied LM head, no dropout.
 
     Example:
@@ -220,7 +218,9 @@ def check_context(seq_len: int, model: nn.Module) -> None:
 _LORA_TARGETS = {"gpt2": (["c_attn", "c_proj", "c_fc"], True)}
 
 
-def add_lora(backbone: TextBackbone, rank: int, alpha: float | None = None, *, seed: int = 0, init: bool = True) -> None:
+def add_lora(
+    backbone: TextBackbone, rank: int, alpha: float | None = None, *, seed: int = 0, init: bool = True
+) -> None:
     """Insert LoRA adapters of rank ``rank`` (``--lora-rank``) into ``backbone`` and freeze the rest.
 
     Args:

@@ -32,7 +32,7 @@ def welch_p(a: list[float], b: list[float]) -> float:
 
     Example:
         >>> round(welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), 4)
-        0.0161
+        0.0213
     """
     if len(a) < 2 or len(b) < 2:
         return float("nan")
@@ -66,13 +66,17 @@ def run_text(cfg: TextConfig, *, resume: bool = True, echo: Callable[[str], Any]
         with open(os.path.join(os.path.dirname(state), "stage.json")) as f:
             info = json.load(f)
         bpc[f"after BiSSL ({task})"] = info["bpc_after"]
-        say(f"[run] BiSSL {task} done in {timings[f'bissl[{task}]_s']:.0f}s; bpc {info['bpc_before']:.3f} -> {info['bpc_after']:.3f}")
+        say(
+            f"[run] BiSSL {task} done in {timings[f'bissl[{task}]_s']:.0f}s; bpc {info['bpc_before']:.3f} -> {info['bpc_after']:.3f}"
+        )
         for origin in ("pretext", "bissl"):
             t0 = time.perf_counter()
             if main:
                 r = finetune_text(cfg, task, origin, pre_dir, state if origin == "bissl" else None)
                 results.append(r)
-                say(f"[run] fine-tune {task}/{origin}: {r['mean']:.2f} ± {r['std']:.2f} (lr {r['lr']:.3g}, wd {r['weight_decay']:.3g})")
+                say(
+                    f"[run] fine-tune {task}/{origin}: {r['mean']:.2f} ± {r['std']:.2f} (lr {r['lr']:.3g}, wd {r['weight_decay']:.3g})"
+                )
             dist_utils.barrier()
             timings[f"finetune[{task}/{origin}]_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
@@ -95,12 +99,12 @@ def run_text(cfg: TextConfig, *, resume: bool = True, echo: Callable[[str], Any]
         }
         lora = f", LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else ", full parameters"
         title = f"Text BiSSL {cfg.name} preset (GPT next-token pretext on Shakespeare{lora})"
-        md = write_results(results, cfg.run_dir, title=title, meta=meta)
+        md = write_results(results, cfg.variant_dir, title=title, meta=meta)
         md += _extra_markdown(results, bpc, timings)
-        with open(os.path.join(cfg.run_dir, "results.md"), "w") as f:
+        with open(os.path.join(cfg.variant_dir, "results.md"), "w") as f:
             f.write(md)
         say(md)
-    return {"markdown": md, "results": results, "timings": timings, "bpc": bpc, "out_dir": cfg.run_dir}
+    return {"markdown": md, "results": results, "timings": timings, "bpc": bpc, "out_dir": cfg.variant_dir}
 
 
 def _extra_markdown(results: list[dict], bpc: dict[str, float], timings: dict[str, float]) -> str:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import distributed as dist_utils
 from .config import TextConfig
 from .corpora import TextTask, load_task
-from .model import add_lora, build_gpt, check_context, check_vocab, load_causal_lm, split_lm, PretextLM
+from .model import PretextLM, add_lora, build_gpt, check_context, check_vocab, load_causal_lm, split_lm
 from .tokenizer import CharTokenizer, Tokenizer, encode_batch, load_tokenizer
 
 __all__ = ["device_of", "load_lm", "TaskTensors", "task_tensors", "subset"]

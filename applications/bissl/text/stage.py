@@ -19,9 +19,9 @@ its LoRA adapters with ``--lora-rank``) on one pretext batch per alternation.
 Text-specific choices: the lower optimiser is AdamW (``lower_lr``, ``lower_wd``; warm-up + cosine),
 the upper one SGD as in the image path; the head warm-up trains :math:`\phi` on features computed
 once (no augmentation in text, so the frozen backbone's features do not change between epochs).
-Every hypergradient runs under ``sdpa_kernel(SDPBackend.MATH)``, the attention backend with forward-
-mode AD and double backward on every device (fused CPU/GPU SDPA kernels have neither); the lower steps
-keep the fast kernel.
+Attention: the model keeps ``F.scaled_dot_product_attention``; hypergrad runs every second-order pass
+(HVPs, solves) under ``sdpa_kernel(SDPBackend.MATH)``, the backend with forward-mode AD and double
+backward (the fused CPU / GPU kernels have neither), and every first-order pass on the fast kernel.
 """
 
 from __future__ import annotations
@@ -38,19 +38,53 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hypergrad import MetricsLogger, load_checkpoint, save_checkpoint
 
 from .. import distributed as dist_utils
-from ..bilevel import HESSIAN, build_problem
+from ..bilevel import PretextBatch, build_problem
+from ..config import BiSSLConfig
 from ..models import LinearHead
 from ..optim import warmup_cosine
 from ..pretrain import epoch_batches
 from .config import TextConfig
+from .finetune import STATE_KIND, hpo_split
 from .pretext import bits_per_token, corpus_ids, lm_batch
 from .setup import device_of, load_lm, maybe_lora, task_tensors
 
-__all__ = ["downstream_batch", "warmup_head", "bissl_text", "MATH_ATTENTION"]
+__all__ = ["CHECKPOINT_KIND", "check_text_bissl", "downstream_batch", "warmup_head", "bissl_text", "math_attention"]
+
+#: ``hypergrad.save_checkpoint`` kind of the stage's resume file ``checkpoint.pt``.
+CHECKPOINT_KIND = "text-bissl-checkpoint"
 
 
-def MATH_ATTENTION():
-    """Context manager: scaled-dot-product attention on the MATH backend (second order works)."""
+def check_text_bissl(b: BiSSLConfig) -> None:
+    """Refuse :class:`~applications.bissl.config.BiSSLConfig` settings the text stage does not implement.
+
+    The text stage runs the paper's constant ``lam`` and ``damping``, the AdamW lower level, and the
+    eval-mode head warm-up on features computed once; anything else would be silently ignored.
+
+    Example:
+        >>> check_text_bissl(BiSSLConfig(head_warmup_mode="eval"))
+        >>> check_text_bissl(BiSSLConfig(head_warmup_mode="eval", damping_mode="adaptive"))
+        Traceback (most recent call last):
+        ...
+        ValueError: text BiSSL: `damping_mode` must be 'constant' (the text stage does not implement 'adaptive'); drop --damping-mode.
+    """
+    for name, value, flag in (
+        ("damping_mode", "constant", "--damping-mode"),
+        ("lam_mode", "constant", "--lam-mode"),
+        ("head_warmup_mode", "eval", "--head-warmup-mode"),
+        ("lars_exclude_1d", False, "--lars-exclude-1d"),
+    ):
+        got = getattr(b, name)
+        if got != value:
+            raise ValueError(
+                f"text BiSSL: `{name}` must be {value!r} (the text stage does not implement {got!r}); drop {flag}."
+            )
+
+
+def math_attention():
+    """Context manager: scaled-dot-product attention on the MATH backend, for hand-written double backward.
+
+    hypergrad's own second-order passes need no wrapper (it selects this backend itself).
+    """
     return sdpa_kernel([SDPBackend.MATH])
 
 
@@ -102,10 +136,12 @@ def bissl_text(
 
     Saves ``<out_dir>/lower_backbone.pt`` with the lower backbone :math:`\\theta_P` (fine-tuned
     afterwards), the LM head, :math:`\\theta_D` and :math:`\\phi`, and ``stage.json`` with the
-    pretext bits per character before and after the stage.
+    pretext bits per character before and after the stage. With ``upper_split="train"`` (default)
+    the head warm-up and the upper level use only the ``train`` part of :func:`~.finetune.hpo_split`.
     """
     b, dev, main = cfg.bissl, device_of(cfg), dist_utils.is_main_process()
-    out_dir = out_dir or os.path.join(cfg.run_dir, "bissl", task.replace(":", "_"))
+    check_text_bissl(b)
+    out_dir = out_dir or os.path.join(cfg.variant_dir, "bissl", task.replace(":", "_"))
     if b.upper_lr is None or b.upper_wd is None:
         raise ValueError("text BiSSL needs --upper-lr and --upper-wd (no per-dataset defaults for text tasks).")
     torch.manual_seed(cfg.seed)
@@ -114,6 +150,16 @@ def bissl_text(
     lower.to(dev).train()
     upper = copy.deepcopy(lower.backbone)
     data = task_tensors(cfg, task, tok)
+    if b.upper_split == "train":  # fine-tuning's validation documents stay unseen (image path: splits.py)
+        tr, _ = hpo_split(len(data.y_train), cfg.finetune)
+        if len(tr) == 0:
+            raise ValueError(
+                f"task {task!r} has {len(data.y_train)} training documents: none left for the upper level after "
+                "the validation split; raise --max-train-samples or pass --upper-split all."
+            )
+        x_up, y_up = data.x_train[tr], data.y_train[tr]
+    else:
+        x_up, y_up = data.x_train, data.y_train
     head = LinearHead(lower.backbone.out_dim, data.task.num_classes).to(dev)
     train_ids, eval_ids = corpus_ids(cfg, tok)
     L = cfg.model.seq_len
@@ -131,13 +177,20 @@ def bissl_text(
     )
     upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
     problem = build_problem(
-        lower, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched, upper_sched=upper_sched
+        lower,
+        upper,
+        head,
+        b,
+        lower_opt=lower_opt,
+        upper_opt=upper_opt,
+        lower_sched=lower_sched,
+        upper_sched=upper_sched,
     )
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     info_path = os.path.join(out_dir, "stage.json")
     start, info = 0, {}
     if resume and os.path.exists(ckpt_path):
-        st = load_checkpoint(ckpt_path)
+        st = load_checkpoint(ckpt_path, expected_kind=CHECKPOINT_KIND)
         problem.load_state_dict(st["problem"])
         start, info = st["alternation"], st["info"]
     else:
@@ -145,8 +198,8 @@ def bissl_text(
         info["head_warmup_loss"] = warmup_head(
             lower.backbone,
             head,
-            data.x_train,
-            data.y_train,
+            x_up,
+            y_up,
             epochs=b.head_warmup_epochs,
             batch=b.downstream_batch,
             lr=b.upper_lr,
@@ -155,7 +208,7 @@ def bissl_text(
             seed=cfg.seed,
         )
     logger = MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace(":", "_"))) if main else None
-    n = len(data.y_train)
+    n = len(y_up)
     t_stage = time.perf_counter()
     for alt in range(start, b.alternations):
         t0 = time.perf_counter()
@@ -164,19 +217,25 @@ def bissl_text(
             x, y = lm_batch(train_ids, L, b.pretext_batch, alt * (b.lower_steps + 1) + s, cfg.seed)
             inner_losses += problem.inner_step((x.to(dev), y.to(dev))).inner_losses
         x, y = lm_batch(train_ids, L, b.pretext_batch, alt * (b.lower_steps + 1) + b.lower_steps, cfg.seed)
-        h_batch = (x.to(dev), y.to(dev), HESSIAN)  # one Hessian batch per alternation
-        hvps, outer_losses, failed = 0, [], 0
+        # one Hessian batch per alternation; with `reuse_operator` its operator serves every upper step.
+        # `local_negatives` is the image path's Hessian-batch flag (no all_gather inside torch.func); a
+        # next-token loss has no negatives, so it only marks the batch.
+        problem.new_hessian_batch(PretextBatch(x.to(dev), y.to(dev), local_negatives=True))
+        hvps, outer_losses, failed, solves = 0, [], 0, 0
         for u in range(b.upper_steps):
             idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
-            batch = (data.x_train[idx].to(dev), data.y_train[idx].to(dev))
-            with MATH_ATTENTION():
-                rec = problem.hypergradient(batch, h_batch)
+            batch = (x_up[idx].to(dev), y_up[idx].to(dev))
+            rec = problem.hypergradient(batch)
             problem.outer_step()
             hvps += rec.num_hvps
             if rec.outer_loss is not None:
                 outer_losses.append(rec.outer_loss)
             if rec.solve is not None:
+                solves += 1
                 failed += int(rec.solve.failed)
+        # totals over the stage (kept in the resume checkpoint with `info`)
+        info["solves"] = info.get("solves", 0) + solves
+        info["solves_failed"] = info.get("solves_failed", 0) + failed
         if main:
             row = {
                 "lower_loss": inner_losses[-1] if inner_losses else float("nan"),
@@ -190,11 +249,21 @@ def bissl_text(
             logger.log(alt, row)
             if (alt + 1) % max(1, b.alternations // 5) == 0:
                 echo(f"[bissl {task}] alternation {alt + 1}/{b.alternations} " + json.dumps(row))
-            save_checkpoint({"alternation": alt + 1, "problem": problem.state_dict(), "info": info}, ckpt_path)
+            save_checkpoint(
+                {"alternation": alt + 1, "problem": problem.state_dict(), "info": info},
+                ckpt_path,
+                kind=CHECKPOINT_KIND,
+            )
         dist_utils.barrier()
     info["bpc_after"] = bits_per_token(lower, eval_ids, L)
     info["stage_time_s"] = time.perf_counter() - t_stage
     info["inner_skipped"], info["outer_skipped"] = problem.inner_skipped, problem.outer_skipped
+    if main and info.get("solves_failed"):
+        echo(
+            f"[bissl {task}] warning: {info['solves_failed']} of {info['solves']} implicit-gradient solves failed "
+            "(applied under hypergrad's on_failure='warn'; e.g. I + H/(lam+damping) not positive definite): "
+            "raise --damping or use --solver dense / more --solver-steps."
+        )
     out_path = os.path.join(out_dir, "lower_backbone.pt")
     if main:
         logger.close()
@@ -206,6 +275,7 @@ def bissl_text(
                 "head": head.state_dict(),
             },
             out_path,
+            kind=STATE_KIND,
         )
         with open(info_path, "w") as f:
             json.dump(info, f, indent=1)
