@@ -1,7 +1,7 @@
 r"""Data hyper-cleaning on scikit-learn's digits: one weight per (possibly corrupted) training label.
 
 A small, exact version of the benchopt bilevel benchmark's hyper-cleaning problem, built on data
-that ships inside scikit-learn (no download), with the :class:`~applications.toy.base.ToyProblem`
+that ships inside scikit-learn (no download), with the :class:`~hypergrad.testing.ToyProblem`
 interface and an exact hypergradient. (``applications.toy.hyper_cleaning`` is the training
 application on ``BilevelProblem``; it has no exact reference to benchmark against.)
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from applications.toy.base import ToyProblem
+from hypergrad.testing import ToyProblem
 
 __all__ = ["HyperCleaningProblem"]
 

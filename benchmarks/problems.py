@@ -7,7 +7,7 @@ Each entry builds a :class:`ProblemCase` at the sizes of a preset ("small": seco
 
 Two kinds of cases:
 
-* ``kind="implicit"``: a :class:`~applications.toy.base.ToyProblem`; the answer is
+* ``kind="implicit"``: a :class:`~hypergrad.testing.ToyProblem`; the answer is
   :math:`\nabla_\lambda F` (``problem.exact_hypergradient``).
 * ``kind="proximal"``: the BiSSL-shaped problem, :math:`G = L(\theta) + \frac{\lambda}{2}\|\theta -
   \omega\|^2` on a small ResNet with BatchNorm; the answer is

@@ -12,7 +12,7 @@ import torch
 
 import hypergrad
 from hypergrad.methods import MethodState
-from tests.reference import LogisticProblem, QuadraticProblem, RidgeProblem
+from hypergrad.testing import LogisticProblem, QuadraticProblem, RidgeProblem
 
 F64 = torch.float64
 PROBLEMS = {"quadratic": QuadraticProblem, "ridge": RidgeProblem, "logistic": LogisticProblem}

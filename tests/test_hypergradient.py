@@ -7,7 +7,7 @@ import torch
 
 import hypergrad
 from hypergrad import CG, Dense, Identity, SolverError, Status
-from tests.reference import LogisticProblem, QuadraticProblem, RidgeProblem, ToyProblem
+from hypergrad.testing import LogisticProblem, QuadraticProblem, RidgeProblem, ToyProblem
 from tests.registry import ProblemInfo, SolverEntry, solvers_with
 
 F64 = torch.float64

@@ -5,9 +5,9 @@ dense formulas that do not use :mod:`hypergrad`), plus the inner Hessian's extre
 (to set a stable Neumann or gradient step). ``python -m applications.toy`` runs the demo.
 """
 
-from .base import ToyProblem as ToyProblem
-from .logistic import LogisticProblem as LogisticProblem
-from .quadratic import QuadraticProblem as QuadraticProblem
-from .ridge import RidgeProblem as RidgeProblem
+from hypergrad.testing import LogisticProblem as LogisticProblem
+from hypergrad.testing import QuadraticProblem as QuadraticProblem
+from hypergrad.testing import RidgeProblem as RidgeProblem
+from hypergrad.testing import ToyProblem as ToyProblem
 
 __all__ = ["ToyProblem", "QuadraticProblem", "RidgeProblem", "LogisticProblem"]

@@ -8,10 +8,9 @@ import warnings
 
 import torch
 
+from hypergrad.testing import LogisticProblem, QuadraticProblem, RidgeProblem
+
 from .demo import check_hypergradients, format_table, run_hpo, write_csv
-from .logistic import LogisticProblem
-from .quadratic import QuadraticProblem
-from .ridge import RidgeProblem
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

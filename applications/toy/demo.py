@@ -14,8 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import hypergrad
-
-from .base import ToyProblem
+from hypergrad.testing import ToyProblem
 
 __all__ = ["CheckRow", "HPORecord", "check_hypergradients", "format_table", "run_hpo", "relative_error"]
 
