@@ -63,6 +63,11 @@ class MetricsLogger:
         if not (csv or jsonl or tensorboard):
             raise ValueError("MetricsLogger: all outputs are off (csv=jsonl=tensorboard=False); enable at least one.")
         self.log_dir = Path(log_dir)
+        if self.log_dir.exists() and not self.log_dir.is_dir():
+            raise ValueError(
+                f"`log_dir` {str(log_dir)!r} is a file, not a directory; pass a directory path "
+                "(it is created if missing) or remove the file."
+            )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.log_dir / "metrics.csv" if csv else None
         self.jsonl_path = self.log_dir / "metrics.jsonl" if jsonl else None
@@ -133,7 +138,7 @@ class MetricsLogger:
             >>> log = hypergrad.MetricsLogger(tempfile.mkdtemp(), jsonl=False)
             >>> log(hypergrad.StepRecord("inner", inner_steps=2, inner_losses=[0.5]))
             >>> log.close(); print(open(log.csv_path).read().split()[0])
-            step,inner/inner_steps,inner/outer_steps,inner/inner_loss,inner/skipped
+            step,inner/inner_steps,inner/outer_steps,inner/inner_loss,inner/skipped,inner/failed_solves
         """
         step = record.outer_steps if record.phase in ("outer", "step", "hypergradient") else record.inner_steps
         self.log(step, {f"{record.phase}/{k}": v for k, v in record.scalars().items()})
