@@ -53,3 +53,25 @@ def test_guide_page_examples_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     namespace: dict = {"__name__": "errors_guide"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("case", ["fn_not_scalar", "direction_keys"])
+def test_auto_mode_reports_user_errors_without_falling_back(case: str) -> None:
+    """``mode="auto"`` must not take a user error for a missing forward-mode rule (no fallback warning, mode unresolved)."""
+    import warnings
+
+    import torch
+
+    import hypergrad
+
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    fn = (lambda p: p["w"] ** 2) if case == "fn_not_scalar" else (lambda p: (p["w"] ** 2).sum())
+    v = params if case == "fn_not_scalar" else {"v": torch.ones(3, dtype=torch.float64)}
+    op = hypergrad.HessianOperator(fn, params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"`fn` must return a scalar|`v` must have the keys of `params`"):
+            op(v)
+    assert not [w for w in caught if issubclass(w.category, hypergrad.HVPFallbackWarning)]
+    if case == "direction_keys":
+        assert op.mode == "auto"  # the bad direction did not resolve the mode
