@@ -242,6 +242,7 @@ def proximal_grad(
     params = check_tree("params", params)
     tree_check_like("outer_grad", outer_grad, params, "params")
     outer_grad = check_tree("outer_grad", outer_grad)
+    tree_check_like("outer_grad", outer_grad, params, "params", dtype=True)  # float, but the dtype of params?
     lam = check_positive("lam", lam)
     solver = check_solver(solver)
     check_choice("hvp_mode", hvp_mode, HVP_MODES)

@@ -63,6 +63,11 @@ class MetricsLogger:
         if not (csv or jsonl or tensorboard):
             raise ValueError("MetricsLogger: all outputs are off (csv=jsonl=tensorboard=False); enable at least one.")
         self.log_dir = Path(log_dir)
+        if self.log_dir.exists() and not self.log_dir.is_dir():
+            raise ValueError(
+                f"`log_dir` {str(log_dir)!r} is a file, not a directory; pass a directory path "
+                "(it is created if missing) or remove the file."
+            )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.log_dir / "metrics.csv" if csv else None
         self.jsonl_path = self.log_dir / "metrics.jsonl" if jsonl else None

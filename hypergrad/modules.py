@@ -71,6 +71,11 @@ def module_params(module: nn.Module, *, trainable_only: bool = True) -> dict[str
         >>> sorted(module_params(torch.nn.Linear(2, 1)))
         ['bias', 'weight']
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"`module` must be an nn.Module, got {type(module).__name__}; module_params reads "
+            "module.named_parameters() (a dict of tensors is already a parameter tree)."
+        )
     return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad or not trainable_only}
 
 
@@ -114,6 +119,7 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
         return leaf in _RUNNING and prefix in norm_prefixes
 
     known: set[str] = set()
+    own_tensors: dict[str, Tensor] = {}
 
     def check_keys(params: Any) -> None:
         if not isinstance(params, Mapping):
@@ -122,6 +128,9 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
             known.clear()
             known.update(n for n, _ in module.named_parameters(remove_duplicate=False))
             known.update(n for n, _ in module.named_buffers(remove_duplicate=False))
+            own_tensors.clear()
+            own_tensors.update(module.named_parameters(remove_duplicate=False))
+            own_tensors.update(module.named_buffers(remove_duplicate=False))
         unknown = [k for k in params if k not in known]
         if unknown:
             hints = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
@@ -131,6 +140,18 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
                 f"{type(module).__name__}; they would be ignored and the module's own tensors used instead. "
                 f"{hint + ' ' if hint else ''}Use the names of module.named_parameters()."
             )
+        for k, t in params.items():
+            own = own_tensors.get(k)
+            if isinstance(t, Tensor) and own is not None and t.shape != own.shape:
+                own_tensors.update(module.named_parameters(remove_duplicate=False))  # the module may have changed
+                own_tensors.update(module.named_buffers(remove_duplicate=False))
+                own = own_tensors[k]
+                if t.shape == own.shape:
+                    continue
+                raise ValueError(
+                    f"`params[{k!r}]` has shape {tuple(t.shape)} but the {type(module).__name__}'s {k!r} has shape "
+                    f"{tuple(own.shape)}; pass a tensor shaped like module.get_parameter({k!r})."
+                )
 
     def call(params: TensorTree, *args: Any, **kwargs: Any) -> Any:
         check_keys(params)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
-from ._checks import check_callable, check_choice, check_positive
+from ._checks import check_callable, check_choice, check_positive, check_tree
 from ._second_order import attention_hint, second_order
 from ._typing import FixedPointMap, TensorTree, TreeOrTensor
 from .tree import tree_axpy, tree_check_like, tree_map, tree_norm, tree_scale, tree_sub
@@ -161,7 +161,13 @@ def _check_direction(name: str, v: Any, params: TensorTree, *, owner: str) -> No
             )
 
 
-def _check_params_real(params: TensorTree, *, owner: str) -> None:
+def _check_params_real(params: TensorTree, *, owner: str, name: str = "params") -> None:
+    """``params`` is a non-empty dict of floating-point tensors (on one device, not meta tensors)."""
+    if isinstance(params, Mapping) and not any(isinstance(t, Tensor) and t.is_meta for t in params.values()):
+        try:
+            check_tree(name, params, finite=False)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: {err}") from None
     meta = [k for k, t in params.items() if isinstance(t, Tensor) and t.is_meta]
     if meta:
         raise ValueError(
@@ -174,8 +180,26 @@ def _check_no_inference_mode(owner: str) -> None:
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{owner} was called under torch.inference_mode(), which disables autograd entirely, so no "
-            "derivative can be taken. Call it outside the inference_mode() block (torch.no_grad() is fine)."
+            "derivative can be taken. Call it outside the `with torch.inference_mode():` block (`torch.no_grad()` is fine)."
         )
+
+
+def _check_scalar_output(fn: Callable[..., Any], args: tuple, *, owner: str, err: BaseException) -> None:
+    """After a failed product: raise a clear ValueError (from ``err``) if ``fn(*args)`` is not a scalar tensor.
+
+    Runs only on the failure path (one extra forward pass, no graph), so a user error is reported as
+    such instead of being taken for a missing forward-mode rule.
+    """
+    try:
+        with torch.no_grad():
+            out = fn(*args)
+    except Exception:  # fn fails on its own: let the original error speak
+        return
+    if not isinstance(out, Tensor) or out.dim() != 0:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{owner}: `fn` must return a scalar (0-dim) tensor, got {got}; reduce it, e.g. with .sum() or .mean()."
+        ) from err
 
 
 def _fallback_warning(err: BaseException) -> None:
@@ -227,8 +251,12 @@ class HessianOperator(LinearOperator):
         self._resolved: Optional[str] = None if mode == "auto" else mode
         self._vjp_fn = None
         if mode == "rev_rev_cached":
-            with second_order():
-                self._vjp_fn = vjp(grad(fn), self.params)[1]
+            try:
+                with second_order():
+                    self._vjp_fn = vjp(grad(fn), self.params)[1]
+            except (RuntimeError, NotImplementedError) as err:
+                _check_scalar_output(fn, (self.params,), owner="HessianOperator", err=err)
+                raise
 
     @property
     def mode(self) -> str:
@@ -241,18 +269,24 @@ class HessianOperator(LinearOperator):
         return self._resolved if self._resolved is not None else "auto"
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
+        _check_direction("v", v, self.params, owner="HessianOperator")
         if self._resolved is None:  # "auto", first product: resolve once (write-once, never flips back)
             try:
                 out = _hvp_once(self.fn, self.params, v, "fwd_rev")
                 self._resolved = "fwd_rev"
                 return _detach(out)
             except (RuntimeError, NotImplementedError) as err:
+                _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)  # a user error?
                 _fallback_warning(err)
                 self._resolved = "rev_rev"
         if self._vjp_fn is not None:
             with second_order():
                 return _detach(self._vjp_fn(v)[0])
-        return _detach(_hvp_once(self.fn, self.params, v, self._resolved))
+        try:
+            return _detach(_hvp_once(self.fn, self.params, v, self._resolved))
+        except (RuntimeError, NotImplementedError) as err:
+            _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)
+            raise
 
 
 def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, mode: str) -> TreeOrTensor:
@@ -365,7 +399,7 @@ def mixed_hvp(
     _check_mode(mode)
     _check_no_inference_mode("mixed_hvp")
     _check_params_real(params, owner="mixed_hvp")
-    _check_params_real(hparams, owner="mixed_hvp")
+    _check_params_real(hparams, owner="mixed_hvp", name="hparams")
     _check_direction("v", v, params, owner="mixed_hvp")
     params, hparams = _detach(params), _detach(hparams)
     if mode == "finite_diff":
@@ -376,11 +410,16 @@ def mixed_hvp(
                 out = jvp(lambda th: grad(fn, argnums=1)(th, hparams), (params,), (v,))[1]
             return _detach(out)
         except (RuntimeError, NotImplementedError) as err:
+            _check_scalar_output(fn, (params, hparams), owner="mixed_hvp", err=err)  # a user error is not a fallback
             if mode == "fwd_rev":
                 raise
             _fallback_warning(err)
-    with second_order():
-        out = vjp(lambda lam: grad(fn, argnums=0)(params, lam), hparams)[1](v)[0]
+    try:
+        with second_order():
+            out = vjp(lambda lam: grad(fn, argnums=0)(params, lam), hparams)[1](v)[0]
+    except (RuntimeError, NotImplementedError) as err:
+        _check_scalar_output(fn, (params, hparams), owner="mixed_hvp", err=err)
+        raise
     return _detach(out)
 
 
@@ -491,6 +530,7 @@ class FixedPointOperator(LinearOperator):
         self.phi_value = _detach(out)
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
+        _check_direction("v", v, self.params, owner="FixedPointOperator")
         with second_order():
             return tree_sub(v, _detach(self._vjp_fn(v)[0]))
 
@@ -503,5 +543,6 @@ class FixedPointOperator(LinearOperator):
         Returns:
             A detached dict keyed like ``hparams``.
         """
+        _check_direction("v", v, self.params, owner="FixedPointOperator.hparam_vjp")
         with second_order():
             return _detach(self._vjp_fn(v)[1])

@@ -844,16 +844,7 @@ ERROR_INPUTS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         TypeError,
         r"`state` must be the dict returned by hypergrad\.get_rng_state\(\), got a dict with keys \['x'\]",
     ),
-]
-
-# --------------------------------------------------------------------------------------------
-# Pending: bad inputs whose fix lives in another helper's files. The lead moves each entry into
-# ERROR_INPUTS when the fix is merged (tests/test_errors.py only checks that they are well formed).
-# --------------------------------------------------------------------------------------------
-
-#: (a) Already raise the documented error on ``main`` (CORE-A's operator checks and CORE-B's problem
-#: package are merged there); this branch predates them. Move into ERROR_INPUTS when merging.
-ERROR_INPUTS_PENDING: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
+    # issue 9, second pass: hvp/operators, stateless/module_params, proximal_grad, MetricsLogger.
     (
         "hvp_direction_keys_issue9",
         lambda: hypergrad.hvp(_sq, _P(), {"v": torch.ones(3, dtype=torch.float64)}),
@@ -891,7 +882,6 @@ ERROR_INPUTS_PENDING: list[tuple[str, Callable[[], Any], type[Exception], str]] 
         TypeError,
         r"`state` must be a dict from BilevelProblem\.state_dict\(\), got list",
     ),
-    # (b) Still wrong on main at 16:55 UTC (silent result or raw torch error); expected message given.
     # modules.py (CORE-A): hypergrad.stateless with a misspelt / extra key silently uses the module's own weight.
     (
         "stateless_misspelt_key_issue9",
@@ -990,6 +980,6 @@ def _logger_on_a_file() -> Any:
         return hypergrad.MetricsLogger(f.name)
 
 
-_ALL_IDS = [e[0] for e in ERROR_INPUTS + ERROR_INPUTS_PENDING]
-assert len(set(_ALL_IDS)) == len(_ALL_IDS), "duplicate ERROR_INPUTS / ERROR_INPUTS_PENDING ids"
-assert all(re.compile(e[3]) for e in ERROR_INPUTS + ERROR_INPUTS_PENDING)
+_ALL_IDS = [e[0] for e in ERROR_INPUTS]
+assert len(set(_ALL_IDS)) == len(_ALL_IDS), "duplicate ERROR_INPUTS ids"
+assert all(re.compile(e[3]) for e in ERROR_INPUTS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import ERROR_INPUTS, ERROR_INPUTS_PENDING
+from tests.registry import ERROR_INPUTS
 
 #: ERROR_INPUTS held 39 entries before issue 9, which asked for at least twice as many.
 _BEFORE_ISSUE_9 = 39
@@ -35,11 +35,12 @@ def test_messages_name_an_argument() -> None:
     assert not unnamed
 
 
-def test_pending_entries_are_well_formed() -> None:
-    """Entries waiting for another helper's fix: callable, an exception class, a compiling regex, unique ids."""
-    ids = {e[0] for e in ERROR_INPUTS}
-    for name, call, exc_type, regex in ERROR_INPUTS_PENDING:
-        assert name not in ids and callable(call) and issubclass(exc_type, Exception)
+def test_entries_are_well_formed() -> None:
+    """Every entry: unique id, a callable, an exception class, a compiling regex."""
+    ids = [e[0] for e in ERROR_INPUTS]
+    assert len(set(ids)) == len(ids)
+    for _, call, exc_type, regex in ERROR_INPUTS:
+        assert callable(call) and issubclass(exc_type, Exception)
         re.compile(regex)
 
 
@@ -52,3 +53,25 @@ def test_guide_page_examples_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     namespace: dict = {"__name__": "errors_guide"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("case", ["fn_not_scalar", "direction_keys"])
+def test_auto_mode_reports_user_errors_without_falling_back(case: str) -> None:
+    """``mode="auto"`` must not take a user error for a missing forward-mode rule (no fallback warning, mode unresolved)."""
+    import warnings
+
+    import torch
+
+    import hypergrad
+
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    fn = (lambda p: p["w"] ** 2) if case == "fn_not_scalar" else (lambda p: (p["w"] ** 2).sum())
+    v = params if case == "fn_not_scalar" else {"v": torch.ones(3, dtype=torch.float64)}
+    op = hypergrad.HessianOperator(fn, params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"`fn` must return a scalar|`v` must have the keys of `params`"):
+            op(v)
+    assert not [w for w in caught if issubclass(w.category, hypergrad.HVPFallbackWarning)]
+    if case == "direction_keys":
+        assert op.mode == "auto"  # the bad direction did not resolve the mode

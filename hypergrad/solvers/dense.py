@@ -56,7 +56,8 @@ class Dense(AbstractLinearSolver):
 
     Builds the :math:`n \times n` matrix with :math:`n` matvecs (batched by ``vmap``), so it is the
     reference for tests and the right choice only for small problems. A singular matrix gives
-    :attr:`Status.SINGULAR`.
+    :attr:`Status.SINGULAR`. A float16/bfloat16 system is materialised in its own dtype, solved in
+    float32 and the solution cast back (``torch.linalg`` has no half-precision kernels).
 
     Args:
         max_size: refuse operators on more than this many unknowns (memory is :math:`n^2`).
@@ -83,14 +84,22 @@ class Dense(AbstractLinearSolver):
                 f"materialising it needs {n * n * flat_b.element_size() / 2**30:.1f} GiB. Use "
                 "`hypergrad.solvers.CG` (symmetric) or `Neumann`, or raise `max_size`."
             )
-        matrix = materialize(matvec, b)
+        matrix = materialize(matvec, b)  # in b's dtype: the matvec sees the vectors it was written for
+        dtype = flat_b.dtype
+        if dtype in _LOW_PRECISION:  # torch.linalg has no half kernels: solve in float32, cast back
+            matrix, flat_b = matrix.to(torch.float32), flat_b.to(torch.float32)
         x, info = torch.linalg.solve_ex(matrix, flat_b)
         if int(info) != 0:
-            return Solution(unravel(torch.full_like(flat_b, float("nan"))), Status.SINGULAR, 1, n, None)
+            return Solution(unravel(torch.full_like(flat_b, float("nan")).to(dtype)), Status.SINGULAR, 1, n, None)
         residual = float(torch.linalg.vector_norm(matrix @ x - flat_b))
+        x = x.to(dtype)
         finite = bool(torch.isfinite(x).all()) and residual == residual
         status = Status.SUCCESS if finite else Status.NONFINITE
         return Solution(unravel(x), status, 1, n, residual, {"condition_number": _cond(matrix)})
+
+
+#: Dtypes ``torch.linalg.solve`` lacks kernels for; :class:`Dense` promotes them to float32.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _cond(matrix: Tensor) -> float:
