@@ -124,3 +124,75 @@ def test_stage_under_two_gloo_ranks_keeps_ranks_identical(tmp_path):
     cfg = _cfg(tmp_path, alternations=1)
     _pretrained(cfg, tmp_path / "pre.pt")
     run_gloo(_ddp_stage, str(tmp_path))
+
+
+def _fixed_bn_statistics() -> None:
+    """Make every BatchNorm with running statistics normalise with them (a measurement device of the test only)."""
+    import torch.nn.functional as F
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    batch_statistics = _BatchNorm.forward
+
+    def forward(self, x):
+        if self.running_mean is None:  # no running statistics (the projector's last BatchNorm): unchanged
+            return batch_statistics(self, x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    _BatchNorm.forward = forward
+
+
+def _ddp_stages(rank: int, world: int, tmp: str) -> None:
+    """The stage as it is, then with BatchNorm on its running statistics (one spawn for both)."""
+    for fixed_bn in (False, True):
+        if fixed_bn:
+            _fixed_bn_statistics()
+        stage.run_bissl(_cfg(f"{tmp}/bn_fixed_{fixed_bn}/two", alternations=1), f"{tmp}/pre.pt")
+
+
+def _gap(a: dict, b: dict, ref: dict, keys: list[str]) -> tuple[float, float, float]:
+    """Max |a - b| over ``keys``, ``||a - b|| / ||a||`` and ``||a - b|| / ||a - ref||`` (keys concatenated)."""
+    va, vb, vr = (torch.cat([s[k].double().reshape(-1) for k in keys]) for s in (a, b, ref))
+    diff = (va - vb).norm()
+    return float((va - vb).abs().max()), float(diff / va.norm()), float(diff / (va - vr).norm())
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_match_one_process_within_the_documented_bound(tmp_path, monkeypatch):
+    """2 gloo ranks (each its half of every global batch) against one process on the whole batches.
+
+    Bound (docs/bissl.md, "Multi-process runs"): with the stage as it is, the lower backbone's
+    parameters differ by at most 0.5 of their norm (measured 0.165) and 8.0 in one entry (measured
+    2.57) after one alternation of the tiny preset - more than the run moved, all of it from
+    per-rank BatchNorm statistics: with BatchNorm on its running statistics (patched here, in the
+    test only) the same comparison agrees to float32 rounding (relative gap measured 8.6e-9, bound
+    1e-6; gap / distance moved ~2e-6, bound 1e-4), which shows the rest of the lower level (gathered
+    negatives, averaged gradients, LARS, clipping, batch sharding) equals one process. The upper
+    backbone differs by at most 0.06 of its norm and 0.2 in one entry (measured 0.019-0.020 and 0.066,
+    with or without the patch: per-rank Hessians, failed solves).
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .conftest import run_gloo
+
+    pre = _pretrained(_cfg(tmp_path), tmp_path / "pre.pt")
+    params = [k for k, v in pre["backbone"].items() if v.is_floating_point() and "running" not in k]
+    run_gloo(_ddp_stages, str(tmp_path))
+    gaps = {}
+    for fixed_bn in (False, True):
+        if fixed_bn:
+            monkeypatch.setattr(_BatchNorm, "forward", _BatchNorm.forward)  # restored after the test
+            _fixed_bn_statistics()
+        out = tmp_path / f"bn_fixed_{fixed_bn}"
+        one = hypergrad.load_checkpoint(stage.run_bissl(_cfg(out / "one", alternations=1), str(tmp_path / "pre.pt")))
+        (path,) = (out / "two").rglob("lower_backbone.pt")
+        two = hypergrad.load_checkpoint(str(path))
+        for part in ("backbone", "upper_backbone"):
+            gaps[part, fixed_bn] = _gap(one[part], two[part], pre["backbone"], params)
+            print(f"{part} fixed_bn={fixed_bn}: max_abs=%.3e rel=%.3e gap/moved=%.3e" % gaps[part, fixed_bn])
+    max_abs, rel, _ = gaps["backbone", False]
+    assert max_abs <= 8.0 and rel <= 0.5, gaps  # the stated bound (3x the measured values)
+    max_abs, rel, per_moved = gaps["backbone", True]
+    assert rel <= 1e-6 and per_moved <= 1e-4, gaps  # everything but BatchNorm's statistics: float32 rounding
+    for fixed_bn in (False, True):  # the upper backbone (Hessian batch, failed solves): measured <= 0.021, 0.066
+        max_abs, rel, _ = gaps["upper_backbone", fixed_bn]
+        assert max_abs <= 0.2 and rel <= 0.06, gaps
