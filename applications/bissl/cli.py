@@ -431,7 +431,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return text_main(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(parser, parser.parse_args(argv))
+
+
+def run_command(parser: argparse.ArgumentParser, args: Any) -> int:
+    """Run the parsed command ``args.func(args)`` under the CLI's error convention; returns the exit code.
+
+    User mistakes print ``<prog> <command>: error: <one line>`` on stderr and return 2; a run-time
+    failure returns 1 with its reason; ``--debug`` re-raises both with the traceback. The text
+    pipeline's CLI (applications/bissl/text) runs its commands through this too.
+    """
     prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args)

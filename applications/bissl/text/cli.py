@@ -23,7 +23,7 @@ import torch
 from .. import cli as image_cli
 from .. import distributed as dist_utils
 from ..argtypes import finite_float, nonnegative_int, positive_int
-from ..cli import FLAG_TABLES, USER_ERRORS, _add_solver, _solver, add_flags
+from ..cli import FLAG_TABLES, _add_solver, _solver, add_flags
 from .config import TEXT_PRESETS, TextConfig, get_text_preset
 
 __all__ = [
@@ -282,26 +282,5 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    prog = f"{parser.prog} {args.command}"
     dist_utils.init_distributed()
-    try:
-        return args.func(args)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
-    finally:
-        dist_utils.cleanup_distributed()
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
-        text = f"{text}: {err.filename!r}"
-    return text
+    return image_cli.run_command(parser, args)
