@@ -435,3 +435,19 @@ def _start(matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> tuple[Tr
 
 def _tolerance(b_norm: Tensor, rtol: float, atol: float) -> Tensor:
     return torch.clamp(rtol * b_norm, min=atol) if rtol > 0 else torch.full_like(b_norm, atol)
+
+
+def curvature_step_status(rr: Tensor, min_curv: Tensor, tol: Tensor) -> Optional[Status]:
+    """The status a CG-type iteration stops on after a step with a tolerance check, else ``None``.
+
+    ``rr`` is :math:`\\|r\\|^2`, ``min_curv`` the smallest :math:`p^\top A p` seen so far: a
+    non-finite residual, then non-positive curvature, then a met tolerance (one host sync).
+    """
+    res = float(torch.sqrt(rr))
+    if res != res or res == float("inf"):
+        return Status.NONFINITE
+    if not float(min_curv) > 0:
+        return Status.NEGATIVE_CURVATURE
+    if res <= float(tol):
+        return Status.SUCCESS
+    return None

@@ -9,7 +9,7 @@ import torch
 from .._checks import check_int, check_positive
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_axpy, tree_vdot
-from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance
+from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance, curvature_step_status
 
 __all__ = ["CG"]
 
@@ -104,17 +104,9 @@ class CG(AbstractLinearSolver):
             # r_{k+1} is orthogonal to p_k, so ||p_{k+1}||^2 = ||r_{k+1}||^2 + beta^2 ||p_k||^2.
             pp = rr_new + beta * beta * pp
             rr = rr_new
-            if check:
-                res, curv_ok = float(torch.sqrt(rr)), float(min_curv) > 0
-                if res != res or res == float("inf"):
-                    status = Status.NONFINITE
-                    break
-                if not curv_ok:
-                    status = Status.NEGATIVE_CURVATURE
-                    break
-                if res <= float(tol):
-                    status = Status.SUCCESS
-                    break
+            if check and (stop := curvature_step_status(rr, min_curv, tol)) is not None:
+                status = stop
+                break
         res = float(torch.sqrt(rr))
         mc = float(min_curv)
         if res != res or res == float("inf") or mc != mc:

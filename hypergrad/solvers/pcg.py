@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 from .._typing import MatVec, TreeOrTensor
-from ._base import AbstractLinearSolver, Solution, Status, _tolerance
+from ._base import AbstractLinearSolver, Solution, Status, _tolerance, curvature_step_status
 from ._lanczos import flat_matvec, flattener
 from ._operator_cache import OperatorCache
 from .preconditioners import AbstractPreconditioner, BuiltPreconditioner, Nystrom
@@ -155,17 +155,9 @@ def pcg_flat(
         p = z + beta.to(z.dtype) * p
         rz = rz_new
         rr = torch.dot(r, r).to(acc)
-        if check:
-            res, curv_ok = float(torch.sqrt(rr)), float(min_curv) > 0
-            if res != res or res == float("inf"):
-                status = Status.NONFINITE
-                break
-            if not curv_ok:
-                status = Status.NEGATIVE_CURVATURE
-                break
-            if res <= float(tol):
-                status = Status.SUCCESS
-                break
+        if check and (stop := curvature_step_status(rr, min_curv, tol)) is not None:
+            status = stop
+            break
     res, mc = float(torch.sqrt(rr)), float(min_curv)
     if res != res or res == float("inf") or mc != mc:
         status = Status.NONFINITE
