@@ -63,12 +63,14 @@ def _apply(cfg: PipelineConfig, factor: str, value: str) -> PipelineConfig:
     b = cfg.bissl
     try:
         if factor == "lam":
-            b = dataclasses.replace(b, lam=float(value))
+            b = dataclasses.replace(b, method=dataclasses.replace(b.method, lam=float(value)))
         elif factor == "damping":
-            b = dataclasses.replace(b, damping=float(value))
+            b = dataclasses.replace(b, method=dataclasses.replace(b.method, damping=float(value)))
         elif factor == "cg_steps":
             n = int(value)
-            b = dataclasses.replace(b, solver=Identity() if n == 0 else CG(max_steps=n))
+            b = dataclasses.replace(
+                b, method=dataclasses.replace(b.method, solver=Identity() if n == 0 else CG(max_steps=n))
+            )
         else:
             lo, _, up = value.partition("/")
             b = dataclasses.replace(b, lower_steps=int(lo), upper_steps=int(up))
@@ -87,9 +89,9 @@ def variants(cfg: PipelineConfig, grid: dict[str, list[str]]) -> list[tuple[str,
 
 
 def _describe(c: PipelineConfig) -> dict[str, Any]:
-    b = c.bissl
-    steps = 0 if isinstance(b.solver, Identity) else getattr(b.solver, "max_steps", float("nan"))
-    return {"lam": b.lam, "damping": b.damping, "cg_steps": steps, "steps": f"{b.lower_steps}/{b.upper_steps}"}
+    b, m = c.bissl, c.bissl.method
+    steps = 0 if isinstance(m.solver, Identity) else getattr(m.solver, "max_steps", float("nan"))
+    return {"lam": m.lam, "damping": m.damping, "cg_steps": steps, "steps": f"{b.lower_steps}/{b.upper_steps}"}
 
 
 def run_ablation(

@@ -24,6 +24,7 @@ with :math:`H = \nabla^2_{\theta_P} L_P` (backbone only) on the Hessian batch, a
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hypergrad import BilevelProblem, Level, Proximal
+from hypergrad import BilevelProblem, Level
 
 from .config import BiSSLConfig
 
@@ -120,22 +121,21 @@ def build_problem(
             :math:`\theta_P`).
         upper: :math:`\theta_D`, a backbone with the same parameter names as ``ssl.backbone``.
         head: :math:`\phi`.
-        cfg: ``lam``, ``damping``, ``gamma``, ``solver``, ``hvp_mode``, ``warm_start``,
-            ``reuse_operator``, ``clip_norm`` are read from it.
+        cfg: the problem runs ``cfg.method`` (the :class:`hypergrad.Proximal` holding ``lam``,
+            ``damping``, ``solver``, ``hvp_mode``, ``warm_start``, ``reuse_operator``); ``gamma`` and
+            ``clip_norm`` are read from it too.
         lower_opt, upper_opt: optimisers over ``ssl``'s trainable parameters and over
             ``upper`` + ``head``; ``lower_sched``, ``upper_sched`` their schedulers.
         callbacks: passed to :class:`hypergrad.BilevelProblem`.
-        lam, damping: override ``cfg.lam`` / ``cfg.damping`` (adaptive settings of the stage).
+        lam, damping: override ``cfg.method.lam`` / ``cfg.method.damping`` (adaptive settings of the stage).
     """
-    method = Proximal(
-        lam=lam if lam is not None else cfg.lam,
-        damping=damping if damping is not None else cfg.damping,
-        coupling={"backbone": "backbone"},
-        solver=cfg.solver,
-        hvp_mode=cfg.hvp_mode,
-        warm_start=cfg.warm_start,
-        reuse_operator=cfg.reuse_operator,
-    )
+    method = cfg.method
+    if lam is not None or damping is not None:
+        method = dataclasses.replace(
+            method,
+            lam=lam if lam is not None else method.lam,
+            damping=damping if damping is not None else method.damping,
+        )
     return BilevelProblem(
         inner=Level(ssl, lower_opt, lower_sched, max_grad_norm=cfg.clip_norm),
         outer=Level({"backbone": upper, "head": head}, upper_opt, upper_sched, max_grad_norm=cfg.clip_norm),

@@ -45,6 +45,7 @@ __all__ = [
     "EXTENSIONS",
     "FLAG_TABLES",
     "add_flags",
+    "apply_overrides",
     "build_parser",
     "check_environment",
     "config_from_args",
@@ -71,8 +72,8 @@ _BISSL = {
     "--alternations": ("bissl.alternations", positive_int, "number of (lower, upper) alternations (paper 500)"),
     "--lower-steps": ("bissl.lower_steps", positive_int, "N_L lower steps per alternation (paper 20)"),
     "--upper-steps": ("bissl.upper_steps", positive_int, "N_U upper steps per alternation (paper 8)"),
-    "--lam": ("bissl.lam", finite_float, "proximal strength lambda (paper 1e-3)"),
-    "--damping": ("bissl.damping", finite_float, "damping added to lambda in the linear system (paper 10)"),
+    "--lam": ("bissl.method.lam", finite_float, "proximal strength lambda (paper 1e-3)"),
+    "--damping": ("bissl.method.damping", finite_float, "damping added to lambda in the linear system (paper 10)"),
     "--gamma": ("bissl.gamma", finite_float, "weight of L_D(theta_D, phi) in the upper objective (paper 1)"),
     "--head-warmup-epochs": ("bissl.head_warmup_epochs", nonnegative_int, "linear-head warm-up epochs (paper 20)"),
     "--upper-lr": ("bissl.upper_lr", finite_float, "upper SGD lr (default: the authors' per-dataset value)"),
@@ -80,7 +81,7 @@ _BISSL = {
     "--lower-lr": ("bissl.lower_lr", finite_float, "lower LARS lr (paper 1.0)"),
     "--pretext-batch": ("bissl.pretext_batch", positive_int, "pretext batch size (paper 1024)"),
     "--downstream-batch": ("bissl.downstream_batch", positive_int, "downstream batch size (paper 256)"),
-    "--hvp-mode": ("bissl.hvp_mode", str, "Hessian-vector product mode (hypergrad.HVP_MODES)"),
+    "--hvp-mode": ("bissl.method.hvp_mode", str, "Hessian-vector product mode (hypergrad.HVP_MODES)"),
     "--head-warmup-mode": (
         "bissl.head_warmup_mode",
         str,
@@ -147,15 +148,21 @@ def _add_solver(sp: argparse.ArgumentParser) -> None:
         "--lars-exclude-1d",
         action="store_true",
         default=None,
+        dest="bissl__lars_exclude_1d",
         help="lower-level LARS exempts 1-D tensors (BatchNorm, bias); default: the authors' LARS (no filters)",
     )
     g.add_argument(
-        "--warm-start", action="store_true", default=None, help="start each solve from the previous solution"
+        "--warm-start",
+        action="store_true",
+        default=None,
+        dest="bissl__method__warm_start",
+        help="start each solve from the previous solution",
     )
     g.add_argument(
         "--reuse-operator",
         action="store_true",
         default=None,
+        dest="bissl__method__reuse_operator",
         help="keep the pretext gradient graph for all upper steps of an alternation (one backward per HVP)",
     )
 
@@ -323,29 +330,48 @@ def _solver(args: Any, current: Any) -> Any:
     }[kind]()
 
 
+def apply_overrides(cfg: Any, values: dict[str, Any]) -> Any:
+    """Set ``{dest: value}`` on ``cfg`` in place and return it; ``dest`` is a config path with ``__`` for ``.``.
+
+    ``"seed"`` sets ``cfg.seed``; ``"bissl__gamma"`` replaces ``cfg.bissl`` by a copy with the new
+    ``gamma``; ``"bissl__method__lam"`` replaces ``cfg.bissl.method`` (a :class:`hypergrad.Proximal`)
+    and then ``cfg.bissl``. Every replaced section is re-validated by its ``__post_init__``; the
+    values of one section are applied together.
+
+    Example:
+        >>> cfg = apply_overrides(get_preset("tiny"), {"seed": 3, "bissl__gamma": 0.5, "bissl__method__lam": 0.01})
+        >>> cfg.seed, cfg.bissl.gamma, cfg.bissl.method.lam
+        (3, 0.5, 0.01)
+    """
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    for dest, value in values.items():
+        *parent, name = dest.split("__")
+        groups.setdefault(tuple(parent), {})[name] = value
+    for parent, changes in groups.items():
+        if not parent:
+            for name, value in changes.items():
+                setattr(cfg, name, value)
+            continue
+        setattr(cfg, parent[0], _replace_at(getattr(cfg, parent[0]), parent[1:], changes))
+    return cfg
+
+
+def _replace_at(obj: Any, path: tuple[str, ...], changes: dict[str, Any]) -> Any:
+    if not path:
+        return dataclasses.replace(obj, **changes)
+    return dataclasses.replace(obj, **{path[0]: _replace_at(getattr(obj, path[0]), path[1:], changes)})
+
+
 def config_from_args(args: Any) -> PipelineConfig:
     """The preset ``args.preset`` with every given flag applied (sections re-validated)."""
     cfg = get_preset(args.preset)
-    sections: dict[str, dict[str, Any]] = {}
-    for dest, value in vars(args).items():
-        if value is None or "__" not in dest and dest not in {d for d, *_ in _COMMON.values()}:
-            continue
-        if "__" in dest:
-            section, name = dest.split("__", 1)
-            sections.setdefault(section, {})[name] = value
-        else:
-            setattr(cfg, dest, value)
-    for section, values in sections.items():
-        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
-    extra = {}
-    solver = _solver(args, cfg.bissl.solver)
-    if solver is not cfg.bissl.solver:
-        extra["solver"] = solver
-    for flag in ("warm_start", "reuse_operator", "lars_exclude_1d"):
-        if getattr(args, flag, None):
-            extra[flag] = True
-    if extra:
-        cfg.bissl = dataclasses.replace(cfg.bissl, **extra)
+    common = {d for d, *_ in _COMMON.values()}
+    apply_overrides(
+        cfg, {dest: v for dest, v in vars(args).items() if v is not None and ("__" in dest or dest in common)}
+    )
+    solver = _solver(args, cfg.bissl.method.solver)
+    if solver is not cfg.bissl.method.solver:
+        apply_overrides(cfg, {"bissl__method__solver": solver})
     if getattr(args, "tasks", None):
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if getattr(args, "arms", None):

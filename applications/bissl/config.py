@@ -5,7 +5,9 @@ Settings live on the stage that uses them (solver *objects*, not ``cg_*`` string
 * :class:`ModelConfig` - backbone, projector and predictor sizes.
 * :class:`PretrainConfig` - the self-supervised pretext stage (SimCLR / BYOL, LARS).
 * :class:`BiSSLConfig` - the bilevel stage: head warm-up, alternations of ``lower_steps`` lower and
-  ``upper_steps`` upper steps, :math:`\lambda`, damping, :math:`\gamma`, the linear solver.
+  ``upper_steps`` upper steps, :math:`\gamma`, and the implicit-gradient method it runs: a
+  :class:`hypergrad.Proximal` holding :math:`\lambda`, damping, the linear solver and the HVP settings
+  (:func:`paper_method`).
 * :class:`FinetuneConfig` - the evaluation protocol: random-search HPO then seeded runs.
 * :class:`PipelineConfig` - all of the above plus the data sets, directories and device.
 
@@ -25,8 +27,10 @@ Presets (:func:`get_preset`):
 
 Example:
     >>> cfg = get_preset("paper")
-    >>> cfg.bissl.solver
+    >>> cfg.bissl.method.solver
     CG(max_steps=5, rtol=0.0, atol=0.0)
+    >>> cfg.bissl.method.lam, cfg.bissl.method.damping
+    (0.001, 10.0)
     >>> upper_hparams("pets", "simclr")
     (0.03, 0.001)
 """
@@ -39,12 +43,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypergrad import CG, AbstractLinearSolver
+from hypergrad import CG, Proximal
 
 __all__ = [
     "ModelConfig",
     "PretrainConfig",
     "BiSSLConfig",
+    "COUPLING",
+    "paper_method",
+    "method_dict",
     "FinetuneConfig",
     "PipelineConfig",
     "PRESETS",
@@ -96,6 +103,27 @@ def upper_hparams(dataset: str, pretext_type: str = "simclr") -> tuple[float, fl
     if pretext_type not in PRETEXT_TYPES:
         raise ValueError(f"`pretext_type` must be one of {PRETEXT_TYPES}, got {pretext_type!r}.")
     return UPPER_HPARAMS.get(dataset, {}).get(pretext_type, SMALL_UPPER)
+
+
+#: BiSSL's proximal coupling: the lower backbone :math:`\theta_P` to the upper backbone :math:`\theta_D`.
+COUPLING: dict[str, str] = {"backbone": "backbone"}
+
+
+def paper_method(**changes: Any) -> Proximal:
+    r"""The authors' implicit-gradient method, a :class:`hypergrad.Proximal`, with ``changes`` applied.
+
+    ``Proximal(lam=1e-3, damping=10, coupling=COUPLING, solver=CG(max_steps=5))``: the lower level
+    :math:`L_P(\theta_P) + \frac{\lambda}{2}\|\theta_P - \theta_D\|^2` over the backbone, and
+    :math:`(I + H/(\lambda + \text{damping}))\,x = \nabla_{\theta_P} L_D` solved by five CG steps.
+    Any other field of :class:`hypergrad.Proximal` (``hvp_mode``, ``warm_start``,
+    ``reuse_operator``, ``on_failure``) can be given.
+
+    Example:
+        >>> m = paper_method(solver=CG(max_steps=2), reuse_operator=True)
+        >>> m.lam, m.damping, dict(m.coupling), m.solver.max_steps, m.reuse_operator
+        (0.001, 10.0, {'backbone': 'backbone'}, 2, True)
+    """
+    return Proximal(**{"lam": 1e-3, "damping": 10.0, "coupling": dict(COUPLING), "solver": CG(max_steps=5), **changes})
 
 
 def _pos(owner: str, name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
@@ -183,17 +211,20 @@ class BiSSLConfig:
     Lower level: :math:`\min_{\theta_P} L_P(\theta_P) + \frac{\lambda}{2}\|\theta_P - \theta_D\|^2`
     (backbone only). Upper level: :math:`L_D(\theta_P^*, \phi) + \gamma L_D(\theta_D, \phi)`, with
     :math:`\nabla_{\theta_D}` through :math:`\lambda_e (H + \lambda_e I)^{-1}`,
-    :math:`\lambda_e = \lambda + \text{damping}`, solved by ``solver``.
+    :math:`\lambda_e = \lambda + \text{damping}`. The stage runs ``method`` as it is: the settings of
+    the implicit gradient live on that :class:`hypergrad.Proximal`, not here.
 
     Args:
         alternations: number of (lower, upper) rounds (paper: 500).
         lower_steps, upper_steps: :math:`N_L` and :math:`N_U` per alternation (paper: 20 and 8).
-        lam, damping, gamma: :math:`\lambda` (1e-3), damping (10), :math:`\gamma` (1).
-        solver: linear solver object for :math:`(I + H/\lambda_e) x = g` (paper: ``CG(max_steps=5)``).
-        warm_start: start each upper step's solve from the previous solution of the alternation.
-        reuse_operator: keep the pretext gradient graph for the whole alternation
-            (``HessianOperator(mode="rev_rev_cached")``): one backward pass per HVP, no forward re-run.
-        hvp_mode: HVP mode when ``reuse_operator`` is off (see ``hypergrad.HVP_MODES``).
+        gamma: :math:`\gamma` (paper: 1).
+        method: the :class:`hypergrad.Proximal` of the stage (default :func:`paper_method`): ``lam``
+            :math:`\lambda` (1e-3), ``damping`` (10), ``solver`` for :math:`(I + H/\lambda_e) x = g`
+            (``CG(max_steps=5)``), ``warm_start`` (start each upper step's solve from the previous
+            solution), ``reuse_operator`` (keep the pretext gradient graph for the whole alternation:
+            one backward pass per HVP, no forward re-run), ``hvp_mode`` (see ``hypergrad.HVP_MODES``).
+            Its ``coupling`` must be :data:`COUPLING`. The stage replaces its ``lam`` / ``damping``
+            under ``lam_mode`` / ``damping_mode`` other than ``"constant"``.
         head_warmup_epochs: linear-head warm-up epochs, backbone frozen (paper: 20).
         lower_lr, lower_wd, lower_warmup_steps: LARS settings of the lower level (1.0, 1e-6, 200).
         upper_lr, upper_wd: SGD settings of the upper level; ``None`` takes :func:`upper_hparams`.
@@ -225,13 +256,8 @@ class BiSSLConfig:
     alternations: int = 500
     lower_steps: int = 20
     upper_steps: int = 8
-    lam: float = 1e-3
-    damping: float = 10.0
     gamma: float = 1.0
-    solver: AbstractLinearSolver = field(default_factory=lambda: CG(max_steps=5))
-    warm_start: bool = False
-    reuse_operator: bool = False
-    hvp_mode: str = "auto"
+    method: Proximal = field(default_factory=paper_method)
     head_warmup_epochs: int = 20
     lower_lr: float = 1.0
     lower_wd: float = 1e-6
@@ -270,23 +296,27 @@ class BiSSLConfig:
             _pos("BiSSLConfig", name, getattr(self, name), integer=True)
         for name in ("head_warmup_epochs", "lower_warmup_steps"):
             _pos("BiSSLConfig", name, getattr(self, name), integer=True, allow_zero=True)
-        for name in ("lam", "lower_lr", "clip_norm", "final_lr_factor"):
+        for name in ("lower_lr", "clip_norm", "final_lr_factor"):
             _pos("BiSSLConfig", name, getattr(self, name))
-        for name in ("damping", "gamma", "lower_wd", "momentum"):
+        for name in ("gamma", "lower_wd", "momentum"):
             _pos("BiSSLConfig", name, getattr(self, name), allow_zero=True)
         for name in ("upper_lr", "upper_wd"):
             if getattr(self, name) is not None:
                 _pos("BiSSLConfig", name, getattr(self, name), allow_zero=name == "upper_wd")
-        if not isinstance(self.solver, AbstractLinearSolver):
+        if not isinstance(self.method, Proximal):
             raise TypeError(
-                f"BiSSLConfig: `solver` must be a hypergrad solver object such as hypergrad.CG(max_steps=5), "
-                f"got {self.solver!r}."
+                f"BiSSLConfig: `method` must be a hypergrad.Proximal such as paper_method(lam=1e-3), got {self.method!r}."
+            )
+        if dict(self.method.coupling) != COUPLING:
+            raise ValueError(
+                f"BiSSLConfig: `method.coupling` must be {COUPLING} (BiSSL couples the two backbones), got "
+                f"{dict(self.method.coupling)!r}; build the method with paper_method(...)."
             )
 
     @property
     def lam_eff(self) -> float:
         """:math:`\\lambda + \\text{damping}`, the constant of the solved system."""
-        return self.lam + self.damping
+        return self.method.lam + self.method.damping
 
 
 @dataclass
@@ -372,10 +402,21 @@ class PipelineConfig:
         return self.log_dir or os.path.join(self.run_dir, "logs")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly view (solver objects as their repr)."""
-        d = dataclasses.asdict(dataclasses.replace(self, bissl=dataclasses.replace(self.bissl)))
-        d["bissl"]["solver"] = repr(self.bissl.solver)
+        """A JSON-friendly view (the stage's method as :func:`method_dict`)."""
+        d = dataclasses.asdict(self)
+        d["bissl"]["method"] = method_dict(self.bissl.method)
         return d
+
+
+def method_dict(method: Proximal) -> dict[str, Any]:
+    """A JSON-friendly view of a :class:`hypergrad.Proximal`: its fields, the solver as its repr.
+
+    Example:
+        >>> method_dict(paper_method())["solver"], method_dict(paper_method())["lam"]
+        ('CG(max_steps=5, rtol=0.0, atol=0.0)', 0.001)
+    """
+    d = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    return {"type": type(method).__name__, **d, "coupling": dict(method.coupling), "solver": repr(method.solver)}
 
 
 def _paper() -> PipelineConfig:
@@ -401,7 +442,7 @@ def _mini() -> PipelineConfig:
             lower_warmup_steps=10,
             pretext_batch=128,
             downstream_batch=64,
-            reuse_operator=True,
+            method=paper_method(reuse_operator=True),
         ),
         finetune=FinetuneConfig(epochs=15, batch_size=32, hpo_trials=6, hpo_epochs=8, num_runs=10),
         downstream=("digits@30", "digits_inv@30", "fashion_mnist_inv@20"),
@@ -436,7 +477,7 @@ def _demo() -> PipelineConfig:
             lower_warmup_steps=8,
             pretext_batch=64,
             downstream_batch=64,
-            reuse_operator=True,
+            method=paper_method(reuse_operator=True),
         ),
         finetune=FinetuneConfig(epochs=5, batch_size=64, hpo_trials=3, hpo_epochs=2, num_runs=3),
         downstream=("digits",),
@@ -461,7 +502,7 @@ def _tiny() -> PipelineConfig:
             lower_warmup_steps=1,
             pretext_batch=32,
             downstream_batch=32,
-            solver=CG(max_steps=2),
+            method=paper_method(solver=CG(max_steps=2)),
         ),
         finetune=FinetuneConfig(epochs=1, batch_size=32, hpo_trials=2, hpo_epochs=1, num_runs=2),
         downstream=("digits",),

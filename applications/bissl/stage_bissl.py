@@ -283,7 +283,7 @@ def run_bissl(
     problem = build_problem(
         ssl, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched, upper_sched=upper_sched
     )
-    lam, damping = b.lam, b.damping
+    lam, damping = b.method.lam, b.method.damping
 
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     start, history = 0, []
@@ -339,7 +339,7 @@ def run_bissl(
             if b.damping_mode == "adaptive":
                 lo, hi = hessian_extremes(ssl, x1, x2, b.curvature_steps, seed=cfg.seed + alt)
                 lo = _all_reduce(lo, "min")
-                damping = adaptive_damping(lo, lam, b.damping, b.damping_margin)
+                damping = adaptive_damping(lo, lam, b.method.damping, b.damping_margin)
                 problem.method = dataclasses.replace(problem.method, damping=damping)
                 row.update(ritz_min=lo, ritz_max=hi)
             row["damping"] = damping
@@ -347,7 +347,7 @@ def run_bissl(
             row["upper_lr"] = upper_sched.get_last_lr()[0]
             run_upper += b.upper_steps
             if b.lam_mode == "target_share":  # the next alternation's lambda (theta_D moved: re-measure)
-                lam = target_lam(b.target_share, gnorm, param_distance(ssl.backbone, upper), b.lam, b.lam_max)
+                lam = target_lam(b.target_share, gnorm, param_distance(ssl.backbone, upper), b.method.lam, b.lam_max)
         row.update(time_lower_s=t_low, time_s=time.perf_counter() - t0)
         history.append(row)
         if main:

@@ -16,8 +16,9 @@ def test_variants_change_one_setting_each():
     assert set(vs) == {"preset", "lam=1e-3", "lam=1e-2", "damping=10", "damping=100", "cg_steps=0", "cg_steps=5",
                        "steps=8/4", "steps=4/8"}  # fmt: skip
     assert vs["preset"] is cfg
-    assert isinstance(vs["cg_steps=0"].bissl.solver, Identity) and vs["cg_steps=5"].bissl.solver == CG(max_steps=5)
-    assert vs["lam=1e-2"].bissl.lam == 1e-2 and vs["lam=1e-2"].bissl.damping == cfg.bissl.damping
+    assert isinstance(vs["cg_steps=0"].bissl.method.solver, Identity)
+    assert vs["cg_steps=5"].bissl.method.solver == CG(max_steps=5)
+    assert vs["lam=1e-2"].bissl.method.lam == 1e-2 and vs["lam=1e-2"].bissl.method.damping == cfg.bissl.method.damping
     assert (vs["steps=4/8"].bissl.lower_steps, vs["steps=4/8"].bissl.upper_steps) == (4, 8)
 
 

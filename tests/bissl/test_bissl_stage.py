@@ -33,9 +33,11 @@ def _one_thread():
 
 
 def _cfg(tmp_path, **bissl):
+    """The tiny preset with ``bissl`` changes; fields of hypergrad.Proximal go to ``cfg.bissl.method``."""
     cfg = get_preset("tiny")
     cfg.out_dir = str(tmp_path)
-    cfg.bissl = dataclasses.replace(cfg.bissl, **bissl)
+    method = {k: bissl.pop(k) for k in list(bissl) if k in {f.name for f in dataclasses.fields(hypergrad.Proximal)}}
+    cfg.bissl = dataclasses.replace(cfg.bissl, **bissl, method=dataclasses.replace(cfg.bissl.method, **method))
     return cfg
 
 

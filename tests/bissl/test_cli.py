@@ -63,8 +63,9 @@ def test_official_flag_names_reach_the_config():
     )
     cfg = config_from_args(args)
     assert cfg.bissl.downstream == "fashion_mnist@20" and cfg.pretrain.pretext_type == "byol"
-    assert cfg.bissl.lam == 0.01 and cfg.bissl.damping == 5.0 and cfg.bissl.alternations == 3
-    assert cfg.bissl.solver == CG(max_steps=7) and cfg.bissl.warm_start and cfg.bissl.reuse_operator
+    assert cfg.bissl.method.lam == 0.01 and cfg.bissl.method.damping == 5.0 and cfg.bissl.alternations == 3
+    m = cfg.bissl.method
+    assert m.solver == CG(max_steps=7) and m.warm_start and m.reuse_operator
     assert cfg.data_root == "/x" and cfg.name == "tiny"
     args = p.parse_args(
         [
@@ -105,7 +106,7 @@ def test_official_flag_names_reach_the_config():
         ]
     )
     cfg = config_from_args(args)
-    assert cfg.bissl.solver == Neumann(max_steps=5) and cfg.downstream == ("digits", "fashion_mnist@5")
+    assert cfg.bissl.method.solver == Neumann(max_steps=5) and cfg.downstream == ("digits", "fashion_mnist@5")
     assert cfg.pretrain.epochs == 2 and cfg.finetune.epochs == 2
 
 
@@ -223,4 +224,4 @@ def test_solver_flag_builds_the_core_solvers() -> None:
         ("cg", hypergrad.CG(max_steps=4)),
     ):
         args = p.parse_args(["bissl", "--preset", "tiny", "--solver", name, "--solver-steps", "4"])
-        assert config_from_args(args).bissl.solver == expected, name
+        assert config_from_args(args).bissl.method.solver == expected, name

@@ -51,7 +51,9 @@ def test_run_tiny_end_to_end(tmp_path, capsys):
         assert math.isclose(row[f"{key}_mean"], sum(accs) / len(accs))
     assert math.isclose(row["gap"], row["bissl_mean"] - row["baseline_mean"])
     assert (run_dir / "results.png").read_bytes()[:4] == b"\x89PNG"
-    assert data["meta"]["timings"]["total_s"] > 0 and data["meta"]["config"]["bissl"]["solver"].startswith("CG(")
+    assert data["meta"]["timings"]["total_s"] > 0 and data["meta"]["config"]["bissl"]["method"]["solver"].startswith(
+        "CG("
+    )
     for stage in (
         "pretrain/pretrained.pt",
         "bissl/digits/lower_backbone.pt",

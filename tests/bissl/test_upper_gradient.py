@@ -8,6 +8,7 @@ torch.autograd.functional.hessian) and lam_e = lam + damping.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ from torch import nn
 
 import hypergrad
 from applications.bissl.bilevel import PretextBatch, build_problem
-from applications.bissl.config import BiSSLConfig
+from applications.bissl.config import BiSSLConfig, paper_method
 from applications.bissl.losses import BYOLLoss, NTXentLoss
 from applications.bissl.ssl_model import SSLModel
+
+METHOD_FIELDS = {f.name for f in dataclasses.fields(hypergrad.Proximal)}
 
 
 def _setup(kind: str, **cfg_kw):
@@ -36,7 +39,8 @@ def _setup(kind: str, **cfg_kw):
         for p in upper.parameters():
             p.add_(0.3 * torch.randn_like(p))
     head = nn.Linear(3, 3).double()
-    cfg = BiSSLConfig(**{"clip_norm": 1e9, **cfg_kw})
+    method = {k: cfg_kw.pop(k) for k in list(cfg_kw) if k in METHOD_FIELDS}
+    cfg = BiSSLConfig(**{"clip_norm": 1e9, **cfg_kw}, method=paper_method(**method))
     reference = (copy.deepcopy(ssl), copy.deepcopy(upper), copy.deepcopy(head))
     problem = build_problem(
         ssl,

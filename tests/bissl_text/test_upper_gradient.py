@@ -35,7 +35,7 @@ def _dense_reference(lower, upper, head, cfg, h_batch, d_batch):
         g = _flat(torch.autograd.grad(F.cross_entropy(head(lower.backbone(xd)), yd), params))
         up = [p for p in upper.parameters() if p.requires_grad]
         gD = _flat(torch.autograd.grad(F.cross_entropy(head(upper(xd)), yd), up))
-    lam_e = cfg.lam + cfg.damping
+    lam_e = cfg.lam_eff
     n = len(g)
     assert torch.allclose(H, H.T, atol=1e-10)
     return lam_e * torch.linalg.solve(H + lam_e * torch.eye(n, dtype=H.dtype), g) + cfg.gamma * gD, n

@@ -13,7 +13,6 @@ flags of the text path. Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from .. import cli as image_cli
 from .. import distributed as dist_utils
 from ..argtypes import finite_float, nonnegative_int, positive_int
-from ..cli import FLAG_TABLES, _add_solver, _solver, add_flags
+from ..cli import FLAG_TABLES, _add_solver, _solver, add_flags, apply_overrides
 from .config import TEXT_PRESETS, TextConfig, get_text_preset
 
 __all__ = [
@@ -190,30 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: Any) -> TextConfig:
     """The text preset with every given flag applied (sections re-validated)."""
     cfg = get_text_preset(args.preset)
-    sections: dict[str, dict[str, Any]] = {}
+    values: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if value is None or dest in ("func", "command", "preset", "task", "tasks", "pretrained", "backbone", "debug"):
             continue
-        if dest == "lars_exclude_1d":
+        if dest == "bissl__lars_exclude_1d":
             raise ValueError(
                 "--lars-exclude-1d configures the image path's LARS; the text lower level uses AdamW: drop the flag."
             )
-        if "__" in dest:
-            section, name = dest.split("__", 1)
-            sections.setdefault(section, {})[name] = value
-        elif hasattr(cfg, dest) and not isinstance(value, bool):
-            setattr(cfg, dest, value)
-    for section, values in sections.items():
-        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
-    extra: dict[str, Any] = {}
-    solver = _solver(args, cfg.bissl.solver)
-    if solver is not cfg.bissl.solver:
-        extra["solver"] = solver
-    for flag in ("warm_start", "reuse_operator"):
-        if getattr(args, flag, None):
-            extra[flag] = True
-    if extra:
-        cfg.bissl = dataclasses.replace(cfg.bissl, **extra)
+        if "__" in dest or (hasattr(cfg, dest) and not isinstance(value, bool)):
+            values[dest] = value
+    apply_overrides(cfg, values)
+    solver = _solver(args, cfg.bissl.method.solver)
+    if solver is not cfg.bissl.method.solver:
+        apply_overrides(cfg, {"bissl__method__solver": solver})
     if getattr(args, "tasks", None):
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if cfg.threads is not None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from hypergrad import CG
 
-from ..config import BiSSLConfig, FinetuneConfig
+from ..config import BiSSLConfig, FinetuneConfig, method_dict, paper_method
 
 __all__ = ["TextModelConfig", "TextPretrainConfig", "TextConfig", "TEXT_PRESETS", "get_text_preset"]
 
@@ -135,7 +135,7 @@ class TextConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["bissl"]["solver"] = repr(self.bissl.solver)
+        d["bissl"]["method"] = method_dict(self.bissl.method)
         return d
 
 
@@ -157,8 +157,7 @@ def _tiny() -> TextConfig:
             upper_wd=1e-4,
             pretext_batch=8,
             downstream_batch=16,
-            solver=CG(max_steps=2),
-            reuse_operator=True,
+            method=paper_method(solver=CG(max_steps=2), reuse_operator=True),
         ),
         finetune=FinetuneConfig(epochs=1, batch_size=16, hpo_trials=2, num_runs=2, val_fraction=0.25),
         downstream=("reuters_r8", "election_tweets"),
@@ -178,8 +177,7 @@ def _cpu() -> TextConfig:
             alternations=8,
             lower_steps=8,
             upper_steps=4,
-            solver=CG(max_steps=3),
-            reuse_operator=True,
+            method=paper_method(solver=CG(max_steps=3), reuse_operator=True),
             head_warmup_epochs=5,
             lower_lr=1e-3,
             lower_wd=0.01,
@@ -207,10 +205,8 @@ def _gpu() -> TextConfig:
             alternations=500,
             lower_steps=20,
             upper_steps=8,
-            lam=1e-3,
-            damping=10.0,
             gamma=1.0,
-            solver=CG(max_steps=5),
+            method=paper_method(lam=1e-3, damping=10.0, solver=CG(max_steps=5)),
             head_warmup_epochs=20,
             lower_lr=6e-4,
             lower_wd=0.1,
