@@ -17,7 +17,6 @@ trial and run to ``state.json``, so an interrupted job resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -29,13 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hypergrad import MetricsLogger
-
 from .augment import eval_transform, train_transform
 from .checkpoints import load_into, read_checkpoint
 from .config import FinetuneConfig, PipelineConfig
 from .models import LinearHead, build_backbone
 from .splits import task_split
+from .stage_run import StageRun
 from .supervised import supervised_epoch
 from .tasks import build_task, task_classes, with_inversion
 
@@ -197,17 +195,17 @@ def finetune(
             "`bissl --arm control`)."
         )
     ft: FinetuneConfig = cfg.finetune
-    out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", task.replace("@", "_at"), origin)
-    os.makedirs(out_dir, exist_ok=True)
-    state_path = os.path.join(out_dir, "state.json")
-    state = json.load(open(state_path)) if os.path.exists(state_path) else {"trials": [], "runs": []}
+    name = task.replace("@", "_at")
+    out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", name, origin)
+    # fine-tuning runs on the main process only: no barriers
+    run = StageRun(
+        out_dir, log_dir=os.path.join(cfg.logs, "finetune", name, origin), tensorboard=True, synchronized=False
+    )
+    state = run.read_json("state.json") or {"trials": [], "runs": []}
 
     def save() -> None:
-        with open(state_path + ".tmp", "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(state_path + ".tmp", state_path)
+        run.write_json("state.json", state)
 
-    metrics = MetricsLogger(os.path.join(cfg.logs, "finetune", task.replace("@", "_at"), origin), tensorboard=True)
     backbone, _ = load_backbone(cfg, backbone_path)
     bstate = {k: v.clone() for k, v in backbone.state_dict().items()}
     m = cfg.model
@@ -245,7 +243,7 @@ def finetune(
             state["trials"] = [t._asdict() for t in scored]
             save()
             t = scored[-1]
-            metrics.log(len(scored) - 1, {"hpo_val_top1": t.score, "hpo_lr": t.lr, "hpo_weight_decay": t.weight_decay})
+            run.log(len(scored) - 1, {"hpo_val_top1": t.score, "hpo_lr": t.lr, "hpo_weight_decay": t.weight_decay})
             if logger is not None:
                 logger({"phase": "hpo", "trial": len(scored) - 1, **t._asdict()})
 
@@ -256,17 +254,17 @@ def finetune(
         state["trials"] = [t._asdict() for t in scored]
     state["lr"], state["weight_decay"] = lr, wd
     save()
-    for seed in tqdm(range(len(state["runs"]), ft.num_runs), desc=f"runs {task}/{origin}", leave=False):
+    for seed in run.bar(range(len(state["runs"]), ft.num_runs), desc=f"runs {task}/{origin}", leave=False):
         model = train_classifier(
             bstate, cfg, n_cls, train_aug, lr=lr, weight_decay=wd, epochs=ft.epochs, seed=seed, desc=f"run {seed}"
         )
         acc = evaluate(model, test_loader, cfg.device)
         state["runs"].append(acc)
         save()
-        metrics.log(ft.hpo_trials + seed, {"run_seed": seed, "test_top1": acc, "lr": lr, "weight_decay": wd})
+        run.log(ft.hpo_trials + seed, {"run_seed": seed, "test_top1": acc, "lr": lr, "weight_decay": wd})
         if logger is not None:
             logger({"phase": "run", "seed": seed, "test_top1": acc, "lr": lr, "weight_decay": wd})
-    metrics.close()
+    run.close()
     accs = state["runs"]
     result = {
         "task": task,
@@ -278,6 +276,5 @@ def finetune(
         "mean": statistics.fmean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
     }
-    with open(os.path.join(out_dir, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    run.write_json("result.json", result)
     return result

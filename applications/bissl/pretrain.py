@@ -30,9 +30,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from hypergrad import MetricsLogger, load_checkpoint, save_checkpoint
+from hypergrad import load_checkpoint
 
 from . import distributed as du
 from .argtypes import finite_float, nonnegative_int, positive_int
@@ -41,6 +40,7 @@ from .config import PipelineConfig
 from .data import TwoViewDataset, get_dataset
 from .optim import LARS, warmup_cosine
 from .ssl_model import SSLModel, build_ssl_model
+from .stage_run import StageRun
 
 __all__ = [
     "add_pretrain_args",
@@ -186,7 +186,7 @@ def pretrain(
     p = cfg.pretrain
     out_dir = out_dir or os.path.join(cfg.run_dir, "pretrain")
     du.init_distributed()
-    rank, world, main = du.rank(), du.world_size(), du.is_main_process()
+    rank, world = du.rank(), du.world_size()
     if p.batch_size % world != 0:
         raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by the world size {world}.")
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -213,9 +213,12 @@ def pretrain(
         exclude_bias_and_norm=p.lars_exclude_1d,
     )
     sched = warmup_cosine(opt, p.warmup_epochs * steps_per_epoch, total, final_lr_scale)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    run = StageRun(
+        out_dir, log_dir=os.path.join(out_dir, "logs"), tensorboard=tensorboard, resume=resume, progress=progress
+    )
+    ckpt_path = run.checkpoint_path
     step = 0
-    if resume and os.path.exists(ckpt_path):
+    if run.resumable:
         state = load_checkpoint(ckpt_path, map_location=device)
         _check_same_run(state.get("config", {}), cfg.to_dict(), ckpt_path)
         model.load_state_dict(state["model"])
@@ -228,8 +231,7 @@ def pretrain(
             net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    logger = MetricsLogger(os.path.join(out_dir, "logs"), tensorboard=tensorboard) if main else None
-    bar = tqdm(total=total, initial=step, desc=f"pretrain {p.pretext_type}", disable=not (progress and main))
+    bar = run.bar(total=total, initial=step, desc=f"pretrain {p.pretext_type}")
     model.train()
     t0, seen = time.perf_counter(), 0
     while step < total:
@@ -257,32 +259,23 @@ def pretrain(
             if step % log_every == 0 or step == total:
                 mean_loss = float(du.all_reduce_mean(loss))
                 bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
-                if logger is not None:
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    logger.log(
-                        step, {"loss": mean_loss, "lr": opt.param_groups[0]["lr"], "epoch": epoch, "images_per_s": rate}
-                    )
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                run.log(
+                    step, {"loss": mean_loss, "lr": opt.param_groups[0]["lr"], "epoch": epoch, "images_per_s": rate}
+                )
             if step % every == 0 or step == total:
-                if main:
-                    save_checkpoint(_state(model, opt, sched, step, cfg), ckpt_path)
-                du.barrier()
-    bar.close()
-    if logger is not None:
-        logger.close()
-    final = os.path.join(out_dir, "pretrained.pt")
-    if main:
-        save_checkpoint(
-            {
-                **model.checkpoint_state(),
-                "pretext_type": p.pretext_type,
-                "steps": step,
-                "model_config": dataclasses.asdict(cfg.model),
-                "pretrain_config": dataclasses.asdict(p),
-            },
-            final,
-        )
-    du.barrier()
-    return final
+                run.save(_state(model, opt, sched, step, cfg))
+    run.close()
+    return run.save(
+        {
+            **model.checkpoint_state(),
+            "pretext_type": p.pretext_type,
+            "steps": step,
+            "model_config": dataclasses.asdict(cfg.model),
+            "pretrain_config": dataclasses.asdict(p),
+        },
+        "pretrained.pt",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -58,7 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hypergrad import MetricsLogger, get_rng_state, save_checkpoint, set_rng_state
+from hypergrad import get_rng_state, set_rng_state
 
 from . import distributed as dist_utils
 from .augment import eval_transform, train_transform
@@ -78,6 +77,7 @@ from .models import LinearHead
 from .optim import LARS, warmup_cosine
 from .pretrain import build_pretrain_model, epoch_batches, pretext_dataset
 from .splits import task_split
+from .stage_run import StageRun
 from .supervised import supervised_epoch
 from .tasks import build_task, parse_task, task_classes
 
@@ -285,9 +285,12 @@ def run_bissl(
     )
     lam, damping = b.method.lam, b.method.damping
 
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    run = StageRun(
+        out_dir, log_dir=os.path.join(cfg.logs, arm, task.replace("@", "_at")), tensorboard=True, resume=resume
+    )
+    ckpt_path = run.checkpoint_path
     start, history = 0, []
-    if resume and os.path.exists(ckpt_path):
+    if run.resumable:
         st = read_checkpoint(ckpt_path, "stage checkpoint", "Pass --no-resume to start the stage afresh.")
         try:
             problem.load_state_dict(st["problem"])
@@ -303,11 +306,7 @@ def run_bissl(
     elif arm == "bissl":
         _warmup_head(cfg, upper, head, task, upper_lr, upper_wd)  # backbone frozen, SGD with the upper lr/wd
 
-    log_name = task.replace("@", "_at")
-    logger = MetricsLogger(os.path.join(cfg.logs, arm, log_name), tensorboard=True) if main else None
-    bar = tqdm(
-        range(start, b.alternations), desc=f"{arm} {task}", disable=not main, initial=start, total=b.alternations
-    )
+    bar = run.bar(range(start, b.alternations), desc=f"{arm} {task}", initial=start, total=b.alternations)
     skipped_reasons: list[str] = []
     run_upper = 0
     for alt in bar:
@@ -350,42 +349,40 @@ def run_bissl(
                 lam = target_lam(b.target_share, gnorm, param_distance(ssl.backbone, upper), b.method.lam, b.lam_max)
         row.update(time_lower_s=t_low, time_s=time.perf_counter() - t0)
         history.append(row)
-        if main:
-            logger.log(alt, row)
-            bar.set_postfix(
-                lower=f"{row['lower_loss']:.3f}",
-                upper=f"{row.get('upper_loss', float('nan')):.3f}",
-                failed=f"{row.get('solves_failed_frac', 0.0):.2f}",
-            )
-            save_checkpoint(
-                {
-                    "alternation": alt + 1,
-                    "problem": problem.state_dict(),
-                    "history": history,
-                    "lam": lam,
-                    "damping": damping,
-                    "rng": get_rng_state(),
-                },
-                ckpt_path,
-            )
-        dist_utils.barrier()
-    summary = summarize(history, arm)
-    out_path = os.path.join(out_dir, "lower_backbone.pt")
-    if main:
-        logger.close()
-        save_checkpoint(
-            {"backbone": ssl.backbone.state_dict(), "upper_backbone": upper.state_dict(), "head": head.state_dict()},
-            out_path,
+        run.log(alt, row)
+        bar.set_postfix(
+            lower=f"{row['lower_loss']:.3f}",
+            upper=f"{row.get('upper_loss', float('nan')):.3f}",
+            failed=f"{row.get('solves_failed_frac', 0.0):.2f}",
         )
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        if summary["solves_failed"]:
-            print(
-                f"[bissl] warning: {summary['solves_failed']} of {summary['solves']} implicit-gradient solves failed "
-                f"({100 * summary['solves_failed_frac']:.0f} %; e.g. I + H/(lam+damping) not positive definite); "
-                "their steps were applied as the authors do. Use --damping-mode adaptive (or more damping) to avoid it.",
-                file=sys.stderr,
-            )
+        run.save(
+            lambda: {
+                "alternation": alt + 1,
+                "problem": problem.state_dict(),
+                "history": history,
+                "lam": lam,
+                "damping": damping,
+                "rng": get_rng_state(),
+            }
+        )
+    run.close()
+    out_path = run.save(
+        lambda: {
+            "backbone": ssl.backbone.state_dict(),
+            "upper_backbone": upper.state_dict(),
+            "head": head.state_dict(),
+        },
+        "lower_backbone.pt",
+    )
+    summary = summarize(history, arm)
+    run.write_json("summary.json", summary)
+    if main and summary["solves_failed"]:
+        print(
+            f"[bissl] warning: {summary['solves_failed']} of {summary['solves']} implicit-gradient solves failed "
+            f"({100 * summary['solves_failed_frac']:.0f} %; e.g. I + H/(lam+damping) not positive definite); "
+            "their steps were applied as the authors do. Use --damping-mode adaptive (or more damping) to avoid it.",
+            file=sys.stderr,
+        )
     dist_utils.barrier()
     if run_upper and len(skipped_reasons) >= run_upper:
         raise RuntimeError(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import applications.bissl.stage_bissl as stage
+import applications.bissl.stage_run as stage_run
 import hypergrad
 from applications.bissl.config import get_preset
 from applications.bissl.pretrain import build_pretrain_model
@@ -55,7 +56,7 @@ def test_stage_outputs_and_bit_exact_resume(tmp_path, monkeypatch):
     assert all(float(row.split(",")[hvps]) > 0 for row in log[1:])
 
     cfg_b = _cfg(tmp_path / "b", alternations=2, warm_start=True)
-    real_save = stage.save_checkpoint
+    real_save = stage_run.save_checkpoint
     saves = []
 
     def save_then_die(state, path):
@@ -64,10 +65,10 @@ def test_stage_outputs_and_bit_exact_resume(tmp_path, monkeypatch):
         if len(saves) == 1:
             raise KeyboardInterrupt  # killed right after the first alternation's checkpoint
 
-    monkeypatch.setattr(stage, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(stage_run, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         stage.run_bissl(cfg_b, str(tmp_path / "pre.pt"))
-    monkeypatch.setattr(stage, "save_checkpoint", real_save)
+    monkeypatch.setattr(stage_run, "save_checkpoint", real_save)
     resumed = hypergrad.load_checkpoint(stage.run_bissl(cfg_b, str(tmp_path / "pre.pt")))
     for part in ("backbone", "upper_backbone", "head"):
         for k in full[part]:

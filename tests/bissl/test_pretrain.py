@@ -77,8 +77,9 @@ _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import applications.bissl.pretrain as pt
+import applications.bissl.stage_run as stage_run
 
-real_save, saves = pt.save_checkpoint, []
+real_save, saves = stage_run.save_checkpoint, []
 
 def save_then_die(state, path):
     out = real_save(state, path)
@@ -88,7 +89,7 @@ def save_then_die(state, path):
             os.kill(os.getpid(), signal.SIGKILL)
     return out
 
-pt.save_checkpoint = save_then_die
+stage_run.save_checkpoint = save_then_die  # every stage saves through its StageRun
 sys.exit(pt.main(sys.argv[1:]))
 """
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hypergrad import MetricsLogger, load_checkpoint, save_checkpoint
+from hypergrad import load_checkpoint
 
 from .. import distributed as dist_utils
 from ..bilevel import PretextBatch, build_problem
@@ -43,6 +43,7 @@ from ..config import BiSSLConfig
 from ..models import LinearHead
 from ..optim import warmup_cosine
 from ..pretrain import epoch_batches
+from ..stage_run import StageRun
 from .config import TextConfig
 from .finetune import STATE_KIND, hpo_split
 from .pretext import bits_per_token, corpus_ids, lm_batch
@@ -186,11 +187,10 @@ def bissl_text(
         lower_sched=lower_sched,
         upper_sched=upper_sched,
     )
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    info_path = os.path.join(out_dir, "stage.json")
+    run = StageRun(out_dir, log_dir=os.path.join(cfg.logs, "bissl", task.replace(":", "_")), resume=resume)
     start, info = 0, {}
-    if resume and os.path.exists(ckpt_path):
-        st = load_checkpoint(ckpt_path, expected_kind=CHECKPOINT_KIND)
+    if run.resumable:
+        st = load_checkpoint(run.checkpoint_path, expected_kind=CHECKPOINT_KIND)
         problem.load_state_dict(st["problem"])
         start, info = st["alternation"], st["info"]
     else:
@@ -207,7 +207,6 @@ def bissl_text(
             momentum=b.momentum,
             seed=cfg.seed,
         )
-    logger = MetricsLogger(os.path.join(cfg.logs, "bissl", task.replace(":", "_"))) if main else None
     n = len(y_up)
     t_stage = time.perf_counter()
     for alt in range(start, b.alternations):
@@ -246,15 +245,10 @@ def bissl_text(
                 "outer_skipped": problem.outer_skipped,
                 "time_s": time.perf_counter() - t0,
             }
-            logger.log(alt, row)
+            run.log(alt, row)
             if (alt + 1) % max(1, b.alternations // 5) == 0:
                 echo(f"[bissl {task}] alternation {alt + 1}/{b.alternations} " + json.dumps(row))
-            save_checkpoint(
-                {"alternation": alt + 1, "problem": problem.state_dict(), "info": info},
-                ckpt_path,
-                kind=CHECKPOINT_KIND,
-            )
-        dist_utils.barrier()
+        run.save(lambda: {"alternation": alt + 1, "problem": problem.state_dict(), "info": info}, kind=CHECKPOINT_KIND)
     info["bpc_after"] = bits_per_token(lower, eval_ids, L)
     info["stage_time_s"] = time.perf_counter() - t_stage
     info["inner_skipped"], info["outer_skipped"] = problem.inner_skipped, problem.outer_skipped
@@ -264,20 +258,17 @@ def bissl_text(
             "(applied under hypergrad's on_failure='warn'; e.g. I + H/(lam+damping) not positive definite): "
             "raise --damping or use --solver dense / more --solver-steps."
         )
-    out_path = os.path.join(out_dir, "lower_backbone.pt")
-    if main:
-        logger.close()
-        save_checkpoint(
-            {
-                "backbone": lower.backbone.state_dict(),
-                "lm_head": lower.lm_head.state_dict(),
-                "upper_backbone": upper.state_dict(),
-                "head": head.state_dict(),
-            },
-            out_path,
-            kind=STATE_KIND,
-        )
-        with open(info_path, "w") as f:
-            json.dump(info, f, indent=1)
-    dist_utils.barrier()
+    run.close()
+    out_path = run.save(
+        lambda: {
+            "backbone": lower.backbone.state_dict(),
+            "lm_head": lower.lm_head.state_dict(),
+            "upper_backbone": upper.state_dict(),
+            "head": head.state_dict(),
+        },
+        "lower_backbone.pt",
+        kind=STATE_KIND,
+    )
+    run.write_json("stage.json", info)
+    run.barrier()
     return out_path
