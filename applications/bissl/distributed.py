@@ -1,4 +1,10 @@
-"""torch.distributed helpers: rank/world queries, torchrun initialisation, gathers with gradient.
+"""The BiSSL pipeline's process helpers beside :mod:`hypergrad.distributed`.
+
+The world size and the averaging over ranks are hypergrad's (:func:`hypergrad.distributed.world_size`,
+:func:`hypergrad.distributed.all_reduce_mean`); what is specific to the pipeline stays here: this
+process's rank and local rank, torchrun initialisation and clean-up, the barrier, gradient
+averaging for steps taken outside :class:`hypergrad.BilevelProblem`, and SimCLR's all-gather with
+gradient.
 
 Every helper works without an initialised process group (it then behaves as a world of one), so
 the same training code runs in one process, under ``torchrun --nproc-per-node N`` (gloo on CPU,
@@ -8,14 +14,16 @@ NCCL on CUDA), or in processes started by :func:`torch.multiprocessing.spawn`.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
+from hypergrad.distributed import all_reduce_mean, world_size
+
 __all__ = [
     "all_gather_with_grad",
-    "all_reduce_mean",
+    "average_gradients",
     "barrier",
     "cleanup_distributed",
     "init_distributed",
@@ -23,7 +31,6 @@ __all__ = [
     "is_main_process",
     "local_rank",
     "rank",
-    "world_size",
 ]
 
 
@@ -45,16 +52,6 @@ def rank() -> int:
         0
     """
     return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    """Number of processes in the default group (1 without a process group).
-
-    Example:
-        >>> world_size()
-        1
-    """
-    return dist.get_world_size() if is_distributed() else 1
 
 
 def local_rank() -> int:
@@ -128,24 +125,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over all ranks (a new tensor; no gradient).
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    r"""Replace every ``p.grad`` of ``params`` by its mean over ranks (no-op on one process).
 
-    Args:
-        tensor: any shape, same shape on every rank.
+    .. math:: g_p \leftarrow \frac{1}{R}\sum_{r} g_{p,r}
 
-    Returns:
-        The element-wise mean over ranks, same shape.
+    One coalesced ``all_reduce`` for all the gradients (:func:`hypergrad.distributed.all_reduce_mean`);
+    parameters without a gradient are skipped. For gradients taken outside
+    :class:`hypergrad.BilevelProblem` (which averages its own): the head warm-up, the control arm,
+    text pretraining.
 
     Example:
-        >>> all_reduce_mean(torch.tensor([1.0, 3.0]))
+        >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.tensor([1.0, 3.0])
+        >>> average_gradients([w]); w.grad
         tensor([1., 3.])
     """
-    out = tensor.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= world_size()
-    return out
+    params = [p for p in params if p.grad is not None]
+    if world_size() == 1 or not params:
+        return
+    mean = all_reduce_mean({str(i): p.grad for i, p in enumerate(params)})
+    for i, p in enumerate(params):
+        p.grad = mean[str(i)]
 
 
 class _GatherWithGrad(torch.autograd.Function):

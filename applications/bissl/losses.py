@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_gather_with_grad, rank, world_size
+from hypergrad.distributed import world_size
+
+from .distributed import all_gather_with_grad, rank
 
 __all__ = ["EMA", "BYOLLoss", "NTXentLoss", "create_target"]
 

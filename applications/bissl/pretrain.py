@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hypergrad import load_checkpoint
+from hypergrad.distributed import all_reduce_mean, world_size
 
 from . import distributed as du
 from .argtypes import finite_float, nonnegative_int, positive_int
@@ -186,7 +187,7 @@ def pretrain(
     p = cfg.pretrain
     out_dir = out_dir or os.path.join(cfg.run_dir, "pretrain")
     du.init_distributed()
-    rank, world = du.rank(), du.world_size()
+    rank, world = du.rank(), world_size()
     if p.batch_size % world != 0:
         raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by the world size {world}.")
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -257,7 +258,7 @@ def pretrain(
             seen += x1.shape[0] * world
             bar.update(1)
             if step % log_every == 0 or step == total:
-                mean_loss = float(du.all_reduce_mean(loss))
+                mean_loss = float(all_reduce_mean({"loss": loss.detach()})["loss"])
                 bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 run.log(

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from hypergrad import load_checkpoint
+from hypergrad.distributed import world_size
 
 from . import distributed as dist_utils
 from .config import PipelineConfig
@@ -113,7 +114,7 @@ def run_pipeline(
                 "cpus": os.cpu_count(),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
-                "world_size": dist_utils.world_size(),
+                "world_size": world_size(),
                 "device": cfg.device,
             },
         }

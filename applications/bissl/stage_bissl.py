@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hypergrad import get_rng_state, set_rng_state
+from hypergrad.distributed import all_reduce_mean, world_size
 
 from . import distributed as dist_utils
 from .augment import eval_transform, train_transform
@@ -107,18 +108,11 @@ def _batches(ds: Dataset, first: int, count: int, batch: int, seed: int, workers
         epoch, j = divmod(k, per_epoch)
         epoch += epoch0
         n = min(end - k, per_epoch - j)
-        idx = epoch_batches(len(ds), b, epoch, seed, dist_utils.rank(), dist_utils.world_size())[j : j + n]
+        idx = epoch_batches(len(ds), b, epoch, seed, dist_utils.rank(), world_size())[j : j + n]
         if hasattr(ds, "set_epoch"):
             ds.set_epoch(epoch)
         yield from DataLoader(ds, batch_sampler=idx, num_workers=workers)
         k += n
-
-
-def _reduce_grads(params) -> None:
-    if dist_utils.is_distributed():
-        for p in params:
-            if p.grad is not None:
-                p.grad = dist_utils.all_reduce_mean(p.grad)
 
 
 def _warmup_head(cfg: PipelineConfig, backbone: nn.Module, head: nn.Module, task: str, lr: float, wd: float) -> float:
@@ -149,7 +143,7 @@ def _warmup_head(cfg: PipelineConfig, backbone: nn.Module, head: nn.Module, task
         range(b.head_warmup_epochs), desc="head warm-up", leave=False, disable=not dist_utils.is_main_process()
     ):
         loss, _finite = supervised_epoch(
-            model, loader, opt, device, after_backward=lambda: _reduce_grads(head.parameters())
+            model, loader, opt, device, after_backward=lambda: dist_utils.average_gradients(head.parameters())
         )
     return loss
 
@@ -180,13 +174,15 @@ def _device(cfg: PipelineConfig) -> torch.device:
 
 
 def _all_reduce(value: float, op: str) -> float:
-    if not dist_utils.is_distributed():
+    if world_size() == 1:
         return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if op == "mean":
+        return float(all_reduce_mean({"v": t})["v"])
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
-    return float(t) if op == "min" else float(t) / dist_utils.world_size()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t)
 
 
 def summarize(history: list[dict[str, float]], arm: str = "bissl") -> dict[str, Any]:
@@ -398,7 +394,7 @@ def _plain_lower_step(ssl: nn.Module, batch: tuple, opt: torch.optim.Optimizer, 
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in ssl.parameters() if p.grad is not None]
-    _reduce_grads(params)
+    dist_utils.average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     sched.step()

@@ -19,6 +19,8 @@ import time
 import torch
 from torch import Tensor
 
+from hypergrad.distributed import world_size
+
 from .. import distributed as dist_utils
 from ..optim import warmup_cosine
 from .config import TextConfig
@@ -48,7 +50,7 @@ def lm_batch(ids: Tensor, seq_len: int, batch: int, k: int, seed: int) -> tuple[
         >>> x.shape, bool((y == x + 1).all())
         (torch.Size([4, 8]), True)
     """
-    world, rank = dist_utils.world_size(), dist_utils.rank()
+    world, rank = world_size(), dist_utils.rank()
     if batch % world:
         raise ValueError(f"the pretext batch ({batch}) must be divisible by the number of processes ({world}).")
     g = torch.Generator().manual_seed(seed * 1_000_003 + k)
@@ -101,10 +103,7 @@ def pretrain_text(cfg: TextConfig, *, resume: bool = True, echo=print) -> str:
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {k}; lower --pretrain-lr.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if dist_utils.is_distributed():
-            for q in lm.parameters():
-                if q.grad is not None:
-                    q.grad = dist_utils.all_reduce_mean(q.grad)
+        dist_utils.average_gradients(lm.parameters())
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from hypergrad.distributed import world_size
+
 from .. import distributed as dist_utils
 from ..results import results_table, write_results
 from .config import TextConfig
@@ -93,7 +95,7 @@ def run_text(cfg: TextConfig, *, resume: bool = True, echo: Callable[[str], Any]
                 "cpus": os.cpu_count(),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
-                "world_size": dist_utils.world_size(),
+                "world_size": world_size(),
                 "device": cfg.device,
             },
         }

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hypergrad import load_checkpoint
+from hypergrad.distributed import world_size
 
 from .. import distributed as dist_utils
 from ..bilevel import PretextBatch, build_problem
@@ -94,7 +95,7 @@ def downstream_batch(n: int, batch: int, k: int, seed: int) -> list[int]:
     b = min(batch, n)
     per_epoch = n // b
     epoch, j = divmod(k, per_epoch)
-    return epoch_batches(n, b, epoch, seed, dist_utils.rank(), dist_utils.world_size())[j]
+    return epoch_batches(n, b, epoch, seed, dist_utils.rank(), world_size())[j]
 
 
 @torch.no_grad()
