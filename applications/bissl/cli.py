@@ -44,12 +44,17 @@ from .solvers import LayerwiseCG
 __all__ = [
     "EXTENSIONS",
     "FLAG_TABLES",
+    "SOLVERS",
+    "USER_ERRORS",
     "add_flags",
+    "add_solver_flags",
     "apply_overrides",
     "build_parser",
     "check_environment",
     "config_from_args",
     "main",
+    "run_command",
+    "solver_from_args",
 ]
 
 # flag -> (dotted config field, type, help)
@@ -117,6 +122,7 @@ _RUN = {
     "--pretext-type": ("pretrain.pretext_type", str, "simclr or byol"),
     "--pretext-dataset": ("pretrain.dataset", str, "pretext (unlabelled) data set"),
 }
+#: ``--solver`` choices (see :func:`solver_from_args`).
 SOLVERS = ("cg", "minres", "recycled", "layerwise_cg", "neumann", "dense", "identity")
 #: name -> flag table, for modules that extend the CLI.
 FLAG_TABLES = {"common": _COMMON, "bissl": _BISSL, "finetune": _FINETUNE, "run": _RUN}
@@ -133,10 +139,19 @@ def add_flags(sp: argparse.ArgumentParser, table: dict, title: str) -> None:
         )
 
 
-_add = add_flags
+def add_solver_flags(sp: argparse.ArgumentParser) -> None:
+    """Add the implicit-gradient flags (``--solver``, ``--solver-steps``, ``--warm-start``, ...) as an argument group.
 
+    ``--solver`` / ``--solver-steps`` are read by :func:`solver_from_args`; the switches write
+    ``bissl.method.warm_start``, ``bissl.method.reuse_operator`` and ``bissl.lars_exclude_1d``
+    through :func:`apply_overrides`. The text CLI adds the same group.
 
-def _add_solver(sp: argparse.ArgumentParser) -> None:
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_solver_flags(p)
+        >>> vars(p.parse_args(["--solver", "minres", "--warm-start"]))["bissl__method__warm_start"]
+        True
+    """
     g = sp.add_argument_group("implicit-gradient solver")
     g.add_argument(
         "--solver", choices=SOLVERS, default=None, help="linear solver for (I + H/(lam+damping)) x = g (default cg)"
@@ -213,9 +228,9 @@ def _add_bissl_command(sub: Any) -> argparse.ArgumentParser:
         default="bissl",
         help="bissl, or control: the same lower steps without the upper level (continued pretraining)",
     )
-    _add(sp, _COMMON, "data, output, model")
-    _add(sp, _BISSL, "BiSSL stage")
-    _add_solver(sp)
+    add_flags(sp, _COMMON, "data, output, model")
+    add_flags(sp, _BISSL, "BiSSL stage")
+    add_solver_flags(sp)
     sp.set_defaults(func=_cmd_bissl)
     return sp
 
@@ -247,8 +262,8 @@ def _add_finetune_command(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument(
         "--epochs", type=positive_int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run"
     )
-    _add(sp, _COMMON, "data, output, model")
-    _add(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
+    add_flags(sp, _COMMON, "data, output, model")
+    add_flags(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
     sp.set_defaults(func=_cmd_finetune)
     return sp
 
@@ -265,11 +280,11 @@ def _add_run_command(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: the preset's)")
     sp.add_argument("--no-resume", action="store_true", help="start every stage afresh")
     sp.add_argument("--no-progress", action="store_true", help="hide the pretraining progress bar")
-    _add(sp, _COMMON, "data, output, model")
-    _add(sp, _RUN, "pretraining")
-    _add(sp, _BISSL, "BiSSL stage")
-    _add_solver(sp)
-    _add(sp, _FINETUNE, "fine-tuning protocol")
+    add_flags(sp, _COMMON, "data, output, model")
+    add_flags(sp, _RUN, "pretraining")
+    add_flags(sp, _BISSL, "BiSSL stage")
+    add_solver_flags(sp)
+    add_flags(sp, _FINETUNE, "fine-tuning protocol")
     sp.add_argument(
         "--arms",
         default=None,
@@ -295,9 +310,9 @@ def _add_ablate_command(sub: Any) -> argparse.ArgumentParser:
     )
     sp.add_argument("--tasks", default=None, help="downstream task (default: the preset's first)")
     sp.add_argument("--no-resume", action="store_true", help="start every stage afresh")
-    _add(sp, _COMMON, "data, output, model")
-    _add(sp, _BISSL, "BiSSL stage")
-    _add(sp, _FINETUNE, "fine-tuning protocol")
+    add_flags(sp, _COMMON, "data, output, model")
+    add_flags(sp, _BISSL, "BiSSL stage")
+    add_flags(sp, _FINETUNE, "fine-tuning protocol")
     sp.set_defaults(func=_cmd_ablate)
     return sp
 
@@ -311,7 +326,15 @@ def _cmd_ablate(args: Any) -> int:
     return 0
 
 
-def _solver(args: Any, current: Any) -> Any:
+def solver_from_args(args: Any, current: Any) -> Any:
+    """The solver object that ``--solver`` / ``--solver-steps`` ask for, or ``current`` when neither is given.
+
+    ``--solver`` alone keeps 5 steps (the authors' CG budget); ``--solver-steps`` alone keeps CG.
+
+    Example:
+        >>> solver_from_args(argparse.Namespace(solver="neumann", solver_steps=3), CG(max_steps=5))
+        Neumann(max_steps=3, alpha=1.0, rtol=0.0, atol=0.0)
+    """
     kind, steps = getattr(args, "solver", None), getattr(args, "solver_steps", None)
     if kind is None and steps is None:
         return current
@@ -369,7 +392,7 @@ def config_from_args(args: Any) -> PipelineConfig:
     apply_overrides(
         cfg, {dest: v for dest, v in vars(args).items() if v is not None and ("__" in dest or dest in common)}
     )
-    solver = _solver(args, cfg.bissl.method.solver)
+    solver = solver_from_args(args, cfg.bissl.method.solver)
     if solver is not cfg.bissl.method.solver:
         apply_overrides(cfg, {"bissl__method__solver": solver})
     if getattr(args, "tasks", None):
@@ -395,14 +418,11 @@ def check_environment(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
-_setup = check_environment
-
-
 def _cmd_bissl(args: Any) -> int:
     from .stage_bissl import run_bissl
 
     dist_utils.init_distributed()
-    cfg = _setup(config_from_args(args))
+    cfg = check_environment(config_from_args(args))
     pre = args.pretrained or os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
     path = run_bissl(cfg, pre, resume=not args.no_resume, arm=args.arm)
     if dist_utils.is_main_process():
@@ -414,7 +434,7 @@ def _cmd_finetune(args: Any) -> int:
     from .finetune import finetune
 
     dist_utils.init_distributed()
-    cfg = _setup(config_from_args(args))
+    cfg = check_environment(config_from_args(args))
     path = args.backbone or (
         os.path.join(cfg.run_dir, "pretrain", "pretrained.pt")
         if args.backbone_origin == "pretext"
@@ -434,11 +454,12 @@ def _cmd_run(args: Any) -> int:
     from .run import run_pipeline
 
     dist_utils.init_distributed()
-    run_pipeline(_setup(config_from_args(args)), resume=not args.no_resume, progress=not args.no_progress)
+    run_pipeline(check_environment(config_from_args(args)), resume=not args.no_resume, progress=not args.no_progress)
     return 0
 
 
-#: exceptions that mean "the user asked for something impossible" (exit code 2, one line).
+#: exceptions that mean "the user asked for something impossible": :func:`run_command` prints them as one
+#: ``argparse``-style line and returns exit code 2 (other CLIs of the package, e.g. the text one, share it).
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -22,7 +22,7 @@ import torch
 from .. import cli as image_cli
 from .. import distributed as dist_utils
 from ..argtypes import finite_float, nonnegative_int, positive_int
-from ..cli import FLAG_TABLES, _add_solver, _solver, add_flags, apply_overrides
+from ..cli import FLAG_TABLES, add_flags, add_solver_flags, apply_overrides, solver_from_args
 from .config import TEXT_PRESETS, TextConfig, get_text_preset
 
 __all__ = [
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--d-dset", default=None, dest="task", help="downstream task (reuters_r8, file:NAME, hf:NAME ...)")
     sp.add_argument("--pretrained", default=None, help="pretrained model folder (default: the pretrain stage's)")
     add_flags(sp, _BISSL, "BiSSL stage")
-    _add_solver(sp)
+    add_solver_flags(sp)
     sp.set_defaults(func=_cmd_bissl)
 
     sp = sub.add_parser("finetune", help="fine-tuning with HPO and seeded runs (stage 3)")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: the preset's)")
     add_flags(sp, _PRETRAIN, "pretraining")
     add_flags(sp, _BISSL, "BiSSL stage")
-    _add_solver(sp)
+    add_solver_flags(sp)
     add_flags(sp, _FINETUNE, "fine-tuning protocol")
     sp.set_defaults(func=_cmd_run)
     return parser
@@ -200,7 +200,7 @@ def config_from_args(args: Any) -> TextConfig:
         if "__" in dest or (hasattr(cfg, dest) and not isinstance(value, bool)):
             values[dest] = value
     apply_overrides(cfg, values)
-    solver = _solver(args, cfg.bissl.method.solver)
+    solver = solver_from_args(args, cfg.bissl.method.solver)
     if solver is not cfg.bissl.method.solver:
         apply_overrides(cfg, {"bissl__method__solver": solver})
     if getattr(args, "tasks", None):
