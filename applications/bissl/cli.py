@@ -38,7 +38,6 @@ from hypergrad import CG, MINRES, Dense, Identity, Neumann, RecycledLanczos
 from . import distributed as dist_utils
 from .argtypes import finite_float, nonnegative_int, positive_int
 from .config import PRESETS, PipelineConfig, get_preset
-from .pretrain import add_pretrain_args
 from .solvers import LayerwiseCG
 
 __all__ = [
@@ -117,6 +116,33 @@ _FINETUNE = {
     "--hpo-epochs": ("finetune.hpo_epochs", positive_int, "epochs per HPO trial (default: --ft-epochs)"),
     "--num-runs": ("finetune.num_runs", positive_int, "seeded runs at the chosen lr/wd (paper 10)"),
 }
+#: the ``pretrain`` command's own flags (besides those of _COMMON it shares, see _add_pretrain_command).
+_PRETRAIN = {
+    "--pretext-type": ("pretrain.pretext_type", str, "simclr or byol"),
+    "--dataset": ("pretrain.dataset", str, "pretext (unlabelled) data set"),
+    "--epochs": ("pretrain.epochs", positive_int, "pretraining epochs"),
+    "--batch-size": ("pretrain.batch_size", positive_int, "global batch size (split evenly over ranks)"),
+    "--lr": ("pretrain.lr", finite_float, "LARS learning rate"),
+    "--weight-decay": ("pretrain.weight_decay", finite_float, "LARS weight decay"),
+    "--warmup-epochs": ("pretrain.warmup_epochs", nonnegative_int, "linear warm-up epochs before the cosine decay"),
+    "--temperature": ("pretrain.temperature", finite_float, "SimCLR temperature"),
+    "--ema-decay": ("pretrain.ema_decay", finite_float, "BYOL target EMA decay"),
+    "--max-samples": ("pretrain.max_samples", positive_int, "use the first N pretext images"),
+    "--in-channels": ("model.in_channels", positive_int, "1 (grayscale) or 3"),
+    "--proj-dims": ("model.proj_dims", positive_int, "projector hidden and output width"),
+    "--pred-hidden": ("model.pred_hidden", positive_int, "BYOL predictor hidden width"),
+}
+_PRETRAIN_COMMON = (
+    "--data-root",
+    "--out-dir",
+    "--device",
+    "--num-workers",
+    "--seed",
+    "--threads",
+    "--arch",
+    "--width",
+    "--image-size",
+)
 _RUN = {
     "--pretrain-epochs": ("pretrain.epochs", positive_int, "pretext pretraining epochs"),
     "--pretext-type": ("pretrain.pretext_type", str, "simclr or byol"),
@@ -125,7 +151,7 @@ _RUN = {
 #: ``--solver`` choices (see :func:`solver_from_args`).
 SOLVERS = ("cg", "minres", "recycled", "layerwise_cg", "neumann", "dense", "identity")
 #: name -> flag table, for modules that extend the CLI.
-FLAG_TABLES = {"common": _COMMON, "bissl": _BISSL, "finetune": _FINETUNE, "run": _RUN}
+FLAG_TABLES = {"common": _COMMON, "pretrain": _PRETRAIN, "bissl": _BISSL, "finetune": _FINETUNE, "run": _RUN}
 #: called as ``fn(subparsers)`` at the end of :func:`build_parser` (e.g. a ``--modality`` hook).
 EXTENSIONS: list[Any] = []
 
@@ -193,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,bissl,finetune,run,ablate}")
-    add_pretrain_args(sub)
+    _add_pretrain_command(sub)
     _add_bissl_command(sub)
     _add_finetune_command(sub)
     _add_run_command(sub)
@@ -201,6 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     for extend in EXTENSIONS:
         extend(sub)
     return parser
+
+
+def _add_pretrain_command(sub: Any) -> argparse.ArgumentParser:
+    sp = sub.add_parser(
+        "pretrain",
+        help="SimCLR/BYOL pretext pretraining (stage 1)",
+        description="SimCLR/BYOL pretraining with LARS + warm-up/cosine; run under torchrun for DDP.",
+    )
+    sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration (default demo)")
+    add_flags(sp, {k: _COMMON[k] for k in _PRETRAIN_COMMON}, "data, output, model")
+    add_flags(sp, _PRETRAIN, "pretraining")
+    sp.add_argument(
+        "--lars-exclude-1d",
+        action="store_true",
+        default=None,
+        dest="pretrain__lars_exclude_1d",
+        help="LARS exempts 1-D tensors (BatchNorm, bias) from decay and trust ratio (default: the authors' LARS)",
+    )
+    sp.add_argument("--stage-dir", default=None, help="output folder (default <out-dir>/<preset>/pretrain)")
+    sp.add_argument(
+        "--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: 1 epoch)"
+    )
+    sp.add_argument("--log-every", type=positive_int, default=10, help="steps between metric rows")
+    sp.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    sp.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sp.set_defaults(func=_cmd_pretrain)
+    return sp
 
 
 def _add_bissl_command(sub: Any) -> argparse.ArgumentParser:
@@ -416,6 +470,23 @@ def check_environment(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return cfg
+
+
+def _cmd_pretrain(args: Any) -> int:
+    from .pretrain import pretrain
+
+    path = pretrain(
+        check_environment(config_from_args(args)),
+        args.stage_dir,
+        resume=not args.no_resume,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        tensorboard=args.tensorboard,
+        progress=not args.no_progress,
+    )
+    if dist_utils.is_main_process():
+        print(path)
+    return 0
 
 
 def _cmd_bissl(args: Any) -> int:

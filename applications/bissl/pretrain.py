@@ -35,7 +35,6 @@ from hypergrad import load_checkpoint
 from hypergrad.distributed import all_reduce_mean, world_size
 
 from . import distributed as du
-from .argtypes import finite_float, nonnegative_int, positive_int
 from .augment import TwoViewAugment
 from .config import PipelineConfig
 from .data import TwoViewDataset, get_dataset
@@ -44,13 +43,10 @@ from .ssl_model import SSLModel, build_ssl_model
 from .stage_run import StageRun
 
 __all__ = [
-    "add_pretrain_args",
     "build_pretrain_model",
-    "config_from_args",
     "epoch_batches",
     "pretrain",
     "pretext_dataset",
-    "run_pretrain_command",
 ]
 
 
@@ -277,145 +273,3 @@ def pretrain(
         },
         "pretrained.pt",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: ``python -m applications.bissl pretrain ...`` (registered by the package CLI via
-# add_pretrain_args) or ``python -m applications.bissl.pretrain ...`` (this module alone).
-
-_OVERRIDES: dict[str, tuple[str, Any]] = {
-    # flag: (dotted config field, type)
-    "--pretext-type": ("pretrain.pretext_type", str),
-    "--dataset": ("pretrain.dataset", str),
-    "--epochs": ("pretrain.epochs", positive_int),
-    "--batch-size": ("pretrain.batch_size", positive_int),
-    "--lr": ("pretrain.lr", finite_float),
-    "--weight-decay": ("pretrain.weight_decay", finite_float),
-    "--warmup-epochs": ("pretrain.warmup_epochs", nonnegative_int),
-    "--temperature": ("pretrain.temperature", finite_float),
-    "--ema-decay": ("pretrain.ema_decay", finite_float),
-    "--max-samples": ("pretrain.max_samples", positive_int),
-    "--arch": ("model.arch", str),
-    "--width": ("model.width", positive_int),
-    "--image-size": ("model.image_size", positive_int),
-    "--in-channels": ("model.in_channels", positive_int),
-    "--proj-dims": ("model.proj_dims", positive_int),
-    "--pred-hidden": ("model.pred_hidden", positive_int),
-    "--data-root": ("data_root", str),
-    "--out-dir": ("out_dir", str),
-    "--device": ("device", str),
-    "--num-workers": ("num_workers", nonnegative_int),
-    "--threads": ("threads", positive_int),
-    "--seed": ("seed", nonnegative_int),
-}
-
-
-def add_pretrain_args(subparsers: Any) -> Any:
-    """Register the ``pretrain`` sub-command on an ``argparse`` sub-parsers object.
-
-    The command starts from ``--preset`` and applies the given overrides; the parser's default
-    ``func`` runs it (``args.func(args)`` returns the exit code).
-
-    Args:
-        subparsers: the result of ``parser.add_subparsers()``.
-
-    Returns:
-        The ``pretrain`` sub-parser.
-
-    Example:
-        >>> import argparse
-        >>> parser = argparse.ArgumentParser()
-        >>> _ = add_pretrain_args(parser.add_subparsers(dest="command"))
-        >>> args = parser.parse_args(["pretrain", "--preset", "tiny", "--pretext-type", "byol"])
-        >>> config_from_args(args).pretrain.pretext_type
-        'byol'
-    """
-    from .config import PRESETS
-
-    sp = subparsers.add_parser(
-        "pretrain",
-        help="SimCLR/BYOL pretext pretraining (stage 1)",
-        description="SimCLR/BYOL pretraining with LARS + warm-up/cosine; run under torchrun for DDP.",
-    )
-    sp.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="starting configuration")
-    for flag, (dotted, typ) in _OVERRIDES.items():
-        sp.add_argument(
-            flag,
-            type=typ,
-            default=None,
-            dest=dotted.replace(".", "__"),
-            metavar=flag[2:].upper().replace("-", "_"),
-            help=f"override {dotted}",
-        )
-    sp.add_argument(
-        "--lars-exclude-1d",
-        action="store_true",
-        default=None,
-        dest="pretrain__lars_exclude_1d",
-        help="LARS exempts 1-D tensors (BatchNorm, bias) from decay and trust ratio (default: the authors' LARS)",
-    )
-    sp.add_argument("--stage-dir", default=None, help="output folder (default <out-dir>/<preset>/pretrain)")
-    sp.add_argument(
-        "--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: 1 epoch)"
-    )
-    sp.add_argument("--log-every", type=positive_int, default=10, help="steps between metric rows")
-    sp.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
-    sp.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
-    sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    sp.set_defaults(func=run_pretrain_command)
-    return sp
-
-
-def config_from_args(args: Any) -> PipelineConfig:
-    """The preset named by ``args.preset`` with the command-line overrides applied."""
-    from .config import get_preset
-
-    cfg = get_preset(args.preset)
-    for dotted, _ in _OVERRIDES.values():
-        value = getattr(args, dotted.replace(".", "__"), None)
-        if value is None:
-            continue
-        if "." in dotted:
-            section, name = dotted.split(".")
-            setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{name: value}))  # re-validates
-        else:
-            setattr(cfg, dotted, value)
-    if getattr(args, "pretrain__lars_exclude_1d", None):
-        cfg.pretrain = dataclasses.replace(cfg.pretrain, lars_exclude_1d=True)
-    return cfg
-
-
-def run_pretrain_command(args: Any) -> int:
-    """Run ``pretrain`` from parsed arguments; print the checkpoint path; return 0."""
-    from .cli import check_environment
-
-    path = pretrain(
-        check_environment(config_from_args(args)),
-        args.stage_dir,
-        resume=not args.no_resume,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        tensorboard=args.tensorboard,
-        progress=not args.no_progress,
-    )
-    if du.is_main_process():
-        print(path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m applications.bissl.pretrain [options]``."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m applications.bissl.pretrain")
-    add_pretrain_args(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["pretrain", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    finally:
-        du.cleanup_distributed()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

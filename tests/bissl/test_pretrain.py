@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import os
@@ -15,15 +14,10 @@ import pytest
 import torch
 
 import hypergrad
+from applications.bissl.cli import build_parser, config_from_args
 from applications.bissl.config import PipelineConfig, get_preset
 from applications.bissl.models import Projector, build_backbone
-from applications.bissl.pretrain import (
-    add_pretrain_args,
-    build_pretrain_model,
-    config_from_args,
-    epoch_batches,
-    pretrain,
-)
+from applications.bissl.pretrain import build_pretrain_model, epoch_batches, pretrain
 from tests.bissl.conftest import run_gloo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,8 +71,8 @@ def test_short_simclr_run_writes_a_loadable_checkpoint_and_metrics(tmp_path) -> 
 _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import applications.bissl.pretrain as pt
 import applications.bissl.stage_run as stage_run
+from applications.bissl.cli import main
 
 real_save, saves = stage_run.save_checkpoint, []
 
@@ -91,7 +85,7 @@ def save_then_die(state, path):
     return out
 
 stage_run.save_checkpoint = save_then_die  # every stage saves through its StageRun
-sys.exit(pt.main(sys.argv[1:]))
+sys.exit(main(["pretrain", *sys.argv[1:]]))
 """
 
 
@@ -173,8 +167,7 @@ def test_ddp_two_gloo_ranks(tmp_path) -> None:
 
 
 def test_cli_overrides_and_errors(tmp_path) -> None:
-    parser = argparse.ArgumentParser()
-    add_pretrain_args(parser.add_subparsers(dest="command"))
+    parser = build_parser()  # the one CLI: `pretrain` is a sub-command like the others
     args = parser.parse_args(
         ["pretrain", *SMALL, "--pretext-type", "byol", "--lr", "0.2", "--out-dir", str(tmp_path), "--width", "8"]
     )
@@ -185,7 +178,7 @@ def test_cli_overrides_and_errors(tmp_path) -> None:
         16,
         8,
     )
-    assert cfg.out_dir == str(tmp_path) and cfg.name == "tiny" and args.func.__name__ == "run_pretrain_command"
+    assert cfg.out_dir == str(tmp_path) and cfg.name == "tiny" and args.func.__name__ == "_cmd_pretrain"
     bad = parser.parse_args(["pretrain", "--preset", "tiny", "--pretext-type", "moco"])
     with pytest.raises(ValueError, match="pretext_type"):
         config_from_args(bad)
