@@ -26,6 +26,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "cleanup_distributed",
+    "device_of",
     "init_distributed",
     "is_distributed",
     "is_main_process",
@@ -62,6 +63,20 @@ def local_rank() -> int:
         True
     """
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device_of(cfg: Any) -> torch.device:
+    """``cfg.device`` as a :class:`torch.device`; under ``torchrun`` on CUDA, this rank's GPU ``cuda:LOCAL_RANK``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> device_of(SimpleNamespace(device="cpu"))
+        device(type='cpu')
+    """
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and is_distributed():
+        dev = torch.device("cuda", local_rank())
+    return dev
 
 
 def is_main_process() -> bool:

@@ -98,13 +98,6 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
     ]
 
 
-def _device(cfg: PipelineConfig) -> torch.device:
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and du.is_distributed():
-        return torch.device("cuda", du.local_rank())
-    return dev
-
-
 def pretext_dataset(cfg: PipelineConfig) -> TwoViewDataset:
     """The unlabelled pretext images as two augmented views, at the model's one resolution.
 
@@ -190,7 +183,7 @@ def pretrain(
         raise ValueError(f"checkpoint_every must be >= 1 (steps), got {checkpoint_every!r}.")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
+    device = du.device_of(cfg)
     torch.manual_seed(cfg.seed)
     data = pretext_dataset(cfg)
     steps_per_epoch = len(data) // p.batch_size

@@ -166,13 +166,6 @@ def _pretrain_epochs(pre: dict, cfg: PipelineConfig) -> int:
     return cfg.pretrain.epochs
 
 
-def _device(cfg: PipelineConfig) -> torch.device:
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and dist_utils.is_distributed():
-        dev = torch.device("cuda", dist_utils.local_rank())
-    return dev
-
-
 def _all_reduce(value: float, op: str) -> float:
     if world_size() == 1:
         return value
@@ -234,7 +227,7 @@ def run_bissl(
     if arm not in ARMS:
         raise ValueError(f"`arm` must be one of {ARMS}, got {arm!r}.")
     b, kind = cfg.bissl, cfg.pretrain.pretext_type
-    dev = _device(cfg)
+    dev = dist_utils.device_of(cfg)
     task = b.downstream
     out_dir = out_dir or stage_dir(cfg, task, arm)
     main = dist_utils.is_main_process()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist_utils
+from ..distributed import device_of
 from .config import TextConfig
 from .corpora import TextTask, load_task
 from .model import PretextLM, add_lora, build_gpt, check_context, check_vocab, load_causal_lm, split_lm
@@ -17,14 +17,6 @@ from .tokenizer import CharTokenizer, Tokenizer, encode_batch, load_tokenizer
 __all__ = ["device_of", "load_lm", "TaskTensors", "task_tensors", "subset"]
 
 _TOKENIZER_FILES = (CharTokenizer.FILE, "tokenizer.json", "tokenizer_config.json", "vocab.json")
-
-
-def device_of(cfg: TextConfig) -> torch.device:
-    """``cfg.device``; under ``torchrun`` on CUDA, this rank's GPU."""
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and dist_utils.is_distributed():
-        dev = torch.device("cuda", dist_utils.local_rank())
-    return dev
 
 
 def load_lm(cfg: TextConfig, model_dir: str | None = None) -> tuple[nn.Module, PretextLM, Tokenizer]:
