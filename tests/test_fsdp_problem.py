@@ -37,8 +37,8 @@ def rel(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("fsdp2_problem")
-    method = "fork" if "fork" in mp.get_all_start_methods() and not dist.is_initialized() else "spawn"
-    ctx = mp.start_processes(fsdp_problem_worker.run, args=(2, str(out)), nprocs=2, join=False, start_method=method)
+    # spawn, not fork: a parent that already ran autograd (another test module) cannot fork safely
+    ctx = mp.start_processes(fsdp_problem_worker.run, args=(2, str(out)), nprocs=2, join=False, start_method="spawn")
     deadline, start = 240.0, time.monotonic()  # seconds; the job takes a few seconds on an idle machine
     while not ctx.join(timeout=2):
         if time.monotonic() - start > deadline:
@@ -121,6 +121,8 @@ def test_error_unsupported_hvp_mode_under_fsdp(mesh: Any) -> None:
 
 
 def test_error_unsupported_method_and_unused_dense_inner(mesh: Any) -> None:
+    with pytest.raises(ValueError, match=r"`solver` Dense of Implicit materialises .* use hypergrad.CG"):
+        _problem(_sharded(mesh), _scale(), hypergrad.Implicit(solver=hypergrad.Dense()))
     with pytest.raises(TypeError, match=r"Unrolled is not supported .* use hypergrad.Implicit or hypergrad.Proximal"):
         _problem(_sharded(mesh), _scale(), hypergrad.Unrolled())
     with torch.device("meta"):

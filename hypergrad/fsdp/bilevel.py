@@ -31,6 +31,7 @@ from torch.func import functional_call
 from .._assembly import root_vjp
 from ..distributed import all_reduce_mean
 from ..operators import Damped
+from ..solvers import Dense
 from ..tree import tree_scale
 from ._module import sharded_params
 from .operator import ShardedHessianOperator, _norm64
@@ -137,6 +138,12 @@ class ShardedLevels:
                 "which torch.func cannot do over sharded parameters)."
             )
         self.implicit = isinstance(method, Implicit)
+        if isinstance(method.solver, Dense):
+            raise ValueError(
+                f"BilevelProblem: `solver` Dense of {type(method).__name__} materialises the whole Hessian on one "
+                "rank, which defeats sharding and is not supported with fully_shard-ed (FSDP2) levels; use "
+                "hypergrad.CG (or Neumann) instead."
+            )
         if self.implicit and outer_sharded:
             raise ValueError(
                 "BilevelProblem: hypergrad.Implicit under FSDP2 needs the outer level replicated (plain parameters, "
