@@ -20,6 +20,8 @@ from tests.fsdp_models import data, mlp
 F64 = torch.float64
 #: name -> (method, route); route "exact" passes ``dense_inner``
 CASES = ("implicit/exact", "implicit/finite_diff", "proximal/exact", "proximal/finite_diff")
+#: float32 parameters, without and with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
+PRECISION_CASES = ("implicit/finite_diff/fp32", "implicit/finite_diff/bf16")
 
 
 def _inner_implicit(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
@@ -46,18 +48,24 @@ def full(t: Tensor) -> Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def _shard(net: nn.Module, mesh: Any) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _shard(net: nn.Module, mesh: Any, bf16: bool = False) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    fully_shard(net[0], mesh=mesh)
-    fully_shard(net, mesh=mesh)
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    fully_shard(net[0], mesh=mesh, **kw)
+    fully_shard(net, mesh=mesh, **kw)
     return net
 
 
+def _dtype(name: str) -> torch.dtype:
+    return F64 if name.count("/") == 1 else torch.float32
+
+
 def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
-    method_name, route = name.split("/")
+    method_name, route = name.split("/")[:2]
+    dtype, bf16 = _dtype(name), name.endswith("/bf16")
     torch.manual_seed(0)
-    inner = mlp().to(F64)
+    inner = mlp().to(dtype)
     sharded = mesh is not None
     hvp = "finite_diff" if route == "finite_diff" else "auto"
     if sharded:
@@ -65,7 +73,7 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     else:
         solver, hvp = hypergrad.Dense(), "rev_rev"
     if method_name == "implicit":
-        outer: Any = {"scale": nn.Parameter(torch.linspace(0.8, 1.2, 5, dtype=F64))}
+        outer: Any = {"scale": nn.Parameter(torch.linspace(0.8, 1.2, 5, dtype=dtype))}
         method: Any = hypergrad.Implicit(solver=solver, damping=5.0, hvp_mode=hvp, warm_start=True)
         losses = (_inner_implicit, _outer_implicit)
     else:
@@ -76,7 +84,7 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
         if sharded:
             outer = _shard(outer, mesh)
     if sharded:
-        inner = _shard(inner, mesh)
+        inner = _shard(inner, mesh, bf16)
     outer_level = hypergrad.Level(
         outer, torch.optim.SGD((outer.values() if isinstance(outer, dict) else outer.parameters()), lr=0.5)
     )
@@ -93,12 +101,12 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     )
 
 
-def batches(step: int, rank: int, world: int) -> tuple[Any, Any]:
+def batches(step: int, rank: int, world: int, dtype: torch.dtype = F64) -> tuple[Any, Any]:
     """This rank's slice of the global inner and outer batches of ``step`` (8 samples each)."""
 
     def part(t: Tensor) -> Tensor:
         n = t.shape[0] // world
-        return t[rank * n : (rank + 1) * n]
+        return t[rank * n : (rank + 1) * n].to(dtype)
 
     xi, yi = data(10 + step, 8, "mlp", F64)
     xo, yo = data(20 + step, 8, "mlp", F64)
@@ -107,10 +115,10 @@ def batches(step: int, rank: int, world: int) -> tuple[Any, Any]:
 
 def run_case(name: str, mesh: Optional[Any], rank: int = 0, world: int = 1, outdir: str = "") -> dict:
     problem = build(name, mesh)
-    bi, bo = batches(0, rank, world)
+    bi, bo = batches(0, rank, world, _dtype(name))
     record = problem.step([bi], bo)
     after = {k: full(p) for k, p in problem._outer_params.items()}
-    bi, bo = batches(1, rank, world)
+    bi, bo = batches(1, rank, world, _dtype(name))
     problem.inner_step(bi)
     second = problem.hypergradient(bo)
     grad = {k: full(p.grad) for k, p in problem._outer_params.items()}
