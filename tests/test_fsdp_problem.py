@@ -172,3 +172,28 @@ def test_error_mixed_ddp_and_fsdp_levels(mesh: Any) -> None:
     mixed = nn.Sequential(net, nn.parallel.DistributedDataParallel(nn.Linear(3, 3).double()))
     with pytest.raises(TypeError, match=r"`inner.module` mixes DistributedDataParallel .* Remove the DDP wrapper"):
         _problem(mixed, _scale(), hypergrad.Implicit())
+
+
+def test_operator_reuse_and_warm_start_on_a_sharded_level(mesh: Any) -> None:
+    torch.manual_seed(0)
+    inner, outer = _sharded(mesh), _sharded(mesh)
+    method = hypergrad.Proximal(
+        lam=1.0, damping=2.0, coupling={"": ""}, solver=hypergrad.CG(max_steps=50, rtol=1e-10),
+        reuse_operator=True, warm_start=True,
+    )  # fmt: skip
+    problem = _problem(inner, outer, method)
+    assert problem._sharded is not None and problem._sharded.mode == "finite_diff_cached"
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64))
+    problem.new_hessian_batch(batch)
+    first = problem.hypergradient(batch)
+    grad = {k: p.grad.full_tensor().clone() for k, p in outer.named_parameters()}
+    op = problem.method_state.operator
+    second = problem.hypergradient(batch)
+    assert (first.operator_reused, second.operator_reused) == (False, True)
+    assert problem.method_state.operator is op and op.num_backward == 1 + first.num_hvps + second.num_hvps
+    assert first.solve is not None and second.solve is not None
+    assert second.solve.num_steps < first.solve.num_steps  # warm-started at the previous solution
+    assert rel({k: p.grad.full_tensor() for k, p in outer.named_parameters()}, grad) <= 1e-8
+    problem.inner_step(batch)  # new inner parameters: a new operator
+    assert problem.hypergradient(batch).operator_reused is False and problem.method_state.operator is not op
