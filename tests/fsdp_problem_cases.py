@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hypergrad
-from tests.fsdp_models import data, mlp
+from tests.fsdp_models import TinyTransformer, data, mlp
 
 F64 = torch.float64
 #: name -> (method, route); route "exact" passes ``dense_inner``
 CASES = ("implicit/exact", "implicit/finite_diff", "proximal/exact", "proximal/finite_diff")
 #: float32 parameters, without and with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
 PRECISION_CASES = ("implicit/finite_diff/fp32", "implicit/finite_diff/bf16")
+#: a one-block pre-norm transformer (attention, LayerNorm, GELU MLP), float64
+TRANSFORMER_CASES = ("implicit/finite_diff/transformer", "proximal/finite_diff/transformer")
 
 
 def _inner_implicit(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
@@ -52,20 +54,26 @@ def _shard(net: nn.Module, mesh: Any, bf16: bool = False) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
-    fully_shard(net[0], mesh=mesh, **kw)
+    for block in [net.qkv, net.ff] if isinstance(net, TinyTransformer) else [net[0]]:
+        fully_shard(block, mesh=mesh, **kw)
     fully_shard(net, mesh=mesh, **kw)
     return net
 
 
 def _dtype(name: str) -> torch.dtype:
-    return F64 if name.count("/") == 1 else torch.float32
+    return torch.float32 if name.endswith(("/fp32", "/bf16")) else F64
+
+
+def _kind(name: str) -> str:
+    return "transformer" if name.endswith("/transformer") else "mlp"
 
 
 def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     method_name, route = name.split("/")[:2]
     dtype, bf16 = _dtype(name), name.endswith("/bf16")
+    factory = TinyTransformer if _kind(name) == "transformer" else mlp
     torch.manual_seed(0)
-    inner = mlp().to(dtype)
+    inner = factory().to(dtype)
     sharded = mesh is not None
     hvp = "finite_diff" if route == "finite_diff" else "auto"
     if sharded:
@@ -77,7 +85,7 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
         method: Any = hypergrad.Implicit(solver=solver, damping=5.0, hvp_mode=hvp, warm_start=True)
         losses = (_inner_implicit, _outer_implicit)
     else:
-        outer = mlp().to(F64)
+        outer = factory().to(F64)
         outer.load_state_dict({k: v + 0.1 for k, v in inner.state_dict().items()})
         method = hypergrad.Proximal(lam=2.0, damping=3.0, coupling={"": ""}, solver=solver, hvp_mode=hvp)
         losses = (_inner_proximal, _outer_proximal)
@@ -91,7 +99,7 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     dense_inner = None
     if sharded and route == "exact":
         with torch.device("meta"):
-            dense_inner = mlp().to(F64)
+            dense_inner = factory().to(F64)
     return hypergrad.BilevelProblem(
         hypergrad.Level(inner, torch.optim.SGD(inner.parameters(), lr=0.1, momentum=0.9)),
         outer_level,
@@ -101,24 +109,24 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     )
 
 
-def batches(step: int, rank: int, world: int, dtype: torch.dtype = F64) -> tuple[Any, Any]:
+def batches(step: int, rank: int, world: int, dtype: torch.dtype = F64, kind: str = "mlp") -> tuple[Any, Any]:
     """This rank's slice of the global inner and outer batches of ``step`` (8 samples each)."""
 
     def part(t: Tensor) -> Tensor:
         n = t.shape[0] // world
         return t[rank * n : (rank + 1) * n].to(dtype)
 
-    xi, yi = data(10 + step, 8, "mlp", F64)
-    xo, yo = data(20 + step, 8, "mlp", F64)
+    xi, yi = data(10 + step, 8, kind, F64)
+    xo, yo = data(20 + step, 8, kind, F64)
     return (part(xi), part(yi)), (part(xo), part(yo))
 
 
 def run_case(name: str, mesh: Optional[Any], rank: int = 0, world: int = 1, outdir: str = "") -> dict:
     problem = build(name, mesh)
-    bi, bo = batches(0, rank, world, _dtype(name))
+    bi, bo = batches(0, rank, world, _dtype(name), _kind(name))
     record = problem.step([bi], bo)
     after = {k: full(p) for k, p in problem._outer_params.items()}
-    bi, bo = batches(1, rank, world, _dtype(name))
+    bi, bo = batches(1, rank, world, _dtype(name), _kind(name))
     problem.inner_step(bi)
     second = problem.hypergradient(bo)
     grad = {k: full(p.grad) for k, p in problem._outer_params.items()}

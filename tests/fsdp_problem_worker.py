@@ -17,10 +17,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.fsdp_problem_cases import CASES, PRECISION_CASES, resume_then_step, run_case, save_then_step
+from tests.fsdp_problem_cases import (
+    CASES,
+    PRECISION_CASES,
+    TRANSFORMER_CASES,
+    resume_then_step,
+    run_case,
+    save_then_step,
+)
 
 
-def run(rank: int, world: int, outdir: str, cases: Any = CASES + PRECISION_CASES) -> None:
+def run(rank: int, world: int, outdir: str, cases: Any = CASES + PRECISION_CASES + TRANSFORMER_CASES) -> None:
     torch.set_num_threads(1)
     init = "file://" + os.path.join(os.path.abspath(outdir), "init")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

@@ -20,7 +20,7 @@ from torch import nn
 import hypergrad
 from tests import fsdp_problem_worker
 from tests.fsdp_models import inner_loss, mlp
-from tests.fsdp_problem_cases import CASES, resume_then_step, run_case
+from tests.fsdp_problem_cases import CASES, TRANSFORMER_CASES, resume_then_step, run_case
 
 pytestmark = pytest.mark.distributed
 
@@ -48,7 +48,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     return torch.load(out / "result.pt"), out
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + TRANSFORMER_CASES)
 def test_problem_step_on_two_sharded_ranks_matches_one_process(two_ranks: tuple, case: str) -> None:
     got, ref = two_ranks[0][case], run_case(case, None)
     assert got["status"] == "success", got
@@ -56,7 +56,7 @@ def test_problem_step_on_two_sharded_ranks_matches_one_process(two_ranks: tuple,
     # the outer step applied by step() and the hypergradient of the next call
     assert rel(got["after_step"], ref["after_step"]) <= tol
     assert rel(got["grad"], ref["grad"]) <= tol, f"{case}: {rel(got['grad'], ref['grad']):.2e}"
-    assert abs(got["outer_loss"] - ref["outer_loss"]) <= 1e-12 * abs(ref["outer_loss"])
+    assert abs(got["outer_loss"] - ref["outer_loss"]) <= tol * abs(ref["outer_loss"])  # after one outer step
     assert got["inner_losses"] == pytest.approx(ref["inner_losses"], rel=1e-12)
 
 
