@@ -8,7 +8,10 @@ An MLP 10-32-32-4 (tanh) is built in float64, cast to the tested dtype and ``ful
 ranks; each rank holds 16 of the 32 samples of a mean-squared-error loss. The reference is
 ``hypergrad.hvp`` (reverse-over-reverse) in float64 on one process, at the *rounded* weights and the
 concatenated batch, so the error is the route's own (finite-difference truncation plus arithmetic
-rounding), not the rounding of the weights. Printed: the relative error
+rounding), not the rounding of the weights. Two more rows keep float32 parameters under
+``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``: the
+finite-difference step from the compute dtype (what the operator does) and, for comparison, from
+the stored float32 dtype. Printed: the relative error
 ``||Hv - Hv_ref|| / ||Hv_ref||`` (median over 5 random directions) as a Markdown table.
 """
 
