@@ -8,7 +8,10 @@ An MLP 10-32-32-4 (tanh) is built in float64, cast to the tested dtype and ``ful
 ranks; each rank holds 16 of the 32 samples of a mean-squared-error loss. The reference is
 ``hypergrad.hvp`` (reverse-over-reverse) in float64 on one process, at the *rounded* weights and the
 concatenated batch, so the error is the route's own (finite-difference truncation plus arithmetic
-rounding), not the rounding of the weights. Printed: the relative error
+rounding), not the rounding of the weights. Two more rows keep float32 parameters under
+``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``: the
+finite-difference step from the compute dtype (what the operator does) and, for comparison, from
+the stored float32 dtype. Printed: the relative error
 ``||Hv - Hv_ref|| / ||Hv_ref||`` (median over 5 random directions) as a Markdown table.
 """
 
@@ -25,7 +28,14 @@ from torch import nn
 
 import hypergrad
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+#: row name -> (stored parameter dtype, MixedPrecisionPolicy.param_dtype or None, step from the stored dtype)
+DTYPES = {
+    "float64": (torch.float64, None, False),
+    "float32": (torch.float32, None, False),
+    "bfloat16": (torch.bfloat16, None, False),
+    "bf16 policy (fp32 params)": (torch.float32, torch.bfloat16, False),
+    "bf16 policy, step from fp32": (torch.float32, torch.bfloat16, True),
+}
 
 
 def _mlp() -> nn.Sequential:
@@ -38,7 +48,7 @@ def _loss(module, h, x, y):
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -47,7 +57,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     x, y = torch.randn(32, 10, generator=g, dtype=torch.float64), torch.randn(32, 4, generator=g, dtype=torch.float64)
     n = 32 // world
     lines = []
-    for name, dtype in DTYPES.items():
+    for name, (dtype, compute, old_step) in DTYPES.items():
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else None
+        kw = {"mp_policy": policy} if policy else {}
         torch.manual_seed(0)
         dense = _mlp().to(dtype)
         ref_net = _mlp().double()
@@ -56,8 +68,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         net.load_state_dict(dense.state_dict())
         for layer in net:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(net, mesh=mesh)
+                fully_shard(layer, mesh=mesh, **kw)
+        fully_shard(net, mesh=mesh, **kw)
         with torch.device("meta"):
             template = _mlp().to(dtype)
         params = {k: v.detach() for k, v in ref_net.named_parameters()}
@@ -67,7 +79,11 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
         batch = (x[rank * n : (rank + 1) * n].to(dtype), y[rank * n : (rank + 1) * n].to(dtype))
         for mode in hypergrad.SHARDED_HVP_MODES:
+            if old_step and mode == "exact":
+                continue
             op = hypergrad.ShardedHessianOperator(net, _loss, batch, mode=mode, dense_module=template)
+            if old_step:
+                op.compute_dtype = dtype  # the step from the stored dtype, as before the policy was read
             errs = []
             for seed in range(5):
                 gv = torch.Generator().manual_seed(100 + seed)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["sharded_params", "check_dense_module"]
+__all__ = ["sharded_params", "check_dense_module", "compute_dtype"]
 
 
 def sharded_params(module: Any, keys: Optional[Iterable[str]] = None, *, name: str = "module") -> dict[str, Tensor]:
@@ -88,3 +89,21 @@ def check_dense_module(dense_module: Any, params: dict[str, Tensor]) -> None:
                 f"`dense_module` does not match the sharded module: parameter {k!r} has shape {shapes.get(k)} there "
                 f"and global shape {tuple(p.shape)} in the sharded module. Build both with the same constructor."
             )
+
+
+def compute_dtype(module: Any, params: dict[str, Tensor]) -> torch.dtype:
+    """The lowest-precision dtype the forward pass of ``module`` computes in.
+
+    Under ``fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))`` the
+    parameters are stored in float32 but gathered and used in bfloat16: a finite-difference step
+    must come from that compute dtype, not from the stored one. Without a policy it is the
+    parameters' dtype.
+    """
+    dtypes = {p.dtype for p in params.values()}
+    for m in module.modules():
+        state = m._get_fsdp_state() if isinstance(m, FSDPModule) else None
+        policy = getattr(state, "_mp_policy", None)
+        dtype = getattr(policy, "param_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            dtypes.add(dtype)
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)

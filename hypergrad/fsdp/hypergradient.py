@@ -15,10 +15,11 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from torch import Tensor, nn
 
+from .._assembly import root_vjp
 from ..operators import Damped
 from ..solvers import AbstractLinearSolver, Dense, Solution, SolverError
 from ..solvers._base import check_solver
-from ..tree import tree_axpy, tree_sub
+from ..tree import tree_scale
 from .operator import ShardedHessianOperator, ShardedHVPMode, ShardedLoss, sharded_value_and_grad
 from .vectors import check_sharded_like
 
@@ -60,13 +61,14 @@ def _check(solver: Any, owner: str) -> AbstractLinearSolver:
     return solver
 
 
-def _solve(solver: AbstractLinearSolver, matvec: Any, rhs: dict, x0: Any, params: dict, throw: bool) -> Solution:
-    if x0 is not None:
-        check_sharded_like("x0", x0, params)
-    solution = solver(matvec, rhs, x0)
-    if throw and solution.failed:
-        raise SolverError(solution, solver)
-    return solution
+def _hook(throw: bool, solver: AbstractLinearSolver) -> Any:
+    """The assembly's ``on_solution``: raise :class:`~hypergrad.SolverError` for a failed solve when asked."""
+
+    def hook(solution: Solution) -> None:
+        if throw and solution.failed:
+            raise SolverError(solution, solver)
+
+    return hook
 
 
 def sharded_implicit_grad(
@@ -127,9 +129,13 @@ def sharded_implicit_grad(
     value, g_theta, g_lam = sharded_value_and_grad(module, outer_loss, outer_batch, hparams)
     op = ShardedHessianOperator(module, inner_loss, inner_batch, hparams, mode=mode, dense_module=dense_module)
     matvec: Any = Damped(op, damping) if damping > 0 else op
-    solution = _solve(solver, matvec, g_theta, x0, op.params, throw)
-    x: dict[str, Tensor] = dict(solution.x)  # a dict, since the right-hand side is one
-    grad: dict[str, Tensor] = dict(tree_sub(g_lam, op.mixed(x))) if g_lam else {}
+    if x0 is not None:
+        check_sharded_like("x0", x0, op.params)
+
+    def cross(v: Any) -> dict[str, Tensor]:
+        return dict(tree_scale(op.mixed(dict(v)), -1.0)) if g_lam else {}
+
+    grad, solution = root_vjp(matvec, solver, g_theta, cross, direct=g_lam, x0=x0, on_solution=_hook(throw, solver))
     return ShardedHypergradResult(grad, solution, value, op)
 
 
@@ -187,6 +193,8 @@ def sharded_proximal_grad(
         module, inner_loss, inner_batch, {}, mode=mode, keys=list(outer_grad), dense_module=dense_module
     )
     check_sharded_like("outer_grad", outer_grad, op.params)
-    scale = 1.0 / float(lam)
-    solution = _solve(solver, lambda v: tree_axpy(scale, op(v), v), dict(outer_grad), x0, op.params, throw)
-    return ShardedHypergradResult(dict(solution.x), solution, None, op)
+    if x0 is not None:
+        check_sharded_like("x0", x0, op.params)
+    matvec = Damped(op, 1.0, scale=1.0 / float(lam))
+    grad, solution = root_vjp(matvec, solver, dict(outer_grad), dict, x0=x0, on_solution=_hook(throw, solver))
+    return ShardedHypergradResult(grad, solution, None, op)

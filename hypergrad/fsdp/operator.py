@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from ..distributed import all_reduce_mean
 from ..operators import LinearOperator
-from ._module import check_dense_module, sharded_params
+from ._module import check_dense_module, compute_dtype, sharded_params
 from .vectors import check_sharded_like
 
 __all__ = ["SHARDED_HVP_MODES", "ShardedHVPMode", "ShardedHessianOperator", "sharded_value_and_grad", "ShardedLoss"]
@@ -207,6 +207,9 @@ class ShardedHessianOperator(LinearOperator):
                 raise TypeError(f"`hparams[{k!r}]` is a DTensor; pass outer parameters as plain replicated tensors.")
         self.params = sharded_params(module, keys)
         self.keys = list(self.params)
+        #: the dtype the forward pass computes in (``MixedPrecisionPolicy.param_dtype`` if set); the
+        #: finite-difference step is chosen from its machine epsilon
+        self.compute_dtype = compute_dtype(module, self.params)
         self.num_backward = 0
         if mode == "exact":
             if dense_module is None:
@@ -250,8 +253,7 @@ class ShardedHessianOperator(LinearOperator):
                 zero = {k: torch.full_like(p, float("nan")) for k, p in self.params.items()}
             return zero, {k: torch.zeros_like(h) for k, h in self.hparams.items()}
         u = {k: x / nv for k, x in v.items()}
-        dtype = next(iter(self.params.values())).dtype
-        eps_mach = torch.finfo(dtype).eps
+        eps_mach = torch.finfo(self.compute_dtype).eps  # bf16 compute under a MixedPrecisionPolicy: a larger step
         if self.mode == "finite_diff":
             eps = eps_mach ** (1.0 / 3.0) * (1.0 + self._theta_norm)
             gp, hp = self._at(u, eps)

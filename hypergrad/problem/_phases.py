@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..fsdp.bilevel import grad_norm64
 from ..level import Level
 from ..methods._base import _wide
 from ..records import NonFiniteError, SolveInfo, StepRecord
@@ -66,20 +67,11 @@ def inner(problem: Any, batch: Any, record: StepRecord) -> None:
         grads=params.values(),
     )
     try:
-        with torch.enable_grad(), clear_batchnorm_errors("inner_batch"):
-            loss = check_loss("inner_loss", problem.inner_loss(problem.inner.module, problem.outer.module, batch))
-            penalty = problem.method.inner_penalty(params, problem._outer_params)
-            total = loss if penalty is None else loss + penalty
-            if not total.requires_grad:
-                raise ValueError(
-                    "`inner_loss` does not depend on the inner level's trained parameters; compute it "
-                    "with the `inner` module it receives (and check that the optimizer holds its parameters)."
-                )
-            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-        tree = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-        tree["__loss__"] = _wide(total).reshape(1)
-        tree = problem.reduction.reduce(tree)
-        value = float(tree.pop("__loss__"))
+        if problem._sharded is not None:
+            with clear_batchnorm_errors("inner_batch"):
+                value, tree = problem._sharded.inner_grads(problem, batch, check_loss)
+        else:
+            value, tree = _inner_grads(problem, params, batch)
         for k, p in params.items():
             p.grad = tree[k].to(p.dtype)
         reason = None if _finite(value) else f"the inner loss is {value}"
@@ -100,6 +92,25 @@ def inner(problem: Any, batch: Any, record: StepRecord) -> None:
         record.times["inner"] = record.times.get("inner", 0.0) + time.perf_counter() - start
 
 
+def _inner_grads(problem: Any, params: dict, batch: Any) -> tuple[float, dict]:
+    """The rank-averaged inner loss (with the method's penalty) and its gradient."""
+    with torch.enable_grad(), clear_batchnorm_errors("inner_batch"):
+        loss = check_loss("inner_loss", problem.inner_loss(problem.inner.module, problem.outer.module, batch))
+        penalty = problem.method.inner_penalty(params, problem._outer_params)
+        total = loss if penalty is None else loss + penalty
+        if not total.requires_grad:
+            raise ValueError(
+                "`inner_loss` does not depend on the inner level's trained parameters; compute it "
+                "with the `inner` module it receives (and check that the optimizer holds its parameters)."
+            )
+        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    tree = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+    tree["__loss__"] = _wide(total).reshape(1)
+    tree = problem.reduction.reduce(tree)
+    value = float(tree.pop("__loss__"))
+    return value, tree
+
+
 def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: StepRecord, *, accumulate: bool) -> None:
     """The method's hypergradient into the outer ``.grad``; a skip clears them and skips the next outer step."""
     start = time.perf_counter()
@@ -113,15 +124,18 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
     problem._pending_skip = None
     try:
         try:
-            out = problem.method.hypergradient(
-                _pure(problem._G, hb, "inner_loss", "hessian_batch"),
-                _pure(problem._F, outer_batch, "outer_loss", "outer_batch"),
-                theta,
-                lam,
-                problem.method_state,
-                problem.reduction.reduce,
-                token,
-            )
+            if problem._sharded is not None:
+                out = problem._sharded.hypergradient(problem, outer_batch, hb, token, check_loss)
+            else:
+                out = problem.method.hypergradient(
+                    _pure(problem._G, hb, "inner_loss", "hessian_batch"),
+                    _pure(problem._F, outer_batch, "outer_loss", "outer_batch"),
+                    theta,
+                    lam,
+                    problem.method_state,
+                    problem.reduction.reduce,
+                    token,
+                )
             norm = float(tree_norm(out.grad))
             if not _finite(norm):
                 raise NonFiniteError(f"the hypergradient is non-finite (norm {norm})")
@@ -204,11 +218,7 @@ def apply(level: Level, which: str, reason: str | None) -> str | None:
     """
     params = [p for p in level.trained_parameters().values() if p.grad is not None]
     if reason is None and params:
-        norm = float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])
-            )
-        )
+        norm = grad_norm64(params)
         if not _finite(norm):
             reason = f"the {which} gradient is non-finite (norm {norm})"
     if reason is None:

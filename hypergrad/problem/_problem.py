@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional, cast
 from torch import nn
 
 from .._checks import check_callable, check_choice
+from ..fsdp.bilevel import _is_sharded, sharded_levels
 from ..level import Level
 from ..methods import AbstractHypergradMethod, MethodState
 from ..modules import BUFFER_POLICIES, BufferPolicy, stateless
@@ -77,6 +78,9 @@ class BilevelProblem(StateDict, Linearisation):
         callbacks: callables receiving every :class:`~hypergrad.StepRecord` (progress bars, loggers).
         reduction: an :class:`~hypergrad.AbstractReduction` (how processes are combined); default
             from ``distributed``.
+        dense_inner: FSDP2 only (``docs/fsdp.md``): an unsharded twin of a ``fully_shard``-ed
+            inner module (built on the meta device), which makes ``hvp_mode="auto"`` the exact
+            route (double backward through DTensor) instead of finite differences.
 
     Example:
         >>> import torch, hypergrad
@@ -106,6 +110,7 @@ class BilevelProblem(StateDict, Linearisation):
         distributed: Optional[bool] = None,
         callbacks: Iterable[StepCallback] = (),
         reduction: Optional[AbstractReduction] = None,
+        dense_inner: Optional[nn.Module] = None,
     ):
         for name, level in (("inner", inner), ("outer", outer)):
             if not isinstance(level, Level):
@@ -150,6 +155,10 @@ class BilevelProblem(StateDict, Linearisation):
         self._inner_params = inner.trained_parameters()
         self._outer_params = outer.trained_parameters()
         method.check(self._inner_params, self._outer_params)
+        #: the FSDP2 routes when a level is ``fully_shard``-ed (detected once, here), else ``None``
+        self._sharded = sharded_levels(
+            inner_module, outer_module, self._inner_params, self._outer_params, method, dense_inner
+        )
         self._G = stateless(_phases.LossHost(inner_module, outer_module, inner_loss), buffers=buffers)
         self._F = stateless(_phases.LossHost(inner_module, outer_module, outer_loss), buffers=buffers)
         self.method_state = MethodState()
@@ -160,7 +169,10 @@ class BilevelProblem(StateDict, Linearisation):
         self._has_declared = False
         self._pending_skip: Optional[str] = None
         self._linearisation = 0  # bumped whenever the Hessian operator's linearisation point changes
-        self.reduction.broadcast([inner_module, outer_module])
+        # FSDP2 modules are sharded from identical initial values; broadcasting a shard would corrupt it
+        self.reduction.broadcast(
+            [m for m in (inner_module, outer_module) if self._sharded is None or not _is_sharded(m)]
+        )
 
     # ------------------------------------------------------------------ public calls
     def step(self, inner_batches: Iterable[Any], outer_batch: Any, hessian_batch: Any = None) -> StepRecord:
