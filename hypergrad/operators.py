@@ -34,8 +34,9 @@ HVP modes (``mode=``):
      ``autograd.Function`` whose backward has no backward itself).
 
   Caveat of every reverse-over-reverse mode: a custom ``autograd.Function`` whose ``backward`` is
-  decorated ``@once_differentiable`` contributes *zero* second derivative under ``torch.func``
-  (no error); use ``"fwd_rev"`` for models with such functions (they need a ``jvp`` rule).
+  decorated ``@once_differentiable`` returns a gradient without a graph, so it contributes *zero*
+  second derivative (no error, in plain autograd as under ``torch.func``); use ``"fwd_rev"`` for
+  models with such functions (they need a ``jvp`` rule).
 
 **Attention.** Every second-order pass (the HVPs of all exact modes, the mixed product, the
 fixed-point adjoint) runs under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused
@@ -340,8 +341,7 @@ class HessianOperator(LinearOperator):
         """Build the frozen product of ``mode`` (the cached reverse graph or the traced linearisation)."""
         with second_order():
             if mode == "rev_rev_cached":
-                value, vjp_fn = vjp(grad(self.fn), self.params)[:2]
-                self._apply = lambda v: vjp_fn(v)[0]
+                value, self._apply = _reverse_graph(self.fn, self.params)
             else:
                 with warnings.catch_warnings():  # torch's tracer warns about its own internals
                     warnings.simplefilter("ignore")
@@ -429,13 +429,50 @@ class HessianOperator(LinearOperator):
             raise
 
 
+def _reverse_graph(fn: Callable[[TensorTree], Tensor], params: TensorTree) -> tuple[dict, Callable[[Any], dict]]:
+    r"""``(grad_value, v -> H v)``: the gradient graph of ``fn`` built once by plain autograd, and its double backward.
+
+    ``torch.autograd.grad(fn(theta), theta, create_graph=True)`` once, then one
+    ``torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)`` per product: what a
+    hand-written double backward does. Plain autograd instead of ``torch.func.vjp(grad(fn))``
+    for memory: the ``torch.func`` transforms kept 2.8x the tensor memory of the same double
+    backward on the BiSSL ResNet (``benchmarks/bench_bissl_step.py --alternation``). A gradient
+    entry without a graph (``fn`` linear in that tensor) has a zero Hessian row.
+    """
+    keys = list(params)
+    leaves = [params[k].detach().requires_grad_(True) for k in keys]
+    with torch.enable_grad():
+        loss = fn(dict(zip(keys, leaves)))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise RuntimeError("grad: `fn` must return a scalar tensor")  # reported by _check_scalar_output
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
+
+    def apply(v: Any) -> dict:
+        hv: list[Any] = [None] * len(keys)
+        if live:
+            with torch.enable_grad():
+                out = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    leaves,
+                    grad_outputs=[v[keys[i]] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            hv = list(out)
+        return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
+
+    return value, apply
+
+
 def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, mode: str) -> TreeOrTensor:
     if mode in ("fwd_rev", "fwd_rev_linearized"):
         with second_order():
             return jvp(grad(fn), (params,), (v,))[1]
     if mode in ("rev_rev", "rev_rev_cached"):
         with second_order():
-            return vjp(grad(fn), params)[1](v)[0]
+            return _reverse_graph(fn, params)[1](v)
     return _central_difference(grad(fn), params, v)
 
 
