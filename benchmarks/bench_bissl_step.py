@@ -211,7 +211,7 @@ def reference_alternation(case: Case, layerwise: bool = True) -> Callable[[], tu
 
 
 def alternation(case: Case, **method: Any) -> Callable[[], tuple[list[dict], int]]:
-    """The N_U upper gradients of one alternation (the outer step is omitted: lr 0 keeps theta fixed).
+    """The N_U upper gradients of one alternation, each followed by the outer step (lr 0 keeps theta fixed).
 
     The problem is built once, outside the timed call (as the reference's modules are); each call
     declares the alternation's Hessian batch (``new_hessian_batch``: with ``reuse_operator`` one
@@ -226,6 +226,7 @@ def alternation(case: Case, **method: Any) -> Callable[[], tuple[list[dict], int
             rec = problem.hypergradient(b)
             hvps += rec.num_hvps
             grads.append({k: p.grad.detach().clone() for k, p in upper.named_parameters()})
+            problem.outer_step()  # as the BiSSL stage: applies (lr 0: theta stays) and clears the .grad
         return grads, hvps
 
     return run
