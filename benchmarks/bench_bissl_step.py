@@ -376,6 +376,54 @@ def main_alternation(preset: str, device: str, reps: int, variants: list[str]) -
         )
 
 
+def main_hvp_memory(preset: str, device: str, modes: list[str]) -> None:
+    """Peak memory of the BiSSL system's HVPs: the reference's double backward vs each hypergrad mode.
+
+    Reference: forward + ``create_graph`` backward + double backward through the module (one HVP,
+    the graph freed as it goes). hypergrad: one ``HessianOperator`` of the same pretext loss
+    (through :func:`hypergrad.stateless`), two products (a frozen mode keeps its graph between them).
+    """
+    case = Case(preset, device)
+    ssl = copy.deepcopy(case.ssl)
+    if hasattr(getattr(ssl, "loss_fn", None), "gather"):
+        ssl.loss_fn.gather = False
+    x1, x2, _ = case.h_batch
+    params = list(ssl.backbone.parameters())
+
+    def reference() -> None:
+        z1, z2 = ssl.projector(ssl.backbone(x1)), ssl.projector(ssl.backbone(x2))
+        g = torch.autograd.grad(hypergrad_ntxent(z1, z2), params, create_graph=True)
+        torch.autograd.grad(g, params, grad_outputs=[torch.ones_like(p) for p in params])
+
+    f = hypergrad.stateless(ssl)
+    bb = {k: v.detach() for k, v in ssl.backbone.named_parameters()}
+    v = {k: torch.ones_like(t) for k, t in bb.items()}
+
+    def ours(mode: str) -> Callable[[], None]:
+        def run() -> None:
+            op = hypergrad.HessianOperator(
+                lambda p: f({"backbone." + k: t for k, t in p.items()}, x1, x2), bb, mode=mode
+            )
+            op(v)
+            op(v)
+
+        return run
+
+    print(
+        f"\nBiSSL system HVP peak memory, preset {preset} {SIZES[preset]}, device {device}, torch {torch.__version__}"
+    )
+    print(f"{'variant':<34}{'peak MB':>9}{'mem/mem_ref':>12}")
+    m_ref = None
+    for name, fn in {
+        "reference (1 HVP)": reference,
+        **{f"HessianOperator[{m}] (2 HVPs)": ours(m) for m in modes},
+    }.items():
+        fn()
+        mem = peak_memory_bytes(fn, device)
+        m_ref = m_ref or max(mem, 1)
+        print(f"{name:<34}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}", flush=True)
+
+
 _CACHE: dict[Any, Any] = {}
 
 
@@ -447,10 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alternation", action="store_true", help="only the alternation: time and memory vs reference")
     ap.add_argument("--variants", nargs="*", default=list(MEMORY_VARIANTS), choices=list(MEMORY_VARIANTS))
     ap.add_argument("--reps", type=int, default=1, help="timed runs after the first (--alternation)")
+    ap.add_argument(
+        "--hvp-memory", nargs="*", default=None, help="only the HVP peak memory of these modes vs reference"
+    )
     ap.add_argument("--damping", type=float, default=DAMPING, help="BiSSL damping (positive definite system)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.hvp_memory is not None:
+        main_hvp_memory(args.preset, args.device, args.hvp_memory or ["rev_rev", "rev_rev_cached", "fwd_rev", "auto"])
+        return 0
     if args.alternation:
         DAMPING = args.damping
         main_alternation(args.preset, args.device, args.reps, args.variants)
