@@ -439,13 +439,21 @@ def _reverse_graph(
     hand-written double backward does. Plain autograd instead of ``torch.func.vjp(grad(fn))``
     for memory: the ``torch.func`` transforms kept 2.8x the tensor memory of the same double
     backward on the BiSSL ResNet (``benchmarks/bench_bissl_step.py --alternation``). A gradient
-    entry without a graph (``fn`` linear in that tensor) has a zero Hessian row. ``retain=False``
+    entry without a graph (``fn`` linear in that tensor) has a zero Hessian row. Inside a
+    ``torch.func`` transform (a first product under ``Dense``'s ``vmap``), where plain autograd is
+    refused, it is ``torch.func.vjp(grad(fn))``. ``retain=False``
     (one product only, mode ``"rev_rev"``) lets the double backward free the graph as it goes, so
     its peak memory is that of a hand-written double backward; the cached graph (``retain=True``)
     must stay whole, and peaked 1.3x higher on the BiSSL ResNet (``docs/benchmarks.md``).
     """
     keys = list(params)
-    leaves = [params[k].detach().requires_grad_(True) for k in keys]
+    try:
+        leaves = [params[k].detach().requires_grad_(True) for k in keys]
+    except RuntimeError as err:  # inside a torch.func transform (e.g. Dense's vmap): plain autograd is refused
+        if "functorch transform" not in str(err):
+            raise
+        value, vjp_fn = vjp(grad(fn), params)[:2]
+        return value, lambda v: vjp_fn(v)[0]
     with torch.enable_grad():
         loss = fn(dict(zip(keys, leaves)))
         if not isinstance(loss, Tensor) or loss.dim() != 0:

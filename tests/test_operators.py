@@ -485,3 +485,17 @@ def test_hvp_direction_and_meta_errors_name_the_argument() -> None:
             {"a": torch.ones(3, dtype=F64)},
             solver=hypergrad.Dense(),
         )
+
+
+@pytest.mark.parametrize("mode", ["auto", "rev_rev", "rev_rev_cached"])
+def test_reverse_modes_inside_vmap_need_no_fallback(mode: str) -> None:
+    """A first product inside ``vmap`` (``Dense`` materialises a fresh operator) works without a fallback."""
+    _, fn, params, reference, _ = mlp_problem("cpu")
+    op = HessianOperator(fn, params, mode=mode)
+    flat, unravel = tree_ravel(params)
+    eye = torch.eye(flat.numel(), dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HVPFallbackWarning)
+        cols = torch.func.vmap(lambda e: tree_ravel(op(unravel(e)))[0])(eye)
+    assert op.mode == ("rev_rev_cached" if mode == "auto" else mode)
+    torch.testing.assert_close(cols.T, dense_hessian(reference, params), rtol=1e-10, atol=1e-12)
