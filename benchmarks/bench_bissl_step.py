@@ -5,8 +5,8 @@ The upper step computes :math:`g_{\theta_D} = \lambda_e (H + \lambda_e I)^{-1}\n
 ResNet-18 backbone on one pretext batch, :math:`\lambda_e = 500.001` (see ``DAMPING``: the paper's
 10 makes the system indefinite at this random point; a CG step costs the same). Implementations:
 
-* ``hypergrad``: :func:`applications.bissl.bilevel.build_problem` + ``problem.hypergradient``
-  (``hypergrad.Proximal``, forward-over-reverse HVPs, textbook CG);
+* ``hypergrad``: the BiSSL :class:`hypergrad.BilevelProblem` (:meth:`Case.problem`) +
+  ``problem.hypergradient`` (``hypergrad.Proximal`` with its defaults: ``hvp_mode="auto"``, textbook CG);
 * ``hypergrad_rev_rev``: the same with reverse-over-reverse HVPs (``hvp_mode="rev_rev"``);
 * ``hypergrad_reuse``: the same with ``reuse_operator=True`` (gradient graph built once per call
   here, one backward pass per HVP);
@@ -44,12 +44,13 @@ if __package__ in (None, ""):  # `python benchmarks/bench_bissl_step.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hypergrad
-from applications.bissl.bilevel import HESSIAN, build_problem
-from applications.bissl.config import BiSSLConfig, ModelConfig, PipelineConfig, PretrainConfig
+from applications.bissl.bilevel import PretextBatch, inner_loss, make_outer_loss
+from applications.bissl.config import ModelConfig, PipelineConfig, PretrainConfig
 from applications.bissl.pretrain import build_pretrain_model
 from benchmarks.measure import peak_memory_bytes, rel_error, synced
 
 SIZES = {
+    "tiny": dict(width=4, image=8, pretext_batch=16, downstream_batch=16),
     "small": dict(width=8, image=16, pretext_batch=32, downstream_batch=32),
     "full": dict(width=16, image=32, pretext_batch=128, downstream_batch=64),
 }
@@ -61,7 +62,7 @@ LAM, DAMPING, PAPER_DAMPING, GAMMA, CG_STEPS, N_U = 1e-3, 500.0, 10.0, 1.0, 5, 8
 
 
 class Case:
-    """Modules and batches of one benchmark (seeded); ``problem(**bissl)`` builds a fresh problem."""
+    """Modules and batches of one benchmark (seeded); ``problem(**method)`` builds a fresh problem."""
 
     def __init__(self, preset: str, device: str = "cpu"):
         s = SIZES[preset]
@@ -86,7 +87,8 @@ class Case:
         g = torch.Generator().manual_seed(1)
         img = (1, s["image"], s["image"])
         x1 = torch.randn(s["pretext_batch"], *img, generator=g)
-        self.h_batch = (x1.to(device), (x1 + 0.5 * torch.randn(x1.shape, generator=g)).to(device), HESSIAN)
+        x2 = x1 + 0.5 * torch.randn(x1.shape, generator=g)
+        self.h_batch = PretextBatch(x1.to(device), x2.to(device), local_negatives=True)
         self.d_batches = [
             (
                 torch.randn(s["downstream_batch"], *img, generator=g).to(device),
@@ -95,18 +97,26 @@ class Case:
             for _ in range(N_U)
         ]
 
-    def problem(self, **bissl: Any) -> tuple[hypergrad.BilevelProblem, nn.Module]:
+    def problem(self, **method: Any) -> tuple[hypergrad.BilevelProblem, nn.Module]:
+        """A fresh BiSSL problem (copies of the modules) with ``hypergrad.Proximal(**method)`` over the paper's defaults.
+
+        Built from the application's two losses and public ``hypergrad`` names only (what
+        ``applications.bissl.bilevel.build_problem`` builds from a config); learning rates 0 keep
+        the point fixed.
+        """
         ssl, upper, head = copy.deepcopy(self.ssl), copy.deepcopy(self.upper), copy.deepcopy(self.head)
-        cfg = BiSSLConfig(
-            lam=LAM, gamma=GAMMA, **{"damping": DAMPING, "solver": hypergrad.CG(max_steps=CG_STEPS), **bissl}
+        settings: dict[str, Any] = dict(
+            lam=LAM, damping=DAMPING, coupling={"backbone": "backbone"}, solver=hypergrad.CG(max_steps=CG_STEPS)
         )
-        p = build_problem(
-            ssl,
-            upper,
-            head,
-            cfg,
-            lower_opt=torch.optim.SGD([q for q in ssl.parameters() if q.requires_grad], lr=0.0),
-            upper_opt=torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=0.0),
+        p = hypergrad.BilevelProblem(
+            inner=hypergrad.Level(ssl, torch.optim.SGD([q for q in ssl.parameters() if q.requires_grad], lr=0.0)),
+            outer=hypergrad.Level(
+                {"backbone": upper, "head": head},
+                torch.optim.SGD([*upper.parameters(), *head.parameters()], lr=0.0),
+            ),
+            inner_loss=inner_loss,
+            outer_loss=make_outer_loss(GAMMA),
+            method=hypergrad.Proximal(**{**settings, **method}),
         )
         return p, upper
 
@@ -182,7 +192,7 @@ IMPLS: dict[str, Callable[[Case], Callable[[], dict]]] = {
     "reference_textbook": lambda c: reference_step(c, layerwise=False),
 }
 
-ALTERNATION = {  # name: BiSSLConfig overrides for the N_U upper steps of one alternation
+ALTERNATION = {  # name: hypergrad.Proximal settings for the N_U upper steps of one alternation
     "fresh_cg5": dict(),
     "reuse_cg5": dict(reuse_operator=True),
     "reuse_warm_cg5": dict(reuse_operator=True, warm_start=True),
@@ -200,16 +210,23 @@ def reference_alternation(case: Case, layerwise: bool = True) -> Callable[[], tu
     return run
 
 
-def alternation(case: Case, **bissl: Any) -> Callable[[], tuple[list[dict], int]]:
-    """The N_U upper gradients of one alternation (the outer step is omitted: lr 0 keeps theta fixed)."""
+def alternation(case: Case, **method: Any) -> Callable[[], tuple[list[dict], int]]:
+    """The N_U upper gradients of one alternation, each followed by the outer step (lr 0 keeps theta fixed).
+
+    The problem is built once, outside the timed call (as the reference's modules are); each call
+    declares the alternation's Hessian batch (``new_hessian_batch``: with ``reuse_operator`` one
+    operator then serves the N_U upper steps; without, each step builds its own).
+    """
+    problem, upper = case.problem(**method)
 
     def run() -> tuple[list[dict], int]:
-        problem, upper = case.problem(**bissl)
+        problem.new_hessian_batch(case.h_batch)
         grads, hvps = [], 0
         for b in case.d_batches:
-            rec = problem.hypergradient(b, case.h_batch)
+            rec = problem.hypergradient(b)
             hvps += rec.num_hvps
             grads.append({k: p.grad.detach().clone() for k, p in upper.named_parameters()})
+            problem.outer_step()  # as the BiSSL stage: applies (lr 0: theta stays) and clears the .grad
         return grads, hvps
 
     return run
@@ -316,6 +333,97 @@ def main_recycled(preset: str, device: str, with_memory: bool = True) -> None:
         )
 
 
+MEMORY_VARIANTS: dict[str, dict[str, Any]] = {  # name: Proximal settings (None: the reference-style code)
+    "hypergrad_default": dict(),
+    "hypergrad_fwd_rev": dict(hvp_mode="fwd_rev"),
+    "hypergrad_rev_rev": dict(hvp_mode="rev_rev"),
+    "hypergrad_reuse": dict(reuse_operator=True),
+}
+
+
+def main_alternation(preset: str, device: str, reps: int, variants: list[str]) -> None:
+    """One alternation (N_U upper steps, fresh 5-step CG each) vs the reference-style code: time and peak memory ratios.
+
+    Side by side in one process: each variant is timed ``1 + reps`` times (best kept),
+    then run once more under the memory probe (CPU: the profiler's allocation events, i.e. tensor
+    memory above what existed before the call; CUDA: ``max_memory_allocated`` after a reset).
+    Errors: against the alternation solved to rtol 1e-6 on one reused operator.
+    """
+    case = Case(preset, device)
+    conv = alternation(case, reuse_operator=True, solver=hypergrad.CG(max_steps=200, rtol=1e-6))()[0]
+    runs: dict[str, Callable[[], tuple[list[dict], int]]] = {"reference_cg5": reference_alternation(case)}
+    runs.update({k: alternation(case, **MEMORY_VARIANTS[k]) for k in variants})
+    print(
+        f"\nOne alternation, N_U={N_U}, CG {CG_STEPS} steps, preset {preset} {SIZES[preset]}, device {device}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, best of {1 + reps}, damping {DAMPING}"
+    )
+    print(f"{'variant':<20}{'time s':>8}{'t/t_ref':>9}{'HVPs':>6}{'peak MB':>9}{'mem/mem_ref':>12}{'mean err':>10}")
+    t_ref = m_ref = None
+    for name, fn in runs.items():
+        fn = synced(fn, device)
+        t = float("inf")
+        for _ in range(1 + reps):  # the first run (warm-up) counts only if it is the fastest
+            t0 = time.perf_counter()
+            grads, hvps = fn()
+            t = min(t, time.perf_counter() - t0)
+        mem = peak_memory_bytes(fn, device)
+        t_ref, m_ref = t_ref or t, m_ref or max(mem, 1)
+        errs = [rel_error(g, e) for g, e in zip(grads, conv)]
+        print(
+            f"{name:<20}{t:>8.2f}{t / t_ref:>9.2f}{hvps:>6d}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}"
+            f"{sum(errs) / len(errs):>10.1e}",
+            flush=True,
+        )
+
+
+def main_hvp_memory(preset: str, device: str, modes: list[str]) -> None:
+    """Peak memory of the BiSSL system's HVPs: the reference's double backward vs each hypergrad mode.
+
+    Reference: forward + ``create_graph`` backward + double backward through the module (one HVP,
+    the graph freed as it goes). hypergrad: one ``HessianOperator`` of the same pretext loss
+    (through :func:`hypergrad.stateless`), two products (a frozen mode keeps its graph between them).
+    """
+    case = Case(preset, device)
+    ssl = copy.deepcopy(case.ssl)
+    if hasattr(getattr(ssl, "loss_fn", None), "gather"):
+        ssl.loss_fn.gather = False
+    x1, x2, _ = case.h_batch
+    params = list(ssl.backbone.parameters())
+
+    def reference() -> None:
+        z1, z2 = ssl.projector(ssl.backbone(x1)), ssl.projector(ssl.backbone(x2))
+        g = torch.autograd.grad(hypergrad_ntxent(z1, z2), params, create_graph=True)
+        torch.autograd.grad(g, params, grad_outputs=[torch.ones_like(p) for p in params])
+
+    f = hypergrad.stateless(ssl)
+    bb = {k: v.detach() for k, v in ssl.backbone.named_parameters()}
+    v = {k: torch.ones_like(t) for k, t in bb.items()}
+
+    def ours(mode: str) -> Callable[[], None]:
+        def run() -> None:
+            op = hypergrad.HessianOperator(
+                lambda p: f({"backbone." + k: t for k, t in p.items()}, x1, x2), bb, mode=mode
+            )
+            op(v)
+            op(v)
+
+        return run
+
+    print(
+        f"\nBiSSL system HVP peak memory, preset {preset} {SIZES[preset]}, device {device}, torch {torch.__version__}"
+    )
+    print(f"{'variant':<34}{'peak MB':>9}{'mem/mem_ref':>12}")
+    m_ref = None
+    for name, fn in {
+        "reference (1 HVP)": reference,
+        **{f"HessianOperator[{m}] (2 HVPs)": ours(m) for m in modes},
+    }.items():
+        fn()
+        mem = peak_memory_bytes(fn, device)
+        m_ref = m_ref or max(mem, 1)
+        print(f"{name:<34}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}", flush=True)
+
+
 _CACHE: dict[Any, Any] = {}
 
 
@@ -376,16 +484,31 @@ def _time(fn: Callable[[], Any], reps: int = 3) -> tuple[float, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print time / memory ratios against the reference and the alternation's HVP counts."""
+    global DAMPING
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(SIZES), default="small")
+    ap.add_argument("--preset", choices=list(SIZES), default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--recycled", action="store_true", help="only the alternation: reference vs recycling")
+    ap.add_argument("--alternation", action="store_true", help="only the alternation: time and memory vs reference")
+    ap.add_argument("--variants", nargs="*", default=list(MEMORY_VARIANTS), choices=list(MEMORY_VARIANTS))
+    ap.add_argument("--reps", type=int, default=1, help="timed runs after the first (--alternation)")
+    ap.add_argument(
+        "--hvp-memory", nargs="*", default=None, help="only the HVP peak memory of these modes vs reference"
+    )
+    ap.add_argument("--damping", type=float, default=DAMPING, help="BiSSL damping (positive definite system)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.hvp_memory is not None:
+        main_hvp_memory(args.preset, args.device, args.hvp_memory or ["rev_rev", "rev_rev_cached", "fwd_rev", "auto"])
+        return 0
+    if args.alternation:
+        DAMPING = args.damping
+        main_alternation(args.preset, args.device, args.reps, args.variants)
+        return 0
     if args.recycled:
         main_recycled(args.preset, args.device)
         return 0

@@ -5,7 +5,8 @@ For each model of ``benchmarks/models.py`` (MLP, ResNet with BatchNorm through
 
 * ``fwd_rev``, ``rev_rev``: :class:`hypergrad.HessianOperator` recomputing per matvec;
 * ``rev_rev_cached``: the reverse graph built once;
-* ``linearized``: :class:`hypergrad.LinearizedHessian` (``torch.func.linearize`` once);
+* ``fwd_rev_linearized``: ``torch.func.linearize`` once (what :class:`hypergrad.LinearizedHessian` builds);
+* ``auto``: the library's choice (the cached reverse graph when it fits);
 
 it records the one-off build time, the time of one matvec after the build (median of ``reps``),
 both as multiples of one ``torch.func.grad`` of the same loss, the agreement with ``rev_rev`` and
@@ -35,12 +36,10 @@ import hypergrad
 from benchmarks.measure import peak_memory_bytes, rel_error
 from benchmarks.models import MODELS, build_model
 
-MODES = ("fwd_rev", "rev_rev", "rev_rev_cached", "linearized")
+MODES = ("fwd_rev", "rev_rev", "rev_rev_cached", "fwd_rev_linearized", "auto")
 
 
 def build(fn: Callable, params: dict, mode: str) -> Callable[[Any], Any]:
-    if mode == "linearized":
-        return hypergrad.LinearizedHessian(fn, params)
     return hypergrad.HessianOperator(fn, params, mode=mode)
 
 
@@ -95,7 +94,7 @@ def _build_and_apply(case: Any, mode: str, v: dict, k: int) -> None:
 def _compiled(case: Any, mode: str, op: Any, v: dict, ref: dict, t_grad: float, reps: int) -> dict:
     row = dict(model=case.name, mode=mode, compiled=True, num_params=case.num_params, grad_ms=1e3 * t_grad)
     try:
-        if mode == "linearized":
+        if mode == "fwd_rev_linearized":
             fn = torch.compile(op.matvec)
         else:
 
@@ -133,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=("small", "full"), default="small")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--compile", nargs="*", default=[], help="models whose fwd_rev/linearized matvec to compile")
+    ap.add_argument(
+        "--compile", nargs="*", default=[], help="models whose fwd_rev/fwd_rev_linearized matvec to compile"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'peak MB':>9}  note"
     )
     for name in args.models:
-        modes = ("fwd_rev", "linearized") if name in args.compile else ()
+        modes = ("fwd_rev", "fwd_rev_linearized") if name in args.compile else ()
         for r in measure_model(name, args.preset, args.reps, modes):
             note = r.get("compile_failed", "") or (f"compile {r['compile_s']:.0f} s" if "compile_s" in r else "")
             print(

@@ -160,13 +160,20 @@ def root_vjp(
 
 
 def mixed_mode(operator: Any, requested: HVPMode) -> HVPMode:
-    """The mode of the mixed product matching the Hessian operator's (resolved) mode."""
+    """The mode of the mixed product matching the Hessian operator's (resolved) mode.
+
+    The same order of differentiation as the Hessian (so an ``"auto"`` operator that fell back to
+    forward mode, for memory or for a missing double backward, is followed by a forward-mode mixed
+    product); the frozen modes map to their one-product form (one mixed product: nothing to reuse).
+    """
     resolved = getattr(operator, "mode", requested)
     if resolved in ("rev_rev", "rev_rev_cached"):
         return "rev_rev"
+    if resolved in ("fwd_rev", "fwd_rev_linearized"):
+        return "fwd_rev"
     if resolved == "finite_diff":
         return "finite_diff"
-    return requested if requested in ("auto", "fwd_rev") else "auto"
+    return "auto"
 
 
 def _identity(tree: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -7,19 +7,36 @@ values, not graphs.
 HVP modes (``mode=``):
 
 * ``"fwd_rev"``: forward-over-reverse, :math:`Hv = \partial_\epsilon \nabla f(\theta + \epsilon v)`
-  via ``jvp(grad(f))``. The cheapest in memory and usually in time; the default.
+  via ``jvp(grad(f))``, recomputed on each call. The least memory of the exact modes.
+* ``"fwd_rev_linearized"``: forward-over-reverse with the linearisation of :math:`\nabla f`
+  computed once, when the operator is constructed (``torch.func.linearize``: one traced forward and
+  backward pass whose tangent program is kept); every call runs only that tangent program. Exact;
+  building it costs hundreds of gradients in this torch on CPU (tracing and constant folding), so
+  it pays off only for many products at one point (an operator reused across upper steps).
 * ``"rev_rev"``: reverse-over-reverse, ``vjp(grad(f))`` recomputed on each call. Covers operators
   that lack forward-mode rules.
 * ``"rev_rev_cached"``: reverse-over-reverse with the gradient graph built once, when the operator
   is constructed, and reused by every call: one backward pass per HVP, no forward re-run, at the
-  price of keeping the graph alive. Pays off for solves with several steps or right-hand sides.
+  price of keeping the graph alive. The fastest exact mode measured (``docs/benchmarks.md``).
 * ``"finite_diff"``: central differences of gradients, :math:`(\nabla f(\theta+\epsilon v) -
   \nabla f(\theta-\epsilon v)) / 2\epsilon`: two gradients, no second-order AD at all, about
   :math:`\epsilon_{\text{mach}}^{2/3}` relative accuracy.
-* ``"auto"``: ``"fwd_rev"``, falling back once to ``"rev_rev"`` (with a
-  :class:`HVPFallbackWarning`, never silently) if the forward mode raises, e.g. for a custom
-  ``autograd.Function`` without a ``jvp`` rule. The mode is resolved once per operator, on its
-  first product, and never changes afterwards.
+* ``"auto"`` (the default): the fastest exact mode that fits in memory, resolved once per operator,
+  on its first product, and never changed afterwards (read it from :attr:`HessianOperator.mode`;
+  the choice and its reason are logged on the ``hypergrad`` logger at INFO level):
+
+  1. ``"rev_rev_cached"``, unless the cached graph does not fit: building it runs out of memory,
+     or once built it leaves less free memory than its own size (the double backward of each
+     product allocates about as much again). Free memory is the CUDA allocator's free plus cached
+     bytes on a GPU, ``MemAvailable`` of ``/proc/meminfo`` on a Linux CPU; elsewhere no guard.
+  2. ``"fwd_rev"`` (least memory) when the graph does not fit, or, with an
+     :class:`HVPFallbackWarning` (never silently), when reverse-over-reverse raises (e.g. a custom
+     ``autograd.Function`` whose backward has no backward itself).
+
+  Caveat of every reverse-over-reverse mode: a custom ``autograd.Function`` whose ``backward`` is
+  decorated ``@once_differentiable`` returns a gradient without a graph, so it contributes *zero*
+  second derivative (no error, in plain autograd as under ``torch.func``); use ``"fwd_rev"`` for
+  models with such functions (they need a ``jvp`` rule).
 
 **Attention.** Every second-order pass (the HVPs of all exact modes, the mixed product, the
 fixed-point adjoint) runs under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused
@@ -39,12 +56,14 @@ few times slower than the fused kernels. First-order passes (losses, gradients, 
 from __future__ import annotations
 
 import abc
+import gc
+import logging
 import warnings
 from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp, linearize, vjp
 
 from ._checks import check_callable, check_choice, check_positive, check_tree
 from ._second_order import attention_hint, second_order
@@ -62,15 +81,21 @@ __all__ = [
     "mixed_hvp",
 ]
 
-HVPMode = Literal["auto", "fwd_rev", "rev_rev", "rev_rev_cached", "finite_diff"]
-HVP_MODES: tuple[str, ...] = ("auto", "fwd_rev", "rev_rev", "rev_rev_cached", "finite_diff")
+HVPMode = Literal["auto", "fwd_rev", "rev_rev", "rev_rev_cached", "finite_diff", "fwd_rev_linearized"]
+HVP_MODES: tuple[str, ...] = ("auto", "fwd_rev", "rev_rev", "rev_rev_cached", "finite_diff", "fwd_rev_linearized")
+#: The modes that do their one-off work (a graph, a linearisation) at construction and reuse it.
+FROZEN_HVP_MODES: tuple[str, ...] = ("rev_rev_cached", "fwd_rev_linearized")
+
+_log = logging.getLogger("hypergrad")
 
 
 class HVPFallbackWarning(UserWarning):
-    """Forward-over-reverse failed for this function and ``"auto"`` switched to reverse mode.
+    """One order of differentiation failed for this function and ``"auto"`` switched to the other.
 
-    Emitted once per :class:`HessianOperator` built with ``mode="auto"``; pass ``mode="rev_rev"``
-    to skip the forward-mode attempt (and the warning).
+    ``"auto"`` tries reverse-over-reverse first (the cached graph); when that raises (e.g. a custom
+    ``autograd.Function`` without a double backward) it switches to ``"fwd_rev"`` and warns, once
+    per :class:`HessianOperator` (or :func:`mixed_hvp` call). Pass ``mode="fwd_rev"`` to skip the
+    reverse-mode attempt (and the warning).
 
     Example:
         >>> import warnings, hypergrad
@@ -202,14 +227,61 @@ def _check_scalar_output(fn: Callable[..., Any], args: tuple, *, owner: str, err
         ) from err
 
 
-def _fallback_warning(err: BaseException) -> None:
+def _fallback_warning(err: BaseException, *, failed: str = "forward-over-reverse", to: str = "rev_rev") -> None:
     warnings.warn(
-        f"forward-over-reverse HVP failed ({type(err).__name__}: {str(err)[:200]}); "
-        "hypergrad switched this operator to mode='rev_rev'. Pass mode='rev_rev' to "
+        f"{failed} HVP failed ({type(err).__name__}: {str(err)[:200]}); "
+        f"hypergrad switched this operator to mode={to!r}. Pass mode={to!r} to "
         f"silence this warning.{attention_hint(err)}",
         HVPFallbackWarning,
         stacklevel=3,
     )
+
+
+def _is_oom(err: BaseException) -> bool:
+    """An allocation failure (CUDA's ``OutOfMemoryError`` or the CPU allocator's RuntimeError)."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _proc_kib(path: str, field: Optional[str]) -> Optional[int]:
+    """A KiB count from ``/proc`` (``field`` of ``/proc/meminfo``, or the RSS of ``/proc/self/statm``)."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    if field is None:  # statm: size resident ... in pages
+        import resource
+
+        return int(text.split()[1]) * resource.getpagesize() // 1024
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def memory_in_use(device: torch.device) -> Optional[int]:
+    """Bytes held now on ``device``: the CUDA allocator's allocated bytes, or this process's RSS on a Linux CPU.
+
+    Returns ``None`` where it cannot be read (other devices and systems): no memory guard there.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        kib = _proc_kib("/proc/self/statm", None)
+        return None if kib is None else 1024 * kib
+    return None
+
+
+def memory_available(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on ``device``: CUDA free + cached-but-unused; ``MemAvailable`` on a Linux CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        kib = _proc_kib("/proc/meminfo", "MemAvailable")
+        return None if kib is None else 1024 * kib
+    return None
 
 
 class HessianOperator(LinearOperator):
@@ -217,15 +289,22 @@ class HessianOperator(LinearOperator):
 
     .. math:: v \mapsto H v = \nabla^2 f(\theta)\, v
 
-    Immutable: ``mode="auto"`` is resolved once, on the first product (to ``"fwd_rev"``, or to
-    ``"rev_rev"`` with an :class:`HVPFallbackWarning`), and :attr:`mode` never changes afterwards.
-    Tagged ``symmetric=True``; ``positive_definite`` is unknown (``None``).
+    Immutable: the frozen modes (``"rev_rev_cached"``, ``"fwd_rev_linearized"``) do their one-off
+    work here, at construction; ``mode="auto"`` is resolved once, on the first product (to
+    ``"rev_rev_cached"``, or to ``"fwd_rev"`` when the cached graph does not fit in memory or
+    reverse-over-reverse fails; see the module docstring), and :attr:`mode` never changes
+    afterwards. Reusing one operator object for several products or solves at the same point (what
+    ``reuse_operator=True`` of the methods does) reuses that work. Tagged ``symmetric=True``;
+    ``positive_definite`` is unknown (``None``).
 
     Args:
-        fn: ``fn(params) -> scalar tensor``; close over batches and fixed hyper-parameters.
+        fn: ``fn(params) -> scalar tensor``; close over batches and fixed hyper-parameters. Pure
+            (no module state updated: build it with :func:`hypergrad.stateless`), so that tracing
+            and graph caching see the same function as every product.
         params: the point :math:`\theta`, a dict of floating-point tensors.
         mode: one of :data:`HVP_MODES` (see the module docstring). ``"rev_rev_cached"`` runs the
-            forward and backward pass once here, at construction.
+            forward and backward pass once here; ``"fwd_rev_linearized"`` traces the linearisation
+            of the gradient once here.
 
     Example:
         >>> import torch
@@ -235,7 +314,7 @@ class HessianOperator(LinearOperator):
         >>> H({"w": torch.tensor([1.0, 1.0])})["w"]  # 6 w * v
         tensor([ 6., 12.])
         >>> H.mode, H.symmetric
-        ('fwd_rev', True)
+        ('rev_rev_cached', True)
     """
 
     symmetric = True
@@ -249,53 +328,164 @@ class HessianOperator(LinearOperator):
         self.params = _detach(params)
         self.requested_mode = mode
         self._resolved: Optional[str] = None if mode == "auto" else mode
-        self._vjp_fn = None
-        if mode == "rev_rev_cached":
+        self._apply: Optional[Callable[[Any], Any]] = None  # the frozen product of a frozen mode
+        self._grad_value: Any = None
+        if mode in FROZEN_HVP_MODES:
             try:
-                with second_order():
-                    self._vjp_fn = vjp(grad(fn), self.params)[1]
+                self._freeze(mode)
             except (RuntimeError, NotImplementedError) as err:
                 _check_scalar_output(fn, (self.params,), owner="HessianOperator", err=err)
                 raise
+
+    def _freeze(self, mode: str) -> None:
+        """Build the frozen product of ``mode`` (the cached reverse graph or the traced linearisation)."""
+        with second_order():
+            if mode == "rev_rev_cached":
+                value, self._apply = _reverse_graph(self.fn, self.params)
+            else:
+                with warnings.catch_warnings():  # torch's tracer warns about its own internals
+                    warnings.simplefilter("ignore")
+                    try:
+                        value, self._apply = linearize(grad(self.fn), self.params)
+                    except (RuntimeError, NotImplementedError) as err:
+                        if "tracing" not in str(err) and "data-dependent" not in str(err):
+                            raise
+                        raise RuntimeError(
+                            "HessianOperator: mode='fwd_rev_linearized' could not trace the gradient with "
+                            f"torch.func.linearize ({str(err)[:160]}): `fn` has data-dependent control flow "
+                            "(e.g. a padding mask checked in Python). Use mode='rev_rev_cached' (or 'auto'), "
+                            "or hypergrad.LinearizedHessian, which falls back to it with a warning."
+                        ) from err
+        self._grad_value = value
 
     @property
     def mode(self) -> str:
         """The mode products use: ``requested_mode``, or for ``"auto"`` its resolution (``"auto"`` until the first product).
 
         Returns:
-            One of ``"fwd_rev"``, ``"rev_rev"``, ``"rev_rev_cached"``, ``"finite_diff"`` (or ``"auto"``
-            before an ``"auto"`` operator's first product).
+            One of :data:`HVP_MODES` other than ``"auto"`` (or ``"auto"`` before an ``"auto"``
+            operator's first product).
         """
         return self._resolved if self._resolved is not None else "auto"
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
         _check_direction("v", v, self.params, owner="HessianOperator")
         if self._resolved is None:  # "auto", first product: resolve once (write-once, never flips back)
-            try:
-                out = _hvp_once(self.fn, self.params, v, "fwd_rev")
-                self._resolved = "fwd_rev"
-                return _detach(out)
-            except (RuntimeError, NotImplementedError) as err:
-                _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)  # a user error?
-                _fallback_warning(err)
-                self._resolved = "rev_rev"
-        if self._vjp_fn is not None:
-            with second_order():
-                return _detach(self._vjp_fn(v)[0])
+            return _detach(self._resolve_auto(v))
         try:
+            if self._apply is not None:
+                with second_order():
+                    return _detach(self._apply(v))
             return _detach(_hvp_once(self.fn, self.params, v, self._resolved))
         except (RuntimeError, NotImplementedError) as err:
             _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)
             raise
 
+    def _resolve_auto(self, v: TreeOrTensor) -> TreeOrTensor:
+        """``"auto"``: the cached reverse graph if it fits in memory and works, else ``"fwd_rev"``; returns ``H v``."""
+        device = next(iter(self.params.values())).device
+        before = memory_in_use(device)
+        reason = ""
+        try:
+            self._freeze("rev_rev_cached")
+            graph = None if before is None else max(0, (memory_in_use(device) or 0) - before)
+            free = memory_available(device)
+            if graph is not None and free is not None and free < graph:
+                reason = (
+                    f"the cached gradient graph ({graph / 2**20:.0f} MiB) leaves {free / 2**20:.0f} MiB free on "
+                    f"{device}, less than its own size"
+                )
+            else:
+                with second_order():
+                    out = self._apply(v)  # type: ignore[misc]
+                self._resolved = "rev_rev_cached"
+                _log.info(
+                    "HessianOperator(mode='auto') -> 'rev_rev_cached' (cached graph %s on %s)",
+                    "unmeasured" if graph is None else f"{graph / 2**20:.1f} MiB",
+                    device,
+                )
+                return out
+        except (RuntimeError, NotImplementedError) as err:
+            self._apply, self._grad_value = None, None
+            if not _is_oom(err):
+                _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)  # a user error?
+                _fallback_warning(err, failed="reverse-over-reverse", to="fwd_rev")
+                self._resolved = "fwd_rev"
+                return self._fwd_rev_or_raise(v)
+            reason = f"building the cached gradient graph ran out of memory ({str(err)[:120]})"
+        self._apply, self._grad_value = None, None  # free the graph before the forward-mode product
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _log.info("HessianOperator(mode='auto') -> 'fwd_rev': %s", reason)
+        self._resolved = "fwd_rev"
+        return self._fwd_rev_or_raise(v)
+
+    def _fwd_rev_or_raise(self, v: TreeOrTensor) -> TreeOrTensor:
+        try:
+            return _hvp_once(self.fn, self.params, v, "fwd_rev")
+        except (RuntimeError, NotImplementedError) as err:
+            _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)
+            raise
+
+
+def _reverse_graph(
+    fn: Callable[[TensorTree], Tensor], params: TensorTree, *, retain: bool = True
+) -> tuple[dict, Callable[[Any], dict]]:
+    r"""``(grad_value, v -> H v)``: the gradient graph of ``fn`` built once by plain autograd, and its double backward.
+
+    ``torch.autograd.grad(fn(theta), theta, create_graph=True)`` once, then one
+    ``torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)`` per product: what a
+    hand-written double backward does. Plain autograd instead of ``torch.func.vjp(grad(fn))``
+    for memory: the ``torch.func`` transforms kept 2.8x the tensor memory of the same double
+    backward on the BiSSL ResNet (``benchmarks/bench_bissl_step.py --alternation``). A gradient
+    entry without a graph (``fn`` linear in that tensor) has a zero Hessian row. Inside a
+    ``torch.func`` transform (a first product under ``Dense``'s ``vmap``), where plain autograd is
+    refused, it is ``torch.func.vjp(grad(fn))``. ``retain=False``
+    (one product only, mode ``"rev_rev"``) lets the double backward free the graph as it goes, so
+    its peak memory is that of a hand-written double backward; the cached graph (``retain=True``)
+    must stay whole, and peaked 1.3x higher on the BiSSL ResNet (``docs/benchmarks.md``).
+    """
+    keys = list(params)
+    try:
+        leaves = [params[k].detach().requires_grad_(True) for k in keys]
+    except RuntimeError as err:  # inside a torch.func transform (e.g. Dense's vmap): plain autograd is refused
+        if "functorch transform" not in str(err):
+            raise
+        value, vjp_fn = vjp(grad(fn), params)[:2]
+        return value, lambda v: vjp_fn(v)[0]
+    with torch.enable_grad():
+        loss = fn(dict(zip(keys, leaves)))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise RuntimeError("grad: `fn` must return a scalar tensor")  # reported by _check_scalar_output
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
+
+    def apply(v: Any) -> dict:
+        hv: list[Any] = [None] * len(keys)
+        if live:
+            with torch.enable_grad():
+                out = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    leaves,
+                    grad_outputs=[v[keys[i]] for i in live],
+                    retain_graph=retain,
+                    allow_unused=True,
+                )
+            hv = list(out)
+        return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
+
+    return value, apply
+
 
 def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, mode: str) -> TreeOrTensor:
-    if mode == "fwd_rev":
+    if mode in ("fwd_rev", "fwd_rev_linearized"):
         with second_order():
             return jvp(grad(fn), (params,), (v,))[1]
     if mode in ("rev_rev", "rev_rev_cached"):
         with second_order():
-            return vjp(grad(fn), params)[1](v)[0]
+            return _reverse_graph(fn, params, retain=False)[1](v)
     return _central_difference(grad(fn), params, v)
 
 
@@ -368,11 +558,13 @@ def mixed_hvp(
 
     .. math:: \big(\partial^2_{\lambda\theta} G\big) v = \nabla_\lambda \langle \nabla_\theta G(\theta, \lambda), v \rangle
 
-    computed forward-over-reverse as the JVP (in :math:`\theta`, along :math:`v`) of
-    :math:`\nabla_\lambda G` (modes ``"fwd_rev"``, ``"auto"``), reverse-over-reverse as the VJP (in
-    :math:`\lambda`) of :math:`\nabla_\theta G` (the ``"rev_rev"`` modes), or by central
+    computed reverse-over-reverse as the VJP (in :math:`\lambda`) of :math:`\nabla_\theta G` (the
+    ``"rev_rev"`` modes and ``"auto"``: one product, so nothing to cache, and the faster single
+    product measured), forward-over-reverse as the JVP (in :math:`\theta`, along :math:`v`) of
+    :math:`\nabla_\lambda G` (the ``"fwd_rev"`` modes: the least memory), or by central
     differences of :math:`\nabla_\lambda G` along :math:`v` (``"finite_diff"``: first-order passes
-    only). ``"auto"`` falls back from forward to reverse mode with an :class:`HVPFallbackWarning`.
+    only). ``"auto"`` falls back from reverse to forward mode with an :class:`HVPFallbackWarning`
+    if reverse mode raises (quietly, logged, if it runs out of memory).
 
     Args:
         fn: :math:`G`, ``fn(params, hparams) -> scalar tensor``.
@@ -404,19 +596,22 @@ def mixed_hvp(
     params, hparams = _detach(params), _detach(hparams)
     if mode == "finite_diff":
         return _detach(_central_difference(lambda th: grad(fn, argnums=1)(th, hparams), params, v))
-    if mode in ("auto", "fwd_rev"):
+    if mode in ("auto", "rev_rev", "rev_rev_cached"):
         try:
             with second_order():
-                out = jvp(lambda th: grad(fn, argnums=1)(th, hparams), (params,), (v,))[1]
+                out = vjp(lambda lam: grad(fn, argnums=0)(params, lam), hparams)[1](v)[0]
             return _detach(out)
         except (RuntimeError, NotImplementedError) as err:
             _check_scalar_output(fn, (params, hparams), owner="mixed_hvp", err=err)  # a user error is not a fallback
-            if mode == "fwd_rev":
+            if mode != "auto":
                 raise
-            _fallback_warning(err)
+            if _is_oom(err):
+                _log.info("mixed_hvp(mode='auto') -> 'fwd_rev': reverse-over-reverse ran out of memory")
+            else:
+                _fallback_warning(err, failed="reverse-over-reverse", to="fwd_rev")
     try:
         with second_order():
-            out = vjp(lambda lam: grad(fn, argnums=0)(params, lam), hparams)[1](v)[0]
+            out = jvp(lambda th: grad(fn, argnums=1)(th, hparams), (params,), (v,))[1]
     except (RuntimeError, NotImplementedError) as err:
         _check_scalar_output(fn, (params, hparams), owner="mixed_hvp", err=err)
         raise

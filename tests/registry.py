@@ -368,7 +368,7 @@ ERROR_INPUTS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "bad_hvp_mode",
         _implicit(hvp_mode="fast"),
         ValueError,
-        r"`hvp_mode` must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_rev_cached', 'finite_diff'\], got 'fast'",
+        r"`hvp_mode` must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_rev_cached', 'finite_diff', 'fwd_rev_linearized'\], got 'fast'",
     ),
     ("negative_damping", _implicit(damping=-0.1), ValueError, r"`damping` must be a finite number >= 0, got -0\.1"),
     (

@@ -84,7 +84,7 @@ def test_hvp_through_transformer_layer_equals_dense_hessian(mode: str, encoder_h
     scale = float(expected.norm())
     assert float((out - expected).norm()) <= 1e-10 * scale
     assert float((single - expected).norm()) <= 1e-10 * scale
-    assert op.mode == ("fwd_rev" if mode == "auto" else mode)
+    assert op.mode == ("rev_rev_cached" if mode == "auto" else mode)  # the default: the cached reverse graph
 
 
 def test_finite_difference_hvp_through_transformer_layer(encoder_hessian: torch.Tensor) -> None:

@@ -86,7 +86,7 @@ def test_equals_dense_double_backward_hessian(model: str) -> None:
     else:
         fn, params = _attention()
     op = LinearizedHessian(fn, params)
-    assert op.mode == "linearized"
+    assert op.mode == "fwd_rev_linearized" and isinstance(op, hypergrad.HessianOperator)
     torch.testing.assert_close(materialize(op, params), dense_hessian(fn, params), rtol=1e-10, atol=1e-10)
     g = torch.func.grad(fn)(params)
     for k in params:
@@ -132,3 +132,75 @@ def test_bad_inputs_name_the_argument() -> None:
         LinearizedHessian("f", {"w": torch.ones(1)})
     with pytest.raises(TypeError, match=r"LinearizedHessian: `params` must be a non-empty dict of tensors, got Tensor"):
         LinearizedHessian(lambda p: p.sum(), torch.ones(2))
+
+
+@pytest.mark.parametrize("model", ["mlp", "bn_convnet"])
+def test_hvp_mode_fwd_rev_linearized_equals_double_backward(model: str) -> None:
+    """The mode itself (not the wrapper): ``HessianOperator(mode="fwd_rev_linearized")`` and ``hvp``."""
+    if model == "mlp":
+        fn, params = _mlp()
+        net = None
+    else:
+        fn, params, net = _bn_convnet()
+    before = {} if net is None else {k: b.clone() for k, b in net.named_buffers()}
+    h = dense_hessian(fn, params)
+    op = hypergrad.HessianOperator(fn, params, mode="fwd_rev_linearized")
+    assert op.mode == "fwd_rev_linearized"
+    torch.testing.assert_close(materialize(op, params), h, rtol=1e-10, atol=1e-10)
+    v = {k: torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=F64) for k, p in params.items()}
+    flat_v = torch.cat([v[k].reshape(-1) for k in params])
+    out = hypergrad.hvp(fn, params, v, mode="fwd_rev_linearized")
+    torch.testing.assert_close(torch.cat([out[k].reshape(-1) for k in params]), h @ flat_v, rtol=1e-10, atol=1e-10)
+    for k, b in net.named_buffers() if net is not None else []:  # BatchNorm buffers unchanged
+        assert torch.equal(b, before[k]), k
+
+
+def _count_linearize(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import hypergrad.operators as ops
+
+    calls = [0]
+    real = ops.linearize
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "linearize", counting)
+    return calls
+
+
+@pytest.mark.parametrize("cls", ["Proximal", "Implicit"])
+def test_reused_operator_keeps_its_linearisation_across_upper_steps(monkeypatch: pytest.MonkeyPatch, cls: str) -> None:
+    """``reuse_operator=True`` + ``hvp_mode="fwd_rev_linearized"``: one ``torch.func.linearize`` per
+    declared Hessian batch (the token), served to every upper step; a new batch linearises again.
+    The hypergradients equal those of a problem that never reuses (``rev_rev``) at the same points."""
+    from tests.helpers_problem import bissl_batches, bissl_problem, flat
+
+    calls = _count_linearize(monkeypatch)
+    solver = hypergrad.CG(max_steps=60, rtol=1e-13)
+
+    def method(mode: str, reuse: bool):
+        if cls == "Implicit":
+            return hypergrad.Implicit(solver=solver, damping=5.0, hvp_mode=mode, reuse_operator=reuse)
+        return hypergrad.Proximal(
+            lam=0.5, damping=1.0, coupling={"backbone": "backbone"}, solver=solver, hvp_mode=mode, reuse_operator=reuse
+        )
+
+    pre, down = bissl_batches()
+    problem, _, upper = bissl_problem(method("fwd_rev_linearized", True))
+    ref, _, ref_upper = bissl_problem(method("rev_rev", False))
+    for p in (problem, ref):
+        p.inner_step(pre)
+        p.new_hessian_batch(pre)
+    for step in range(3):
+        rec = problem.hypergradient(down)
+        ref.hypergradient(down)
+        assert rec.operator_reused is (step > 0)
+        g = flat({k: q.grad for k, q in upper.named_parameters()})
+        g_ref = flat({k: q.grad for k, q in ref_upper.named_parameters()})
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+    assert calls[0] == 1  # linearised once for the three upper steps
+    assert problem.method_state.operator.mode == "fwd_rev_linearized"
+    problem.new_hessian_batch(pre * 2.0)
+    assert not problem.hypergradient(down).operator_reused
+    assert calls[0] == 2  # a new Hessian batch: a new linearisation

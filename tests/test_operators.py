@@ -15,7 +15,7 @@ import hypergrad
 from hypergrad import Damped, FixedPointOperator, HessianOperator, HVPFallbackWarning, hvp, mixed_hvp, tree_ravel
 
 F64 = torch.float64
-EXACT_MODES = ["fwd_rev", "rev_rev", "rev_rev_cached", "auto"]
+EXACT_MODES = ["fwd_rev", "rev_rev", "rev_rev_cached", "auto", "fwd_rev_linearized"]
 
 
 def dense_hessian(fn, params: dict) -> torch.Tensor:
@@ -293,13 +293,82 @@ def test_forward_mode_really_fails_without_jvp_rule() -> None:
         hvp(_cube_loss, p, {"w": torch.ones(3, dtype=F64)}, mode="fwd_rev")
 
 
-def test_auto_falls_back_to_rev_rev_with_warning() -> None:
+def test_auto_takes_the_cached_reverse_graph_without_forward_mode_rules() -> None:
+    """``"auto"`` resolves to ``"rev_rev_cached"`` (the fastest exact mode measured): a function without
+    forward-mode rules needs no fallback and no warning. (Before the default changed, this test pinned
+    ``"auto"`` -> ``"fwd_rev"`` -> warning -> ``"rev_rev"``.)"""
     p = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=F64)}
     op = HessianOperator(_cube_loss, p, mode="auto")
+    assert op.mode == "auto"  # resolved on the first product, not before
     expected = torch.diag(6 * p["w"] + 2)
-    with pytest.warns(HVPFallbackWarning, match=r"forward-over-reverse HVP failed .*mode='rev_rev'"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = op({"w": torch.ones(3, dtype=F64)})
-    assert op.mode == "rev_rev"
+        assert op.mode == "rev_rev_cached"
+        out2 = op({"w": torch.tensor([0.0, 1.0, 0.0], dtype=F64)})
+    torch.testing.assert_close(out["w"], expected @ torch.ones(3, dtype=F64), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(out2["w"], expected[:, 1], rtol=1e-14, atol=1e-14)
+
+
+class _Sq3NoBackward(torch.autograd.Function):
+    """3 x**2 (the derivative of the cube) with a jvp rule and a backward that raises."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return 3 * x**2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("no double backward for this cube")
+
+    @staticmethod
+    def jvp(ctx, t: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 6 * x * t
+
+
+class _CubeNoDoubleBackward(torch.autograd.Function):
+    """x**3 whose backward (and jvp) go through ``_Sq3NoBackward``: forward-over-reverse works,
+    reverse-over-reverse raises (on the first product: building the graph succeeds)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return _Sq3NoBackward.apply(x) * g
+
+    @staticmethod
+    def jvp(ctx, t: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return _Sq3NoBackward.apply(x) * t
+
+
+def _cube_loss_no_double_backward(p: dict) -> torch.Tensor:
+    return _CubeNoDoubleBackward.apply(p["w"]).sum() + (p["w"] ** 2).sum()
+
+
+def test_auto_falls_back_to_fwd_rev_with_warning_when_reverse_mode_fails() -> None:
+    p = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=F64)}
+    with pytest.raises(NotImplementedError, match="no double backward"):
+        hvp(_cube_loss_no_double_backward, p, {"w": torch.ones(3, dtype=F64)}, mode="rev_rev")
+    op = HessianOperator(_cube_loss_no_double_backward, p, mode="auto")
+    expected = torch.diag(6 * p["w"] + 2)
+    with pytest.warns(HVPFallbackWarning, match=r"reverse-over-reverse HVP failed .*mode='fwd_rev'"):
+        out = op({"w": torch.ones(3, dtype=F64)})
+    assert op.mode == "fwd_rev"
     torch.testing.assert_close(out["w"], expected @ torch.ones(3, dtype=F64), rtol=1e-14, atol=1e-14)
     with warnings.catch_warnings():  # warns once per operator, not on every matvec
         warnings.simplefilter("error")
@@ -307,7 +376,30 @@ def test_auto_falls_back_to_rev_rev_with_warning() -> None:
     torch.testing.assert_close(out2["w"], expected[:, 1], rtol=1e-14, atol=1e-14)
 
 
-def test_auto_fallback_inside_implicit_grad_gives_the_right_hypergradient() -> None:
+def test_auto_takes_fwd_rev_when_the_cached_graph_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory guard: with less free memory than the cached graph needs, ``"auto"`` keeps no graph
+    and uses forward-over-reverse (logged, no warning: a choice, not a failure)."""
+    import hypergrad.operators as ops
+
+    _, fn, params, reference, _ = mlp_problem("cpu")
+    h = dense_hessian(reference, params)
+    calls = iter(range(0, 10**9, 10**6))  # "memory in use" grows by 1 MB per reading: the graph "takes" 1 MB
+    monkeypatch.setattr(ops, "memory_in_use", lambda device: next(calls))
+    monkeypatch.setattr(ops, "memory_available", lambda device: 1000)  # 1 kB left
+    op = HessianOperator(fn, params)
+    v = random_tree(params, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = op(v)
+    assert op.mode == "fwd_rev" and op._apply is None  # no graph kept
+    assert_tree_close(out, h @ tree_ravel(v)[0], 1e-10)
+    monkeypatch.setattr(ops, "memory_available", lambda device: 10**12)  # plenty: the cached graph
+    op = HessianOperator(fn, params)
+    assert_tree_close(op(v), h @ tree_ravel(v)[0], 1e-10)
+    assert op.mode == "rev_rev_cached" and op._apply is not None
+
+
+def test_auto_mixed_product_and_implicit_grad_without_forward_mode_rules() -> None:
     # G = sum(w^3)/3 ... built from the jvp-less op: grad_w G = w^2 + 2 w - lam  -> stationarity at w*
     def G(p: dict, h: dict) -> torch.Tensor:
         return _CubeNoJvp.apply(p["w"]).sum() / 3 + (p["w"] ** 2).sum() - (h["lam"] * p["w"]).sum()
@@ -317,11 +409,33 @@ def test_auto_fallback_inside_implicit_grad_gives_the_right_hypergradient() -> N
 
     lam = torch.tensor([3.0, 8.0], dtype=F64)
     w_star = -1 + torch.sqrt(1 + lam)  # root of w^2 + 2 w - lam with w > 0
-    with pytest.warns(HVPFallbackWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default needs no fallback here
         g, sol = hypergrad.implicit_grad(
             G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5, rtol=1e-14)
         )
     # dw*/dlam = 1 / (2 w* + 2), dF/dlam = w* dw*/dlam
+    torch.testing.assert_close(g["lam"], w_star / (2 * w_star + 2), rtol=1e-12, atol=1e-14)
+    assert sol.converged
+    with pytest.raises((NotImplementedError, RuntimeError), match="jvp"):
+        hypergrad.implicit_grad(G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5), hvp_mode="fwd_rev")
+
+
+def test_auto_fallback_inside_implicit_grad_gives_the_right_hypergradient() -> None:
+    """Reverse mode fails (no double backward): the Hessian and the mixed product fall back to forward mode."""
+
+    def G(p: dict, h: dict) -> torch.Tensor:
+        return _CubeNoDoubleBackward.apply(p["w"]).sum() / 3 + (p["w"] ** 2).sum() - (h["lam"] * p["w"]).sum()
+
+    def F(p: dict, h: dict) -> torch.Tensor:
+        return 0.5 * (p["w"] ** 2).sum()
+
+    lam = torch.tensor([3.0, 8.0], dtype=F64)
+    w_star = -1 + torch.sqrt(1 + lam)
+    with pytest.warns(HVPFallbackWarning, match="reverse-over-reverse"):
+        g, sol = hypergrad.implicit_grad(
+            G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5, rtol=1e-14)
+        )
     torch.testing.assert_close(g["lam"], w_star / (2 * w_star + 2), rtol=1e-12, atol=1e-14)
     assert sol.converged
 
@@ -371,3 +485,17 @@ def test_hvp_direction_and_meta_errors_name_the_argument() -> None:
             {"a": torch.ones(3, dtype=F64)},
             solver=hypergrad.Dense(),
         )
+
+
+@pytest.mark.parametrize("mode", ["auto", "rev_rev", "rev_rev_cached"])
+def test_reverse_modes_inside_vmap_need_no_fallback(mode: str) -> None:
+    """A first product inside ``vmap`` (``Dense`` materialises a fresh operator) works without a fallback."""
+    _, fn, params, reference, _ = mlp_problem("cpu")
+    op = HessianOperator(fn, params, mode=mode)
+    flat, unravel = tree_ravel(params)
+    eye = torch.eye(flat.numel(), dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HVPFallbackWarning)
+        cols = torch.func.vmap(lambda e: tree_ravel(op(unravel(e)))[0])(eye)
+    assert op.mode == ("rev_rev_cached" if mode == "auto" else mode)
+    torch.testing.assert_close(cols.T, dense_hessian(reference, params), rtol=1e-10, atol=1e-12)

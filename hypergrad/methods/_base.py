@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._checks import check_choice, check_positive, fill_zeros, loss_grads
 from .._typing import TensorTree
-from ..operators import HVP_MODES, HessianOperator, HVPMode
+from ..operators import FROZEN_HVP_MODES, HVP_MODES, HessianOperator, HVPMode
 from ..records import NonFiniteError
 from ..solvers import AbstractLinearSolver, Solution, Status
 from ..solvers._base import check_solver
@@ -76,10 +76,11 @@ def _check_common(
     for name, flag in (("warm_start", warm_start), ("reuse_operator", reuse_operator)):
         if not isinstance(flag, bool):
             raise TypeError(f"{owner}: `{name}` must be True or False, got {flag!r}.")
-    if reuse_operator and hvp_mode not in ("auto", "rev_rev_cached"):
+    if reuse_operator and hvp_mode not in ("auto", *FROZEN_HVP_MODES):
         raise ValueError(
-            f"{owner}: `reuse_operator=True` keeps a reverse-mode gradient graph and needs "
-            f"hvp_mode='auto' or 'rev_rev_cached', got hvp_mode={hvp_mode!r}."
+            f"{owner}: `reuse_operator=True` keeps the operator's one-off work (a gradient graph, a "
+            f"linearisation) and needs hvp_mode='auto' or 'rev_rev_cached' or 'fwd_rev_linearized', "
+            f"got hvp_mode={hvp_mode!r}."
         )
 
 
@@ -202,7 +203,7 @@ class _LinearSolveMethod(AbstractHypergradMethod):
             return state.operator, True
         state.operator, state.operator_token = None, None  # free the old graph before building a new one
         state.solver_memo.clear()
-        op = HessianOperator(fn, params, mode="rev_rev_cached")
+        op = HessianOperator(fn, params, mode=self.hvp_mode)  # "auto": the cached graph when it fits
         if token is not None:
             state.operator, state.operator_token = op, token
         return op, False

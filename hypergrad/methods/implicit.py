@@ -30,8 +30,9 @@ class Implicit(_LinearSolveMethod):
         damping: :math:`\mu \ge 0` added to the Hessian.
         warm_start: start each solve from the previous outer step's :math:`v` (kept in
             ``state_dict()``).
-        reuse_operator: keep the Hessian's gradient graph (mode ``"rev_rev_cached"``) and serve
-            it again while the caller's token is unchanged (:class:`~hypergrad.BilevelProblem`
+        reuse_operator: keep the Hessian operator with its one-off work (the gradient graph of
+            ``"rev_rev_cached"``, what ``"auto"`` picks when it fits, or the linearisation of
+            ``"fwd_rev_linearized"``) and serve it again while the caller's token is unchanged (:class:`~hypergrad.BilevelProblem`
             changes it with the inner and outer parameters and the Hessian batch).
         on_failure: what :class:`~hypergrad.BilevelProblem` does with a failed (finite) solve:
             ``"warn"`` (default: apply it with a :class:`~hypergrad.SolveFailedWarning`, counted in
