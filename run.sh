@@ -4,7 +4,7 @@
 #
 #   bash run.sh demo        # the main job: the BiSSL pipeline (demo preset) on embedded offline data
 #   bash run.sh toy         # hypergradient checks and HPO on toy problems with known answers
-#   bash run.sh mini        # the BiSSL mini replication (installs Debian's dataset-fashion-mnist; ~40 min)
+#   bash run.sh mini        # the BiSSL mini replication (installs Debian's dataset-fashion-mnist; ~1 h on 2 cores)
 #   bash run.sh test        # lint + type check + the test suite (what CI runs); extra args go to pytest
 #   bash run.sh lint        # ruff (lint + format check) and mypy only
 #   bash run.sh docs        # build the HTML docs into docs/_build/html

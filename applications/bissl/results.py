@@ -152,7 +152,7 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
 
     arms = [k for k in ARM_ORIGINS.values() if any(r[f"{k}_runs"] for r in rows)]
     n, w = len(rows), 0.8 / max(1, len(arms))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * n + 1.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * n + 1.5) + 2.2, 3.6))
     xs = list(range(n))
     labels = {"baseline": "baseline (pretext)", "control": "control (cont. pretraining)", "bissl": "BiSSL"}
     for i, key in enumerate(arms):
@@ -170,7 +170,8 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
     lo = min([r[f"{k}_mean"] - r[f"{k}_std"] for r in rows for k in arms] or [0.0])
     ax.set_ylim(max(0.0, lo - 10.0), 100.0)
     ax.set_title(textwrap.fill(title, 40), fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    # Beside the axes, never over a bar.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
