@@ -33,10 +33,10 @@ HVP modes (``mode=``):
      :class:`HVPFallbackWarning` (never silently), when reverse-over-reverse raises (e.g. a custom
      ``autograd.Function`` whose backward has no backward itself).
 
-  Caveat of every reverse-over-reverse mode: a custom ``autograd.Function`` whose ``backward`` is
-  decorated ``@once_differentiable`` returns a gradient without a graph, so it contributes *zero*
-  second derivative (no error, in plain autograd as under ``torch.func``); use ``"fwd_rev"`` for
-  models with such functions (they need a ``jvp`` rule).
+  A custom ``autograd.Function`` whose ``backward`` is decorated ``@once_differentiable`` has no
+  second derivative by double backward (plain autograd would silently give zero): the reverse modes
+  detect it in the gradient graph and raise (``"auto"`` then tries ``"fwd_rev"``, which needs the
+  Function's ``jvp`` rule); ``"finite_diff"`` needs only first derivatives.
 
 **Attention.** Every second-order pass (the HVPs of all exact modes, the mixed product, the
 fixed-point adjoint) runs under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused
@@ -59,7 +59,7 @@ import abc
 import gc
 import logging
 import warnings
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -439,7 +439,9 @@ def _reverse_graph(
     hand-written double backward does. Plain autograd instead of ``torch.func.vjp(grad(fn))``
     for memory: the ``torch.func`` transforms kept 2.8x the tensor memory of the same double
     backward on the BiSSL ResNet (``benchmarks/bench_bissl_step.py --alternation``). A gradient
-    entry without a graph (``fn`` linear in that tensor) has a zero Hessian row. Inside a
+    entry without a graph (``fn`` linear in that tensor) has a zero Hessian row. The first backward
+    is seeded with a ones scalar that requires grad, so a ``@once_differentiable`` backward raises
+    on the second pass rather than dropping its second derivative. Inside a
     ``torch.func`` transform (a first product under ``Dense``'s ``vmap``), where plain autograd is
     refused, it is ``torch.func.vjp(grad(fn))``. ``retain=False``
     (one product only, mode ``"rev_rev"``) lets the double backward free the graph as it goes, so
@@ -458,7 +460,13 @@ def _reverse_graph(
         loss = fn(dict(zip(keys, leaves)))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise RuntimeError("grad: `fn` must return a scalar tensor")  # reported by _check_scalar_output
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        # A seed that requires grad makes every backward node see a differentiable grad_output, so a
+        # custom Function whose backward is @once_differentiable raises on the double backward
+        # instead of contributing a silent zero Hessian (torch wraps its output in a DelayedError
+        # only when a grad_output requires grad). Entries unused or linear still give zeros.
+        seed = torch.ones((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+        grads = torch.autograd.grad(loss, leaves, grad_outputs=seed, create_graph=True, allow_unused=True)
+    _refuse_once_differentiable(grads)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
 
@@ -477,6 +485,29 @@ def _reverse_graph(
         return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
 
     return value, apply
+
+
+def _refuse_once_differentiable(grads: Sequence[Tensor | None]) -> None:
+    """Raise if the gradient graph holds a ``@once_differentiable`` backward's error node.
+
+    Such a node hangs off the seed, not off the parameters, so the double backward would skip it
+    and return a zero second derivative without a word. One walk of the gradient graph per build.
+    """
+    seen: set[Any] = set()
+    stack: list[Any] = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            raise RuntimeError(
+                "reverse-over-reverse HVP: `fn` calls a custom torch.autograd.Function whose backward is "
+                "@once_differentiable, so its second derivative is not available by double backward (it "
+                "would silently be zero). Use mode='fwd_rev' if the Function defines jvp, mode='finite_diff', "
+                "or make its backward differentiable."
+            )
+        stack.extend(n for n, _ in node.next_functions)
 
 
 def _hvp_once(fn: Callable[[TensorTree], Tensor], params: TensorTree, v: TreeOrTensor, mode: str) -> TreeOrTensor:
