@@ -61,17 +61,6 @@ def test_checkpoint_saved_by_two_ranks_resumes_on_two_ranks(two_ranks: tuple) ->
     assert errs == {"params": 0.0, "hparams": 0.0, "x": 0.0}, errs
 
 
-@pytest.fixture(scope="module")
-def mesh() -> Any:
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
-
-
 def test_checkpoint_saved_by_two_ranks_resumes_on_one_rank(two_ranks: tuple, mesh: Any) -> None:
     out = two_ranks[1]
     expected = torch.load(out / "expected.pt")

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -81,17 +80,6 @@ def test_checkpoint_saved_by_two_ranks_resumes_on_two_ranks(two_ranks: tuple) ->
     for part in ("inner", "outer"):
         assert rel(resumed[part], expected[part]) <= 1e-12, part
         assert rel(resumed["before_load"][part], expected[part]) > 1e-3  # the load did the work
-
-
-@pytest.fixture(scope="module")
-def mesh() -> Any:
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
 
 
 def test_checkpoint_saved_by_two_ranks_resumes_on_one_rank(two_ranks: tuple, mesh: Any) -> None:
