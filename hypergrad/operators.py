@@ -504,8 +504,8 @@ def _refuse_once_differentiable(grads: Sequence[Tensor | None]) -> None:
             raise RuntimeError(
                 "reverse-over-reverse HVP: `fn` calls a custom torch.autograd.Function whose backward is "
                 "@once_differentiable, so its second derivative is not available by double backward (it "
-                "would silently be zero). Use mode='fwd_rev' if the Function defines jvp, mode='finite_diff', "
-                "or make its backward differentiable."
+                "would silently be zero). Use mode='fwd_rev' if the Function defines jvp, mode='finite_diff' "
+                "(the route for sharded operators), or make its backward differentiable."
             )
         stack.extend(n for n, _ in node.next_functions)
 

@@ -171,3 +171,28 @@ def test_error_unsupported_hvp_mode_and_solver(mesh: Any) -> None:
         sharded_implicit_grad(
             net, inner_loss, inner_loss, {}, inner_batch=batch, outer_batch=batch, solver=hypergrad.Dense()
         )
+
+
+class _CubeOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+def test_exact_route_refuses_once_differentiable_instead_of_a_zero_hessian(mesh: Any) -> None:
+    net = _sharded_mlp(mesh)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+
+    def cube_loss(module: nn.Module, h: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (_CubeOnce.apply(module(x)) - y).pow(2).mean()
+
+    dense = mlp().double().to("meta")
+    with pytest.raises(RuntimeError, match="once_differentiable.*finite_diff"):
+        ShardedHessianOperator(net, cube_loss, (x, y), mode="exact", dense_module=dense)

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.func import functional_call
 
 from ..distributed import all_reduce_mean
-from ..operators import LinearOperator
+from ..operators import LinearOperator, _refuse_once_differentiable
 from ._module import check_dense_module, compute_dtype, sharded_params
 from .vectors import check_sharded_like
 
@@ -295,7 +295,11 @@ class ShardedHessianOperator(LinearOperator):
             value = _check_loss_value(
                 functional_call(_Call(dense_module, self.loss), tensors, (self._hleaves, *batch)), "loss"
             )
-            self._g = torch.autograd.grad(value, list(self._leaves.values()), create_graph=True)
+            # Seeded with ones that require grad, as in hypergrad.operators: a @once_differentiable
+            # backward then leaves its error node in the graph, which is refused below.
+            seed = torch.ones_like(value).requires_grad_(True)
+            self._g = torch.autograd.grad(value, list(self._leaves.values()), grad_outputs=seed, create_graph=True)
+        _refuse_once_differentiable(self._g)
         self.num_backward += 1
 
     def _exact(self, v: dict[str, Tensor], hparams: bool) -> dict[str, Tensor]:
