@@ -13,6 +13,17 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
 
 
+def sharded_mlp(mesh: object) -> nn.Module:
+    """The float64 :func:`mlp` (seed 0) with its first layer and the root each ``fully_shard``-ed on ``mesh``."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = mlp().double()
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
 class TinyTransformer(nn.Module):
     """One pre-norm (bidirectional) self-attention block with an MLP, mean-pooled to ``out`` outputs."""
 

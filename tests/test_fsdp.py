@@ -20,7 +20,7 @@ from torch import nn
 import hypergrad
 from hypergrad.fsdp import ShardedHessianOperator, shard_like, sharded_implicit_grad, sharded_vdot
 from tests import fsdp_worker
-from tests.fsdp_models import inner_loss, mlp
+from tests.fsdp_models import inner_loss, mlp, sharded_mlp
 
 pytestmark = pytest.mark.distributed
 
@@ -71,18 +71,8 @@ def test_checkpoint_saved_by_two_ranks_resumes_on_one_rank(two_ranks: tuple, mes
     assert fsdp_worker.rel(got["params"], {k: v + 1 for k, v in expected["params"].items()}) > 1e-3
 
 
-def _sharded_mlp(mesh: Any) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    net = mlp().double()
-    fully_shard(net[0], mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
-
-
 def test_sharded_vdot_uses_one_all_reduce_for_any_number_of_leaves(mesh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    net = _sharded_mlp(mesh)
+    net = sharded_mlp(mesh)
     a = {k: torch.randn_like(p) for k, p in net.named_parameters()}
     b = {k: torch.randn_like(p) for k, p in net.named_parameters()}
     calls = []
@@ -96,7 +86,7 @@ def test_sharded_vdot_uses_one_all_reduce_for_any_number_of_leaves(mesh: Any, mo
 
 
 def test_cg_on_sharded_vectors_matches_dense_solve(mesh: Any) -> None:
-    net = _sharded_mlp(mesh)
+    net = sharded_mlp(mesh)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     op = ShardedHessianOperator(net, inner_loss, (x, y), mode="finite_diff")
     b = {k: torch.randn_like(p) for k, p in net.named_parameters()}
@@ -138,7 +128,7 @@ def test_error_mixed_ddp_and_fsdp(mesh: Any) -> None:
 
 
 def test_error_solver_vector_not_sharded_like_parameters(mesh: Any) -> None:
-    net = _sharded_mlp(mesh)
+    net = sharded_mlp(mesh)
     batch = (torch.ones(2, 5, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
     plain = {k: torch.zeros(p.shape, dtype=p.dtype) for k, p in net.named_parameters()}
     with pytest.raises(ValueError, match=r"`x0\['0.weight'\]` is a plain Tensor .* hypergrad.fsdp.shard_like"):
@@ -156,7 +146,7 @@ def test_error_solver_vector_not_sharded_like_parameters(mesh: Any) -> None:
 
 
 def test_error_unsupported_hvp_mode_and_solver(mesh: Any) -> None:
-    net = _sharded_mlp(mesh)
+    net = sharded_mlp(mesh)
     batch = (torch.ones(2, 5, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
     for mode in ("fwd_rev", "rev_rev", "auto"):
         with pytest.raises(ValueError, match=rf"`mode` must be one of .* got '{mode}'.*mode='exact'"):
@@ -187,7 +177,7 @@ class _CubeOnce(torch.autograd.Function):
 
 
 def test_exact_route_refuses_once_differentiable_instead_of_a_zero_hessian(mesh: Any) -> None:
-    net = _sharded_mlp(mesh)
+    net = sharded_mlp(mesh)
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
 
     def cube_loss(module: nn.Module, h: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 import hypergrad
 from tests import fsdp_problem_worker
-from tests.fsdp_models import inner_loss, mlp
+from tests.fsdp_models import inner_loss, mlp, sharded_mlp
 from tests.fsdp_problem_cases import CASES, TRANSFORMER_CASES, resume_then_step, run_case
 
 pytestmark = pytest.mark.distributed
@@ -91,16 +91,6 @@ def test_checkpoint_saved_by_two_ranks_resumes_on_one_rank(two_ranks: tuple, mes
 
 
 # ----- construction errors: each names the argument, the value and the fix -------------------------------
-def _sharded(mesh: Any) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    net = mlp().double()
-    fully_shard(net[0], mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
-
-
 def _problem(inner: nn.Module, outer: Any, method: Any, **kw: Any) -> hypergrad.BilevelProblem:
     params = outer.values() if isinstance(outer, dict) else outer.parameters()
     return hypergrad.BilevelProblem(
@@ -120,18 +110,18 @@ def _scale() -> dict:
 def test_error_unsupported_hvp_mode_under_fsdp(mesh: Any) -> None:
     for mode in ("fwd_rev", "rev_rev", "rev_rev_cached"):
         with pytest.raises(ValueError, match=rf"`hvp_mode` of Implicit is '{mode}'.*hvp_mode='auto'.*'finite_diff'"):
-            _problem(_sharded(mesh), _scale(), hypergrad.Implicit(hvp_mode=mode))
+            _problem(sharded_mlp(mesh), _scale(), hypergrad.Implicit(hvp_mode=mode))
 
 
 def test_error_unsupported_method_and_unused_dense_inner(mesh: Any) -> None:
     with pytest.raises(ValueError, match=r"`solver` Dense of Implicit materialises .* use hypergrad.CG"):
-        _problem(_sharded(mesh), _scale(), hypergrad.Implicit(solver=hypergrad.Dense()))
+        _problem(sharded_mlp(mesh), _scale(), hypergrad.Implicit(solver=hypergrad.Dense()))
     with pytest.raises(TypeError, match=r"Unrolled is not supported .* use hypergrad.Implicit or hypergrad.Proximal"):
-        _problem(_sharded(mesh), _scale(), hypergrad.Unrolled())
+        _problem(sharded_mlp(mesh), _scale(), hypergrad.Unrolled())
     with torch.device("meta"):
         twin = mlp().double()
     with pytest.raises(ValueError, match=r"`dense_inner` is given but .* 'finite_diff'"):
-        _problem(_sharded(mesh), _scale(), hypergrad.Implicit(hvp_mode="finite_diff"), dense_inner=twin)
+        _problem(sharded_mlp(mesh), _scale(), hypergrad.Implicit(hvp_mode="finite_diff"), dense_inner=twin)
     with pytest.raises(ValueError, match=r"`dense_inner` is only used when the inner level is wrapped"):
         _problem(mlp().double(), _scale(), hypergrad.Implicit(), dense_inner=twin)
 
@@ -140,11 +130,11 @@ def test_error_levels_sharded_inconsistently(mesh: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
     with pytest.raises(ValueError, match=r"outer level holds fully_shard-ed .* inner level does not"):
-        _problem(mlp().double(), _sharded(mesh), hypergrad.Proximal(coupling={"": ""}))
+        _problem(mlp().double(), sharded_mlp(mesh), hypergrad.Proximal(coupling={"": ""}))
     with pytest.raises(ValueError, match=r"Implicit under FSDP2 needs the outer level replicated"):
-        _problem(_sharded(mesh), _sharded(mesh), hypergrad.Implicit())
+        _problem(sharded_mlp(mesh), sharded_mlp(mesh), hypergrad.Implicit())
     with pytest.raises(ValueError, match=r"Proximal couples the sharded inner parameter '0.weight' to the plain"):
-        _problem(_sharded(mesh), mlp().double(), hypergrad.Proximal(coupling={"": ""}))
+        _problem(sharded_mlp(mesh), mlp().double(), hypergrad.Proximal(coupling={"": ""}))
     half = mlp().double()
     fully_shard(half[0], mesh=mesh)  # root not wrapped
     with pytest.raises(ValueError, match=r"`inner.module` is wrapped inconsistently.*Call `fully_shard\(module\)`"):
@@ -164,7 +154,7 @@ def test_error_mixed_ddp_and_fsdp_levels(mesh: Any) -> None:
 
 def test_operator_reuse_and_warm_start_on_a_sharded_level(mesh: Any) -> None:
     torch.manual_seed(0)
-    inner, outer = _sharded(mesh), _sharded(mesh)
+    inner, outer = sharded_mlp(mesh), sharded_mlp(mesh)
     method = hypergrad.Proximal(
         lam=1.0, damping=2.0, coupling={"": ""}, solver=hypergrad.CG(max_steps=50, rtol=1e-10),
         reuse_operator=True, warm_start=True,
