@@ -199,8 +199,10 @@ def tree_vdot(a: TreeOrTensor, b: TreeOrTensor) -> Tensor:
 
 def _is_dtensor_tree(a: TreeOrTensor) -> bool:
     # FSDP2 block (helper FSDP): a DTensor leaf means the tree is sharded over ranks.
-    leaf = a if isinstance(a, Tensor) else next(iter(a.values()), None)
-    return leaf is not None and type(leaf).__name__ == "DTensor"
+    # Any leaf: a mixed tree (sharded and replicated leaves) is reduced over ranks too.
+    if isinstance(a, Tensor):
+        return type(a).__name__ == "DTensor"
+    return any(type(v).__name__ == "DTensor" for v in a.values())
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:

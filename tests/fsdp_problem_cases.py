@@ -24,6 +24,16 @@ CASES = ("implicit/exact", "implicit/finite_diff", "proximal/exact", "proximal/f
 PRECISION_CASES = ("implicit/finite_diff/fp32", "implicit/finite_diff/bf16")
 #: a one-block pre-norm transformer (attention, LayerNorm, GELU MLP), float64
 TRANSFORMER_CASES = ("implicit/finite_diff/transformer", "proximal/finite_diff/transformer")
+#: mixed levels, BiSSL's shape: ``{"backbone": fully_shard-ed MLP, "head": plain Linear}`` (the head replicated),
+#: with gradient-norm clipping on both levels (``max_grad_norm`` small enough that it clips)
+MIXED_CASES = (
+    "implicit/exact/mixed",
+    "implicit/finite_diff/mixed",
+    "proximal/exact/mixed",
+    "proximal/finite_diff/mixed",
+)
+#: max_grad_norm of both levels in the mixed cases
+CLIP = 0.05
 
 
 def _inner_implicit(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
@@ -34,6 +44,31 @@ def _inner_implicit(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
 def _outer_implicit(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
     x, y = batch
     return F.smooth_l1_loss(i(x * o.scale), y) + 0.1 * (o.scale**2).sum()
+
+
+def _net(m: Any, x: Tensor) -> Tensor:
+    """The level's network: ``head(backbone(x))`` for a mixed (dict) level, else the module itself."""
+    return m["head"](m["backbone"](x)) if isinstance(m, (dict, nn.ModuleDict)) or hasattr(m, "head") else m(x)
+
+
+def _inner_mixed(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
+    x, y = batch
+    return ((_net(i, x * o.scale) - y) ** 2).mean() if hasattr(o, "scale") else ((_net(i, x) - y) ** 2).mean()
+
+
+def _outer_mixed(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
+    x, y = batch
+    if hasattr(o, "scale"):  # Implicit: a mixed inner level, plain hyper-parameters
+        return F.smooth_l1_loss(_net(i, x * o.scale), y) + 0.1 * (o.scale**2).sum()
+    # BiSSL's upper loss: L_D(theta_P, phi) + gamma L_D(theta_D, phi), phi = the outer (plain) head
+    return F.smooth_l1_loss(o["head"](i["backbone"](x)), y) + 0.5 * F.smooth_l1_loss(o["head"](o["backbone"](x)), y)
+
+
+def mixed_level(dtype: torch.dtype, mesh: Optional[Any], seed: int = 0) -> dict:
+    """``{"backbone": mlp (fully_shard-ed on ``mesh``), "head": Linear(3, 3)}`` (plain), seeded."""
+    torch.manual_seed(seed)
+    backbone, head = mlp().to(dtype), nn.Linear(3, 3).to(dtype)
+    return {"backbone": backbone if mesh is None else _shard(backbone, mesh), "head": head}
 
 
 def _inner_proximal(i: nn.Module, o: nn.Module, batch: Any) -> Tensor:
@@ -68,7 +103,44 @@ def _kind(name: str) -> str:
     return "transformer" if name.endswith("/transformer") else "mlp"
 
 
+def _build_mixed(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
+    method_name, route = name.split("/")[:2]
+    sharded = mesh is not None
+    if sharded:
+        solver: Any = hypergrad.CG(max_steps=300, rtol=1e-13 if route == "exact" else 1e-9)
+        hvp = "finite_diff" if route == "finite_diff" else "auto"
+    else:
+        solver, hvp = hypergrad.Dense(), "rev_rev"
+    inner = mixed_level(F64, mesh, seed=0)
+    if method_name == "implicit":
+        outer: Any = {"scale": nn.Parameter(torch.linspace(0.8, 1.2, 5, dtype=F64))}
+        method: Any = hypergrad.Implicit(solver=solver, damping=5.0, hvp_mode=hvp, warm_start=True)
+    else:
+        outer = mixed_level(F64, mesh, seed=1)
+        method = hypergrad.Proximal(
+            lam=2.0, damping=3.0, coupling={"backbone": "backbone"}, solver=solver, hvp_mode=hvp
+        )
+    dense_inner = None
+    if sharded and route == "exact":
+        with torch.device("meta"):
+            dense_inner = nn.ModuleDict({"backbone": mlp(), "head": nn.Linear(3, 3)}).to(F64)
+
+    def params(level: dict) -> list:
+        return [p for v in level.values() for p in ([v] if isinstance(v, nn.Parameter) else v.parameters())]
+
+    return hypergrad.BilevelProblem(
+        hypergrad.Level(inner, torch.optim.SGD(params(inner), lr=0.1, momentum=0.9), max_grad_norm=CLIP),
+        hypergrad.Level(outer, torch.optim.SGD(params(outer), lr=0.5), max_grad_norm=CLIP),
+        _inner_mixed,
+        _outer_mixed,
+        method=method,
+        dense_inner=dense_inner,
+    )
+
+
 def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
+    if name.endswith("/mixed"):
+        return _build_mixed(name, mesh)
     method_name, route = name.split("/")[:2]
     dtype, bf16 = _dtype(name), name.endswith("/bf16")
     factory = TinyTransformer if _kind(name) == "transformer" else mlp
@@ -121,9 +193,19 @@ def batches(step: int, rank: int, world: int, dtype: torch.dtype = F64, kind: st
     return (part(xi), part(yi)), (part(xo), part(yo))
 
 
+def _inner_grad_norm(problem: hypergrad.BilevelProblem, batch: Any) -> float:
+    """The unclipped norm of the first inner gradient (one process; the inner level is unchanged)."""
+    params = problem._inner_params
+    loss = problem.inner_loss(problem.inner.module, problem.outer.module, batch)
+    penalty = problem.method.inner_penalty(params, problem._outer_params)
+    grads = torch.autograd.grad(loss if penalty is None else loss + penalty, list(params.values()), allow_unused=True)
+    return float(torch.sqrt(sum((g**2).sum() for g in grads if g is not None)))
+
+
 def run_case(name: str, mesh: Optional[Any], rank: int = 0, world: int = 1, outdir: str = "") -> dict:
     problem = build(name, mesh)
     bi, bo = batches(0, rank, world, _dtype(name), _kind(name))
+    inner_norm = _inner_grad_norm(problem, bi) if mesh is None else float("nan")
     record = problem.step([bi], bo)
     after = {k: full(p) for k, p in problem._outer_params.items()}
     bi, bo = batches(1, rank, world, _dtype(name), _kind(name))
@@ -135,6 +217,8 @@ def run_case(name: str, mesh: Optional[Any], rank: int = 0, world: int = 1, outd
         "after_step": after,
         "outer_loss": second.outer_loss,
         "inner_losses": record.inner_losses,
+        "first_hypergrad_norm": record.hypergrad_norm,
+        "first_inner_grad_norm": inner_norm,
         "status": second.solve.status if second.solve else None,
         "steps": second.solve.num_steps if second.solve else None,
     }
@@ -177,3 +261,37 @@ def resume_then_step(path: str, mesh: Any, rank: int, world: int) -> dict:
     bi, bo = batches(1, rank, world)
     problem.step([bi], bo)
     return {**_snapshot(problem), "before_load": before}
+
+
+# ----- the gradient norm and clipping over a mixed sharded/replicated tree ---------------------------------
+def mixed_norms(mesh: Any) -> dict:
+    """Norms of seeded gradients on a mixed level (sharded backbone, plain head), and the clipped gradients.
+
+    Every rank sets the same full gradients (each keeps its shard of the sharded ones), so the norm
+    must be that of the full tree: the shards summed over ranks once, the plain leaves counted once.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from hypergrad.fsdp.bilevel import clip_grads_, grad_norm64
+
+    level = mixed_level(F64, mesh, seed=2)
+    named = {f"{n}.{k}": p for n, m in level.items() for k, p in m.named_parameters()}
+    g = torch.Generator().manual_seed(5)
+    full_grads = {k: torch.randn(p.shape, generator=g, dtype=F64) for k, p in named.items()}
+    for k, p in named.items():
+        p.grad = (
+            distribute_tensor(full_grads[k], p.device_mesh, p.placements)
+            if isinstance(p, DTensor)
+            else full_grads[k].clone()
+        )
+    grads = {k: p.grad for k, p in named.items()}
+    out = {
+        "full": full_grads,
+        "sharded": sorted(k for k, p in named.items() if isinstance(p, DTensor)),
+        "grad_norm64": grad_norm64(list(named.values())),
+        "tree_norm": float(hypergrad.tree_norm(grads)),
+        "tree_vdot": float(hypergrad.tree_vdot(grads, {k: 2 * v for k, v in grads.items()})),
+    }
+    clip_grads_(list(named.values()), 1.0)
+    out["clipped"] = {k: full(p.grad) for k, p in named.items()}
+    return out

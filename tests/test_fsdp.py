@@ -116,8 +116,10 @@ def test_error_module_wrapped_inconsistently(mesh: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
     net = mlp()
-    fully_shard(net[0], mesh=mesh)  # the root is not wrapped: net[2] keeps plain parameters
-    with pytest.raises(ValueError, match=r"wrapped inconsistently.*Call `fully_shard\(module\)` on the root"):
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    net[2].register_parameter("extra", torch.nn.Parameter(torch.ones(3)))  # after fully_shard: never sharded
+    with pytest.raises(ValueError, match=r"wrapped inconsistently.*plain tensors inside a fully_shard-ed module.*last"):
         ShardedHessianOperator(net, inner_loss, (torch.ones(2, 5), torch.ones(2, 3)))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 import hypergrad
 from tests import fsdp_problem_worker
 from tests.fsdp_models import inner_loss, mlp, sharded_mlp
-from tests.fsdp_problem_cases import CASES, TRANSFORMER_CASES, resume_then_step, run_case
+from tests.fsdp_problem_cases import CASES, CLIP, MIXED_CASES, TRANSFORMER_CASES, resume_then_step, run_case
 
 pytestmark = pytest.mark.distributed
 
@@ -47,7 +47,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     return torch.load(out / "result.pt"), out
 
 
-@pytest.mark.parametrize("case", CASES + TRANSFORMER_CASES)
+@pytest.mark.parametrize("case", CASES + TRANSFORMER_CASES + MIXED_CASES)
 def test_problem_step_on_two_sharded_ranks_matches_one_process(two_ranks: tuple, case: str) -> None:
     got, ref = two_ranks[0][case], run_case(case, None)
     assert got["status"] == "success", got
@@ -57,6 +57,30 @@ def test_problem_step_on_two_sharded_ranks_matches_one_process(two_ranks: tuple,
     assert rel(got["grad"], ref["grad"]) <= tol, f"{case}: {rel(got['grad'], ref['grad']):.2e}"
     assert abs(got["outer_loss"] - ref["outer_loss"]) <= tol * abs(ref["outer_loss"])  # after one outer step
     assert got["inner_losses"] == pytest.approx(ref["inner_losses"], rel=1e-12)
+
+
+def test_mixed_cases_clip_both_levels() -> None:
+    # the mixed cases run with max_grad_norm=CLIP on both levels: it must bind, or they would not test clipping
+    for case in MIXED_CASES:
+        problem_ref = run_case(case, None)
+        assert problem_ref["first_hypergrad_norm"] > 2 * CLIP, case
+        assert problem_ref["first_inner_grad_norm"] > 2 * CLIP, case
+
+
+def test_mixed_tree_norm_and_clipping_equal_the_dense_ones(two_ranks: tuple) -> None:
+    got = two_ranks[0]["mixed_norms"]
+    full = got["full"]
+    assert got["sharded"] and len(got["sharded"]) < len(full)  # a mixed tree: sharded and plain leaves
+    dense = float(torch.sqrt(sum((g**2).sum() for g in full.values())))
+    for key in ("grad_norm64", "tree_norm"):  # the plain head counted once, not world-size times
+        assert got[key] == pytest.approx(dense, rel=1e-12), key
+    assert got["tree_vdot"] == pytest.approx(2 * dense**2, rel=1e-12)
+    params = [nn.Parameter(torch.zeros_like(g)) for g in full.values()]
+    for p, g in zip(params, full.values()):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert dense > 2.0  # the clipping binds
+    assert rel(got["clipped"], dict(zip(full, (p.grad for p in params)))) <= 1e-12
 
 
 #: documented bound (docs/fsdp.md) of the bf16-compute hypergradient relative to the float32 one
@@ -135,10 +159,40 @@ def test_error_levels_sharded_inconsistently(mesh: Any) -> None:
         _problem(sharded_mlp(mesh), sharded_mlp(mesh), hypergrad.Implicit())
     with pytest.raises(ValueError, match=r"Proximal couples the sharded inner parameter '0.weight' to the plain"):
         _problem(sharded_mlp(mesh), mlp().double(), hypergrad.Proximal(coupling={"": ""}))
-    half = mlp().double()
-    fully_shard(half[0], mesh=mesh)  # root not wrapped
-    with pytest.raises(ValueError, match=r"`inner.module` is wrapped inconsistently.*Call `fully_shard\(module\)`"):
-        _problem(half, _scale(), hypergrad.Implicit())
+    late = sharded_mlp(mesh)
+    late[2].register_parameter("extra", nn.Parameter(torch.ones(3, dtype=torch.float64)))  # after fully_shard
+    with pytest.raises(
+        ValueError, match=r"`inner.module` is wrapped inconsistently: parameters \['2.extra'\] are plain"
+    ):
+        _problem(late, _scale(), hypergrad.Implicit())
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    foreign = mlp().double()
+    fully_shard(foreign[0], mesh=mesh)
+    foreign[2].weight = nn.Parameter(distribute_tensor(foreign[2].weight.detach(), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match=r"\['2.weight'\] are DTensors that no fully_shard-ed module manages"):
+        _problem(foreign, _scale(), hypergrad.Implicit())
+    with pytest.raises(ValueError, match=r"Proximal couples the replicated \(plain\) inner parameter 'head.weight'"):
+        _problem(mixed(mesh), mixed(mesh), hypergrad.Proximal(coupling={"head": "head"}))
+
+
+def mixed(mesh: Any) -> nn.Module:
+    """A partly wrapped module: ``fully_shard`` on the first layer only, the last one plain (replicated)."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = nn.ModuleDict({"backbone": mlp().double(), "head": nn.Linear(3, 3).double()})
+    fully_shard(net["backbone"], mesh=mesh)
+    return net
+
+
+def test_partly_wrapped_level_is_a_mixed_level(mesh: Any) -> None:
+    from torch.distributed.tensor import DTensor
+
+    problem = _problem(mixed(mesh), _scale(), hypergrad.Implicit())
+    assert problem._sharded is not None
+    kinds = {k: isinstance(p, DTensor) for k, p in problem._sharded.params.items()}
+    assert kinds == {"backbone.0.weight": True, "backbone.0.bias": True, "backbone.2.weight": True,
+                     "backbone.2.bias": True, "head.weight": False, "head.bias": False}  # fmt: skip
 
 
 def test_error_mixed_ddp_and_fsdp_levels(mesh: Any) -> None:

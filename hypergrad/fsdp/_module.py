@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -10,15 +10,28 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["sharded_params", "check_dense_module", "compute_dtype"]
+__all__ = ["sharded_params", "mesh_of", "check_dense_module", "compute_dtype"]
+
+
+def _fsdp_owned(module: nn.Module) -> set[int]:
+    """``id`` of every parameter that a ``fully_shard``-ed (sub)module of ``module`` manages."""
+    return {id(p) for m in module.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
 
 
 def sharded_params(module: Any, keys: Optional[Iterable[str]] = None, *, name: str = "module") -> dict[str, Tensor]:
-    """The trainable ``DTensor`` parameters of a ``fully_shard``-ed module, after consistency checks.
+    """The trainable parameters of a module holding ``fully_shard``-ed parts, after consistency checks.
 
-    Raises ``TypeError`` for a module that is not FSDP2 (or mixes in DDP) and ``ValueError`` for a
-    partially wrapped module, parameters on several meshes or placements other than ``Shard(0)``
-    on a 1-D mesh; each message says how to fix it.
+    Every trainable parameter is either a ``DTensor`` managed by a ``fully_shard``-ed (sub)module
+    (sharded: FSDP2 averages its gradient over ranks) or a plain tensor outside every
+    ``fully_shard``-ed module (replicated like data parallelism: identical on every rank, its
+    gradient averaged over ranks by hypergrad). A module wrapped at its root holds only the first
+    kind; ``{"backbone": fully_shard(net), "head": nn.Linear(...)}`` holds both (a *mixed* module).
+
+    Raises ``TypeError`` for a module without any ``fully_shard``-ed part (or one that mixes in
+    DDP) and ``ValueError`` for what cannot be handled correctly: a plain parameter inside a
+    ``fully_shard``-ed module (registered or replaced after ``fully_shard``), a ``DTensor`` that no
+    ``fully_shard`` manages (tensor parallelism), parameters on several meshes or placements other
+    than ``Shard(0)`` on a 1-D mesh; each message says how to fix it.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(
@@ -31,26 +44,28 @@ def sharded_params(module: Any, keys: Optional[Iterable[str]] = None, *, name: s
             "`fully_shard` alone. Remove the DDP wrapper and call fully_shard on the submodules and then the root; "
             "for a replicated (data-parallel) model use the ordinary API with hypergrad.distributed instead."
         )
-    wrapped = [n for n, m in module.named_modules() if isinstance(m, FSDPModule)]
-    if not isinstance(module, FSDPModule):
-        if wrapped:
-            raise ValueError(
-                f"`{name}` is wrapped inconsistently: submodules {wrapped[:3]} are fully_shard-ed but the root "
-                f"{type(module).__name__} is not, so its remaining parameters are plain tensors. Call "
-                "`fully_shard(module)` on the root too (after the submodules)."
-            )
+    trainable: dict[str, Tensor] = {k: p for k, p in module.named_parameters() if p.requires_grad}
+    owned = _fsdp_owned(module)
+    if not owned:
         raise TypeError(
             f"`{name}` ({type(module).__name__}) is not wrapped with torch.distributed.fsdp.fully_shard. Wrap it "
             "(`fully_shard(layer)` for each block, then `fully_shard(module)`), or use hypergrad.implicit_grad / "
             "hypergrad.BilevelProblem for an unsharded model."
         )
-    trainable: dict[str, Tensor] = {k: p for k, p in module.named_parameters() if p.requires_grad}
-    plain = [k for k, p in trainable.items() if not isinstance(p, DTensor)]
-    if plain:
+    late = [k for k, p in trainable.items() if id(p) in owned and not isinstance(p, DTensor)]
+    if late:
         raise ValueError(
-            f"`{name}` is wrapped inconsistently: parameters {plain[:3]} are plain tensors while the others are "
-            "sharded DTensors (they were registered or replaced after fully_shard). Create every parameter before "
-            "calling fully_shard, and call fully_shard on the root module last."
+            f"`{name}` is wrapped inconsistently: parameters {late[:3]} are plain tensors inside a fully_shard-ed "
+            "module, whose other parameters are sharded DTensors (they were registered or replaced after fully_shard, "
+            "so FSDP2 neither gathers nor reduces them). Create every parameter before calling fully_shard, and call "
+            "fully_shard on the root module last."
+        )
+    foreign = [k for k, p in trainable.items() if isinstance(p, DTensor) and id(p) not in owned]
+    if foreign:
+        raise ValueError(
+            f"`{name}` is wrapped inconsistently: parameters {foreign[:3]} are DTensors that no fully_shard-ed module "
+            "manages (tensor parallelism or distribute_tensor?); hypergrad supports FSDP2 (fully_shard) sharding and "
+            "plain replicated parameters. Wrap those modules with fully_shard instead."
         )
     meshes = {p.device_mesh for p in trainable.values() if isinstance(p, DTensor)}
     if len(meshes) > 1:
@@ -58,7 +73,8 @@ def sharded_params(module: Any, keys: Optional[Iterable[str]] = None, *, name: s
             f"`{name}` shards its parameters over {len(meshes)} device meshes; use one mesh for every fully_shard call."
         )
     for k, p in trainable.items():
-        assert isinstance(p, DTensor)
+        if not isinstance(p, DTensor):
+            continue
         if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard) or p.placements[0].dim != 0:
             raise ValueError(
                 f"`{name}` parameter {k!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D mesh; hypergrad "
@@ -73,6 +89,14 @@ def sharded_params(module: Any, keys: Optional[Iterable[str]] = None, *, name: s
             f"`keys` names {missing[:3]}, which are not trainable parameters of `{name}`: {sorted(trainable)[:6]}."
         )
     return {k: trainable[k] for k in keys}
+
+
+def mesh_of(params: Mapping[str, Tensor]) -> Any:
+    """The device mesh of the first ``DTensor`` in ``params`` (``None`` when all are plain)."""
+    for p in params.values():
+        if isinstance(p, DTensor):
+            return p.device_mesh
+    return None
 
 
 def check_dense_module(dense_module: Any, params: dict[str, Tensor]) -> None:

@@ -33,10 +33,10 @@ from ..distributed import all_reduce_mean
 from ..operators import Damped
 from ..solvers import Dense
 from ..tree import tree_scale
-from ._module import sharded_params
+from ._module import mesh_of, sharded_params
 from .operator import ShardedHessianOperator, _norm64
 
-__all__ = ["ShardedLevels", "sharded_levels", "grad_norm64"]
+__all__ = ["ShardedLevels", "sharded_levels", "grad_norm64", "clip_grads_", "replicated_part"]
 
 
 def _is_sharded(module: nn.Module) -> bool:
@@ -46,8 +46,27 @@ def _is_sharded(module: nn.Module) -> bool:
 
 
 def grad_norm64(params: Sequence[Tensor]) -> float:
-    """Global float64 norm of the ``.grad`` of ``params`` (one all_reduce when they are DTensors)."""
+    """Global float64 norm of the ``.grad`` of ``params``: ``DTensor`` shards summed over ranks (one all_reduce),
+    plain (replicated) gradients counted once."""
     return _norm64({str(i): p.grad for i, p in enumerate(params) if p.grad is not None})
+
+
+def clip_grads_(params: Sequence[Tensor], max_norm: float) -> None:
+    r"""Scale the ``.grad`` of ``params`` in place so that their global norm is at most ``max_norm``.
+
+    ``torch.nn.utils.clip_grad_norm_`` itself when no gradient is a ``DTensor`` (bit for bit the
+    unsharded path); otherwise the same rule, :math:`g \leftarrow g \min(1, c / (\|g\| + 10^{-6}))`, with
+    the norm of a mixed sharded/replicated tree from :func:`grad_norm64`.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    coef = min(1.0, float(max_norm) / (grad_norm64(params) + 1e-6))
+    if coef < 1.0:
+        with torch.no_grad():
+            for g in grads:
+                g.mul_(coef)
 
 
 def sharded_levels(
@@ -74,6 +93,29 @@ def sharded_levels(
             "or leave the outer module unsharded."
         )
     return ShardedLevels(inner, outer, inner_params, outer_params, method, dense_inner, outer_sharded)
+
+
+class _Replicated(nn.Module):
+    """The plain (replicated) parameters and buffers of sharded levels, for the problem's broadcast from rank 0."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__()
+        self._tensors = [t for m in modules for t in [*m.parameters(), *m.buffers()] if not isinstance(t, DTensor)]
+
+    def parameters(self, recurse: bool = True) -> Any:
+        return iter(self._tensors)
+
+    def buffers(self, recurse: bool = True) -> Any:
+        return iter(())
+
+
+def replicated_part(modules: Sequence[nn.Module]) -> nn.Module:
+    """What :class:`~hypergrad.BilevelProblem` broadcasts from rank 0 for levels with ``fully_shard``-ed parts.
+
+    The plain parameters (the replicated parts of a mixed level, e.g. a head beside a sharded
+    backbone) and the buffers (FSDP2 does not shard them); never a ``DTensor`` shard.
+    """
+    return _Replicated([m for m in modules if _is_sharded(m)])
 
 
 def _unpack(batch: Any) -> tuple:
@@ -122,10 +164,10 @@ class ShardedLevels:
         self.params = sharded_params(inner, list(inner_params), name="inner.module")
         self.inner, self.outer, self.dense_inner = inner, outer, dense_inner
         self.outer_sharded = outer_sharded
-        mesh = next(iter(self.params.values()))
+        mesh = mesh_of(sharded_params(inner, name="inner.module"))
         if outer_sharded:
             outs = sharded_params(outer, list(outer_params), name="outer.module")
-            bad = [k for k, p in outs.items() if p.device_mesh != mesh.device_mesh]  # type: ignore[attr-defined]
+            bad = [k for k, p in outs.items() if isinstance(p, DTensor) and p.device_mesh != mesh]
             if bad:
                 raise ValueError(
                     f"BilevelProblem: outer parameters {bad[:3]} are sharded on another device mesh than the inner "
@@ -144,7 +186,7 @@ class ShardedLevels:
                 "rank, which defeats sharding and is not supported with fully_shard-ed (FSDP2) levels; use "
                 "hypergrad.CG (or Neumann) instead."
             )
-        if self.implicit and outer_sharded:
+        if self.implicit and any(isinstance(p, DTensor) for p in outer_params.values()):
             raise ValueError(
                 "BilevelProblem: hypergrad.Implicit under FSDP2 needs the outer level replicated (plain parameters, "
                 "identical on every rank): its mixed product differentiates through them. Do not fully_shard the "
@@ -152,6 +194,12 @@ class ShardedLevels:
             )
         if isinstance(method, Proximal):
             for i, o in method.pairs(inner_params, outer_params).items():
+                if not isinstance(inner_params[i], DTensor):
+                    raise ValueError(
+                        f"BilevelProblem: Proximal couples the replicated (plain) inner parameter {i!r} of a level with "
+                        "fully_shard-ed parts; under FSDP2 the coupled parameters must be sharded on both levels. "
+                        "fully_shard the coupled modules of both levels with the same mesh and per-block wrapping."
+                    )
                 if not isinstance(outer_params[o], DTensor):
                     raise ValueError(
                         f"BilevelProblem: Proximal couples the sharded inner parameter {i!r} to the plain outer "
@@ -191,10 +239,12 @@ class ShardedLevels:
     def _all(self) -> list[Tensor]:
         return [*self.inner.parameters(), *self.outer.parameters()]
 
-    def _grads(self, params: dict[str, Tensor], average: bool) -> dict[str, Tensor]:
+    def _grads(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``.grad`` of ``params``: sharded ones as FSDP2 averaged them, replicated (plain) ones averaged here."""
         out = {k: torch.zeros_like(p) if p.grad is None else p.grad.detach() for k, p in params.items()}
-        if average and out:
-            out = all_reduce_mean(out)
+        plain = {k: g for k, g in out.items() if not isinstance(g, DTensor)}
+        if plain:
+            out.update(all_reduce_mean(plain))
         return out
 
     def _loss(self, user_loss: Any, batch: Any) -> Any:
@@ -225,7 +275,7 @@ class ShardedLevels:
                         "with the `inner` module it receives."
                     )
                 loss.backward()
-                grads = self._grads(params, average=False)  # FSDP2's reduce-scatter averaged them
+                grads = self._grads(params)  # sharded: FSDP2's reduce-scatter averaged them
                 value = all_reduce_mean({"v": loss.detach().reshape(1).double()})["v"]
                 penalty = problem.method.inner_penalty(params, problem._outer_params)
                 if penalty is not None:
@@ -248,8 +298,8 @@ class ShardedLevels:
             with torch.enable_grad():
                 value = check_loss("outer_loss", problem.outer_loss(self.inner, self.outer, batch))
                 value.backward()
-            g_theta = self._grads(problem._inner_params, average=False)
-            g_lam = self._grads(problem._outer_params, average=not self.outer_sharded)
+            g_theta = self._grads(problem._inner_params)
+            g_lam = self._grads(problem._outer_params)
             loss = all_reduce_mean({"v": value.detach().reshape(1).double()})["v"].reshape(())
         finally:
             for p, old in saved:

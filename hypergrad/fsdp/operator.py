@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from ..distributed import all_reduce_mean
 from ..operators import LinearOperator, _refuse_once_differentiable
-from ._module import check_dense_module, compute_dtype, sharded_params
+from ._module import check_dense_module, compute_dtype, mesh_of, sharded_params
 from .vectors import check_sharded_like
 
 __all__ = ["SHARDED_HVP_MODES", "ShardedHVPMode", "ShardedHessianOperator", "sharded_value_and_grad", "ShardedLoss"]
@@ -81,7 +81,13 @@ def _backward_grads(
             gk = named[k].grad
             g[k] = torch.zeros_like(named[k]) if gk is None else gk.detach()
         gh = {k: torch.zeros_like(v) if v.grad is None else v.grad.detach() for k, v in h.items()}
-        packed = all_reduce_mean({**{"h." + k: v for k, v in gh.items()}, "loss": value.detach().reshape(1).double()})
+        # FSDP2 averaged the sharded gradients (reduce-scatter); replicated (plain) ones are averaged here,
+        # in the same collective as the hyper-parameter gradients and the loss
+        plain = {"p." + k: v for k, v in g.items() if not isinstance(v, DTensor)}
+        packed = all_reduce_mean(
+            {**plain, **{"h." + k: v for k, v in gh.items()}, "loss": value.detach().reshape(1).double()}
+        )
+        g = {k: packed["p." + k] if "p." + k in packed else v for k, v in g.items()}
     finally:
         for k, p in named.items():
             p.grad = saved[k]
@@ -119,16 +125,23 @@ def sharded_value_and_grad(
 
 
 def _norm64(tree: dict[str, Tensor]) -> float:
-    """Global Euclidean norm in float64, one leaf at a time (no float64 copy of the whole tree), one all_reduce."""
+    """Global Euclidean norm in float64, one leaf at a time (no float64 copy of the whole tree), one all_reduce.
+
+    ``DTensor`` leaves contribute their local shards, summed over ranks; plain leaves (replicated,
+    identical on every rank) are added once, after the reduction.
+    """
     local = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
     mesh = None
     for v in tree.values():
-        t = v.to_local() if isinstance(v, DTensor) else v
-        mesh = v.device_mesh if isinstance(v, DTensor) else mesh
-        local = local + torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
+        if isinstance(v, DTensor):
+            mesh = v.device_mesh
+            local = local + torch.linalg.vector_norm(v.to_local(), dtype=torch.float64) ** 2
+        else:
+            replicated = replicated + torch.linalg.vector_norm(v, dtype=torch.float64) ** 2
     if mesh is not None:
         torch.distributed.all_reduce(local, group=mesh.get_group())
-    return float(torch.sqrt(local))
+    return float(torch.sqrt(local.cpu() + replicated.cpu()))
 
 
 def _dt(t: Tensor) -> DTensor:
@@ -270,14 +283,13 @@ class ShardedHessianOperator(LinearOperator):
 
     # ----- exact: double backward through DTensor -----------------------------------------
     def _build_graph(self, dense_module: nn.Module) -> None:
-        first = next(iter(self.params.values()))
-        assert isinstance(first, DTensor)
-        mesh = first.device_mesh
         named = dict(self.module.named_parameters())
+        mesh = mesh_of(named)
         tensors: dict[str, Tensor] = {}
         self._leaves = {}
         for k, p in named.items():
-            leaf = p.detach()
+            # a replicated (plain) parameter of a mixed module enters the DTensor graph as Replicate
+            leaf = p.detach() if isinstance(p, DTensor) else DTensor.from_local(p.detach(), mesh, [Replicate()])
             if k in self.params:
                 leaf = leaf.requires_grad_(True)
                 self._leaves[k] = leaf
@@ -298,8 +310,14 @@ class ShardedHessianOperator(LinearOperator):
             # Seeded with ones that require grad, as in hypergrad.operators: a @once_differentiable
             # backward then leaves its error node in the graph, which is refused below.
             seed = torch.ones_like(value).requires_grad_(True)
-            self._g = torch.autograd.grad(value, list(self._leaves.values()), grad_outputs=seed, create_graph=True)
+            g = torch.autograd.grad(value, list(self._leaves.values()), grad_outputs=seed, create_graph=True)
+            # the gradient of a replicated parameter, made Replicate (differentiably) for the products' cotangents
+            self._g = tuple(
+                gk if isinstance(self.params[k], DTensor) else _dt(gk).redistribute(mesh, [Replicate()])
+                for k, gk in zip(self._leaves, g)
+            )
         _refuse_once_differentiable(self._g)
+        self._mesh = mesh
         self.num_backward += 1
 
     def _exact(self, v: dict[str, Tensor], hparams: bool) -> dict[str, Tensor]:
@@ -310,7 +328,7 @@ class ShardedHessianOperator(LinearOperator):
         grads = torch.autograd.grad(
             self._g,
             inputs,
-            grad_outputs=[v[k].to(self.params[k].dtype) for k in self.keys],
+            grad_outputs=[self._cotangent(k, v[k]) for k in self.keys],
             retain_graph=True,
             allow_unused=True,
         )
@@ -323,9 +341,17 @@ class ShardedHessianOperator(LinearOperator):
         out = {}
         for k, g in zip(self.keys, grads):
             p = self.params[k]
-            assert isinstance(p, DTensor)
-            out[k] = torch.zeros_like(p) if g is None else _dt(g).redistribute(p.device_mesh, p.placements).detach()
+            if g is None:
+                out[k] = torch.zeros_like(p)
+            elif isinstance(p, DTensor):
+                out[k] = _dt(g).redistribute(p.device_mesh, p.placements).detach()
+            else:
+                out[k] = _dt(g).full_tensor().detach()
         return out
+
+    def _cotangent(self, k: str, v: Tensor) -> Tensor:
+        v = v.to(self.params[k].dtype)
+        return v if isinstance(v, DTensor) else DTensor.from_local(v, self._mesh, [Replicate()])
 
     # ----- public ---------------------------------------------------------------------------
     def matvec(self, v: Any) -> Any:

@@ -27,13 +27,13 @@ __all__ = ["sharded_vdot", "is_sharded_tree", "check_sharded_like", "shard_like"
 
 
 def is_sharded_tree(tree: Any) -> bool:
-    """Whether ``tree`` is a ``DTensor`` or a dict whose first leaf is a ``DTensor``.
+    """Whether ``tree`` is a ``DTensor`` or a dict with a ``DTensor`` leaf.
 
     Args:
         tree: a tensor or a dict of tensors.
 
     Returns:
-        ``True`` for ``DTensor`` leaves (the tree is then expected to hold only ``DTensor`` s).
+        ``True`` when a leaf is a ``DTensor`` (the other leaves are then replicated plain tensors).
 
     Example:
         >>> import torch
@@ -44,8 +44,7 @@ def is_sharded_tree(tree: Any) -> bool:
     if isinstance(tree, Tensor):
         return isinstance(tree, DTensor)
     if isinstance(tree, Mapping):
-        for v in tree.values():
-            return isinstance(v, DTensor)
+        return any(isinstance(v, DTensor) for v in tree.values())
     return False
 
 
@@ -60,7 +59,9 @@ def sharded_vdot(a: Any, b: Any) -> Tensor:
     .. math:: \langle a, b \rangle = \sum_r \sum_k \langle a_k^{(r)}, b_k^{(r)} \rangle
 
     A ``Shard`` placement contributes each rank's local dot; a ``Replicate`` leaf contributes once
-    (from the first rank of the mesh). Plain tensors (one process, no mesh) give the ordinary dot.
+    (from the first rank of the mesh). Plain leaves beside ``DTensor`` s (the replicated parameters
+    of a mixed level, identical on every rank) are added once, after the reduction; a tree of plain
+    tensors only (one process, no mesh) gives the ordinary dot.
 
     Args:
         a: a tree (dict) of ``DTensor`` s on one 1-D device mesh, or a single ``DTensor``.
@@ -70,7 +71,7 @@ def sharded_vdot(a: Any, b: Any) -> Tensor:
         A 0-dim plain tensor (at least float32), identical on every rank.
 
     Raises:
-        ValueError: leaves mix ``DTensor`` s and plain tensors, live on different meshes, or have
+        ValueError: a leaf is a ``DTensor`` in ``a`` but plain in ``b`` (or the reverse), leaves live on different meshes, or have
             other placements than ``Shard``/``Replicate`` (a ``Partial`` vector is not yet reduced).
 
     Example:
@@ -89,12 +90,20 @@ def sharded_vdot(a: Any, b: Any) -> Tensor:
         return plain
     mesh = None
     total: Tensor | None = None
+    replicated: Tensor | None = None  # plain leaves: identical on every rank, counted once (after the reduction)
     for u, v in pairs:
-        if not (isinstance(u, DTensor) and isinstance(v, DTensor)):
+        if isinstance(u, DTensor) != isinstance(v, DTensor):
             raise ValueError(
-                "sharded_vdot: the trees mix DTensor and plain-tensor leaves; under FSDP2 every solver vector "
-                "must be sharded like the parameters. Shard plain trees with `hypergrad.fsdp.shard_like(tree, module)`."
+                "sharded_vdot: the trees mix DTensor and plain-tensor leaves (a leaf is a DTensor in one tree and "
+                "plain in the other); under FSDP2 every solver vector must be sharded like the parameters. Shard "
+                "plain trees with "
+                "`hypergrad.fsdp.shard_like(tree, module)`."
             )
+        if not isinstance(u, DTensor):
+            term = _local_dot(u, v)
+            replicated = term if replicated is None else replicated + term
+            continue
+        assert isinstance(v, DTensor)
         if mesh is None:
             mesh = u.device_mesh
         if u.device_mesh != mesh or v.device_mesh != mesh:
@@ -117,11 +126,13 @@ def sharded_vdot(a: Any, b: Any) -> Tensor:
                 "`x.redistribute(placements=[Shard(0)])`."
             )
         total = term if total is None else total + term
-    assert total is not None and mesh is not None  # for mypy: pairs is non-empty
+    assert total is not None and mesh is not None  # for mypy: a DTensor leaf exists
     if mesh.ndim != 1:
         raise ValueError(f"sharded_vdot supports 1-D device meshes (FSDP2), got a {mesh.ndim}-D mesh {mesh}.")
     total = total.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    if replicated is not None:
+        total = total + replicated.to(total.device)
     return total
 
 
@@ -158,13 +169,21 @@ def check_sharded_like(name: str, tree: Any, params: Mapping[str, Tensor]) -> No
     for k, p in params.items():
         v = tree[k]
         fix = f"Shard it like the parameters: `{name} = hypergrad.fsdp.shard_like({name}, module)`."
+        if not isinstance(p, DTensor):  # a replicated (plain) parameter of a mixed module
+            if isinstance(v, DTensor) or not isinstance(v, Tensor) or v.shape != p.shape:
+                what = f"a DTensor sharded as {v.placements}" if isinstance(v, DTensor) else f"{type(v).__name__}"
+                raise ValueError(
+                    f"`{name}[{k!r}]` is {what} of shape {tuple(getattr(v, 'shape', ()))}, but parameter {k!r} is a "
+                    f"plain (replicated) tensor of shape {tuple(p.shape)}: pass a plain tensor of that shape, "
+                    "identical on every rank."
+                )
+            continue
         if not isinstance(v, DTensor):
             raise ValueError(
                 f"`{name}[{k!r}]` is a plain {type(v).__name__} of shape {tuple(v.shape)}, but parameter {k!r} is "
                 f"a DTensor sharded as {getattr(p, 'placements', None)} (FSDP2): solver vectors must be sharded like the parameters. "
                 + fix
             )
-        assert isinstance(p, DTensor)
         if v.device_mesh != p.device_mesh or v.placements != p.placements or v.shape != p.shape:
             raise ValueError(
                 f"`{name}[{k!r}]` is sharded as {v.placements} with global shape {tuple(v.shape)} on {v.device_mesh}, "

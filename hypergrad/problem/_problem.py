@@ -12,7 +12,7 @@ from typing import Any, Iterable, Optional, cast
 from torch import nn
 
 from .._checks import check_callable, check_choice
-from ..fsdp.bilevel import _is_sharded, sharded_levels
+from ..fsdp.bilevel import _is_sharded, replicated_part, sharded_levels
 from ..level import Level
 from ..methods import AbstractHypergradMethod, MethodState
 from ..modules import BUFFER_POLICIES, BufferPolicy, stateless
@@ -169,9 +169,12 @@ class BilevelProblem(StateDict, Linearisation):
         self._has_declared = False
         self._pending_skip: Optional[str] = None
         self._linearisation = 0  # bumped whenever the Hessian operator's linearisation point changes
-        # FSDP2 modules are sharded from identical initial values; broadcasting a shard would corrupt it
+        # FSDP2 modules are sharded from identical initial values; broadcasting a shard would corrupt it:
+        # levels with fully_shard-ed parts broadcast only their plain (replicated) parameters and buffers
+        levels = (inner_module, outer_module)
         self.reduction.broadcast(
-            [m for m in (inner_module, outer_module) if self._sharded is None or not _is_sharded(m)]
+            [m for m in levels if self._sharded is None or not _is_sharded(m)]
+            + ([] if self._sharded is None else [replicated_part(levels)])
         )
 
     # ------------------------------------------------------------------ public calls
