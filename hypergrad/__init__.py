@@ -27,6 +27,7 @@ from .fsdp import ShardedHessianOperator as ShardedHessianOperator
 from .fsdp import ShardedHVPMode as ShardedHVPMode
 from .fsdp import ShardedHypergradResult as ShardedHypergradResult
 from .fsdp import shard_like as shard_like
+from .fsdp import sharded_clip_grad_norm_ as sharded_clip_grad_norm_
 from .fsdp import sharded_implicit_grad as sharded_implicit_grad
 from .fsdp import sharded_proximal_grad as sharded_proximal_grad
 from .fsdp import sharded_value_and_grad as sharded_value_and_grad
@@ -185,6 +186,7 @@ __all__ = [
     "sharded_proximal_grad",
     "sharded_value_and_grad",
     "sharded_vdot",
+    "sharded_clip_grad_norm_",
 ]
 
 if TYPE_CHECKING:  # the registered solver classes are set at import time; type checkers see Any

@@ -272,7 +272,7 @@ def mixed_norms(mesh: Any) -> dict:
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from hypergrad.fsdp.bilevel import clip_grads_, grad_norm64
+    from hypergrad.fsdp.clip import grad_norm64
 
     level = mixed_level(F64, mesh, seed=2)
     named = {f"{n}.{k}": p for n, m in level.items() for k, p in m.named_parameters()}
@@ -292,6 +292,6 @@ def mixed_norms(mesh: Any) -> dict:
         "tree_norm": float(hypergrad.tree_norm(grads)),
         "tree_vdot": float(hypergrad.tree_vdot(grads, {k: 2 * v for k, v in grads.items()})),
     }
-    clip_grads_(list(named.values()), 1.0)
+    hypergrad.sharded_clip_grad_norm_(list(named.values()), 1.0)
     out["clipped"] = {k: full(p.grad) for k, p in named.items()}
     return out

@@ -108,6 +108,11 @@ _BISSL = {
         str,
         "train (authors: the stage never sees fine-tuning's validation images) or all (leaks them)",
     ),
+    "--fsdp": (
+        "bissl.fsdp",
+        bool,
+        "shard the backbones with fully_shard (FSDP2) under torchrun; the heads stay replicated (docs/fsdp.md)",
+    ),
 }
 _FINETUNE = {
     "--ft-epochs": ("finetune.epochs", positive_int, "fine-tuning epochs per run (paper 400)"),
@@ -157,9 +162,12 @@ EXTENSIONS: list[Any] = []
 
 
 def add_flags(sp: argparse.ArgumentParser, table: dict, title: str) -> None:
-    """Add a flag table ``{flag: (dotted config field, type, help)}`` as an argument group."""
+    """Add a flag table ``{flag: (dotted config field, type, help)}`` as an argument group (``bool``: a switch)."""
     g = sp.add_argument_group(title)
     for flag, (dotted, typ, help_) in table.items():
+        if typ is bool:  # a switch: present = True, absent = the preset's value
+            g.add_argument(flag, action="store_true", default=None, dest=dotted.replace(".", "__"), help=help_)
+            continue
         g.add_argument(
             flag, type=typ, default=None, dest=dotted.replace(".", "__"), help=help_, metavar=typ.__name__.upper()
         )

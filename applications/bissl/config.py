@@ -250,6 +250,9 @@ class BiSSLConfig:
         upper_split: ``"train"`` (the authors: the upper level and the head warm-up use only the
             train part of the shared train/val split, so fine-tuning's validation images stay unseen)
             or ``"all"`` (every labelled training image; leaks fine-tuning's validation labels).
+        fsdp: shard the backbones with ``fully_shard`` (FSDP2) under torchrun (``--fsdp``; see
+            :mod:`applications.bissl.fsdp`); needs ``method.hvp_mode`` ``"auto"`` or ``"finite_diff"``
+            and ``damping_mode="constant"``.
     """
 
     downstream: str = "pets"
@@ -279,6 +282,7 @@ class BiSSLConfig:
     lam_max: float = 1.0
     continue_stream: bool = True
     upper_split: str = "train"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -306,6 +310,19 @@ class BiSSLConfig:
         if not isinstance(self.method, Proximal):
             raise TypeError(
                 f"BiSSLConfig: `method` must be a hypergrad.Proximal such as paper_method(lam=1e-3), got {self.method!r}."
+            )
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"BiSSLConfig: `fsdp` must be True or False, got {self.fsdp!r}.")
+        if self.fsdp and self.method.hvp_mode not in ("auto", "finite_diff"):
+            raise ValueError(
+                f"BiSSLConfig: --fsdp needs --hvp-mode auto or finite_diff (the Hessian-vector products of a "
+                f"fully_shard-ed backbone are finite differences of backward passes), got {self.method.hvp_mode!r}."
+            )
+        if self.fsdp and self.damping_mode == "adaptive":
+            raise ValueError(
+                "BiSSLConfig: --fsdp with --damping-mode adaptive is not supported: its Lanczos estimate of H's "
+                "spectrum runs torch.func Hessian products, which cannot see through fully_shard. Use --damping-mode "
+                "constant (with enough --damping), or drop --fsdp."
             )
         if dict(self.method.coupling) != COUPLING:
             raise ValueError(

@@ -19,14 +19,16 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from hypergrad import HessianOperator, stateless
+from hypergrad import HessianOperator, stateless, tree_norm
 
 from .bilevel import local_negatives
 
 __all__ = [
     "backbone_loss_fn",
     "pretext_grad_norm",
+    "sharded_pretext_grad_norm",
     "param_distance",
     "proximal_share",
     "lanczos_extremes",
@@ -61,9 +63,36 @@ def pretext_grad_norm(ssl: nn.Module, x1: Tensor, x2: Tensor) -> float:
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 
+def sharded_pretext_grad_norm(ssl: nn.Module, x1: Tensor, x2: Tensor) -> float:
+    r""":math:`\|\nabla_{\theta_P} \bar L_P\|_2` over a ``fully_shard``-ed backbone (``--fsdp``) on one batch.
+
+    One ``backward()`` through the sharded SSL model (``torch.func`` cannot see through
+    ``fully_shard``): batch statistics in BatchNorm, negatives of this rank only, the gradient
+    averaged over ranks by FSDP2; the running statistics and the models' ``.grad`` are left as they were.
+    """
+    params = [p for p in ssl.backbone.parameters() if p.requires_grad]
+    grads = [(p, p.grad) for p in ssl.parameters()]
+    buffers = [(b, b.detach().clone()) for b in ssl.buffers()]
+    try:
+        for p, _ in grads:
+            p.grad = None
+        with torch.enable_grad(), local_negatives(ssl):
+            ssl(x1, x2).backward()
+        return float(tree_norm({str(i): p.grad.double() for i, p in enumerate(params) if p.grad is not None}))
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for p, g in grads:
+            p.grad = g
+
+
 def param_distance(a: nn.Module, b: nn.Module) -> float:
     r""":math:`\|\theta_a - \theta_b\|_2` over the parameters of two modules with the same names."""
     pb = dict(b.named_parameters())
+    if any(isinstance(p, DTensor) for p in pb.values()):  # --fsdp: shards reduced over ranks (hypergrad.tree_norm)
+        diff = {k: p.detach().double() - pb[k].detach().double() for k, p in a.named_parameters()}
+        return float(tree_norm(diff))
     total = sum(((p.detach().double() - pb[k].detach().double()) ** 2).sum() for k, p in a.named_parameters())
     return float(torch.sqrt(torch.as_tensor(total)))
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from hypergrad.distributed import all_reduce_mean, world_size
 
@@ -146,7 +147,8 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
     .. math:: g_p \leftarrow \frac{1}{R}\sum_{r} g_{p,r}
 
     One coalesced ``all_reduce`` for all the gradients (:func:`hypergrad.distributed.all_reduce_mean`);
-    parameters without a gradient are skipped. For gradients taken outside
+    parameters without a gradient are skipped, and so are sharded ones (``--fsdp``: a ``DTensor``
+    gradient that ``fully_shard`` already averaged). For gradients taken outside
     :class:`hypergrad.BilevelProblem` (which averages its own): the head warm-up, the control arm,
     text pretraining.
 
@@ -155,7 +157,8 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
         >>> average_gradients([w]); w.grad
         tensor([1., 3.])
     """
-    params = [p for p in params if p.grad is not None]
+    # a sharded (FSDP2 DTensor) gradient was already averaged by fully_shard's reduce-scatter
+    params = [p for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     if world_size() == 1 or not params:
         return
     mean = all_reduce_mean({str(i): p.grad for i, p in enumerate(params)})

@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hypergrad import get_rng_state, set_rng_state
+from hypergrad import get_rng_state, set_rng_state, sharded_clip_grad_norm_
 from hypergrad.distributed import all_reduce_mean, world_size
 
 from . import distributed as dist_utils
@@ -72,8 +72,10 @@ from .diagnostics import (
     param_distance,
     pretext_grad_norm,
     proximal_share,
+    sharded_pretext_grad_norm,
     target_lam,
 )
+from .fsdp import check_fsdp, fsdp_mesh, full_state_dict, shard_stage
 from .models import LinearHead
 from .optim import LARS, warmup_cosine
 from .pretrain import build_pretrain_model, epoch_batches, pretext_dataset
@@ -256,6 +258,19 @@ def run_bissl(
     epoch0 = _pretrain_epochs(pre, cfg) if b.continue_stream else 0
     down_ds = _upper_data(cfg, task, train_transform(m.image_size, m.in_channels)) if arm == "bissl" else None
 
+    run = StageRun(
+        out_dir, log_dir=os.path.join(cfg.logs, arm, task.replace("@", "_at")), tensorboard=True, resume=resume
+    )
+    if b.fsdp:  # --fsdp: shard the backbones (the heads stay replicated), see applications/bissl/fsdp.py
+        check_fsdp()
+        if run.resumable:
+            raise ValueError(
+                f"--fsdp does not resume a stage: {run.checkpoint_path!r} exists, but a sharded stage writes no "
+                "per-alternation checkpoint (its optimiser and warm-start state are sharded). Pass --no-resume."
+            )
+        if arm == "bissl":  # on the unsharded backbone (a frozen copy), as without --fsdp
+            _warmup_head(cfg, upper, head, task, upper_lr, upper_wd)
+        shard_stage(ssl, upper, fsdp_mesh(dev))
     lower_opt = LARS(
         [p for p in ssl.parameters() if p.requires_grad],
         lr=b.lower_lr,
@@ -274,9 +289,6 @@ def run_bissl(
     )
     lam, damping = b.method.lam, b.method.damping
 
-    run = StageRun(
-        out_dir, log_dir=os.path.join(cfg.logs, arm, task.replace("@", "_at")), tensorboard=True, resume=resume
-    )
     ckpt_path = run.checkpoint_path
     start, history = 0, []
     if run.resumable:
@@ -292,7 +304,7 @@ def run_bissl(
                 f"stage checkpoint {ckpt_path!r} does not match this run ({type(err).__name__}: "
                 f"{str(err).splitlines()[0][:160] if str(err) else ''}); pass --no-resume to start the stage afresh."
             ) from err
-    elif arm == "bissl":
+    elif arm == "bissl" and not b.fsdp:
         _warmup_head(cfg, upper, head, task, upper_lr, upper_wd)  # backbone frozen, SGD with the upper lr/wd
 
     bar = run.bar(range(start, b.alternations), desc=f"{arm} {task}", initial=start, total=b.alternations)
@@ -320,7 +332,9 @@ def run_bissl(
         h_batch = PretextBatch(x1, x2, local_negatives=True)
         t_low = time.perf_counter() - t0
         row: dict[str, float] = {"lower_loss": inner_losses[-1], "lower_lr": lower_sched.get_last_lr()[0]}
-        gnorm = _all_reduce(pretext_grad_norm(ssl, x1, x2), "mean")
+        gnorm = _all_reduce(
+            sharded_pretext_grad_norm(ssl, x1, x2) if b.fsdp else pretext_grad_norm(ssl, x1, x2), "mean"
+        )
         dist = param_distance(ssl.backbone, upper)
         row.update(pretext_grad_norm=gnorm, distance=dist, lam=lam, proximal_share=proximal_share(lam, dist, gnorm))
         if arm == "bissl":
@@ -344,6 +358,8 @@ def run_bissl(
             upper=f"{row.get('upper_loss', float('nan')):.3f}",
             failed=f"{row.get('solves_failed_frac', 0.0):.2f}",
         )
+        if b.fsdp:
+            continue  # no stage checkpoint under --fsdp (see the refusal of resume above)
         run.save(
             lambda: {
                 "alternation": alt + 1,
@@ -355,14 +371,18 @@ def run_bissl(
             }
         )
     run.close()
-    out_path = run.save(
-        lambda: {
-            "backbone": ssl.backbone.state_dict(),
-            "upper_backbone": upper.state_dict(),
-            "head": head.state_dict(),
-        },
-        "lower_backbone.pt",
-    )
+    if b.fsdp:  # gathered on every rank (a collective), written by the main process
+        parts = {"backbone": full_state_dict(ssl.backbone), "upper_backbone": full_state_dict(upper)}
+        out_path = run.save({**parts, "head": head.state_dict()}, "lower_backbone.pt")
+    else:
+        out_path = run.save(
+            lambda: {
+                "backbone": ssl.backbone.state_dict(),
+                "upper_backbone": upper.state_dict(),
+                "head": head.state_dict(),
+            },
+            "lower_backbone.pt",
+        )
     summary = summarize(history, arm)
     run.write_json("summary.json", summary)
     if main and summary["solves_failed"]:
@@ -387,8 +407,8 @@ def _plain_lower_step(ssl: nn.Module, batch: tuple, opt: torch.optim.Optimizer, 
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in ssl.parameters() if p.grad is not None]
-    dist_utils.average_gradients(params)
-    torch.nn.utils.clip_grad_norm_(params, clip)
+    dist_utils.average_gradients(params)  # the replicated ones (FSDP2 averaged the sharded ones)
+    sharded_clip_grad_norm_(params, clip)  # torch.nn.utils.clip_grad_norm_ when nothing is sharded
     opt.step()
     sched.step()
     return float(loss.detach())

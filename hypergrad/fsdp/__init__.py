@@ -3,6 +3,7 @@
 See ``docs/fsdp.md``. Public names are re-exported from :mod:`hypergrad`.
 """
 
+from .clip import sharded_clip_grad_norm_ as sharded_clip_grad_norm_
 from .hypergradient import ShardedHypergradResult as ShardedHypergradResult
 from .hypergradient import sharded_implicit_grad as sharded_implicit_grad
 from .hypergradient import sharded_proximal_grad as sharded_proximal_grad
@@ -19,6 +20,7 @@ __all__ = [
     "ShardedHessianOperator",
     "ShardedHypergradResult",
     "shard_like",
+    "sharded_clip_grad_norm_",
     "sharded_implicit_grad",
     "sharded_proximal_grad",
     "sharded_value_and_grad",

@@ -34,39 +34,15 @@ from ..operators import Damped
 from ..solvers import Dense
 from ..tree import tree_scale
 from ._module import mesh_of, sharded_params
-from .operator import ShardedHessianOperator, _norm64
+from .operator import ShardedHessianOperator
 
-__all__ = ["ShardedLevels", "sharded_levels", "grad_norm64", "clip_grads_", "replicated_part"]
+__all__ = ["ShardedLevels", "sharded_levels", "replicated_part"]
 
 
 def _is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
         isinstance(p, DTensor) for p in module.parameters()
     )
-
-
-def grad_norm64(params: Sequence[Tensor]) -> float:
-    """Global float64 norm of the ``.grad`` of ``params``: ``DTensor`` shards summed over ranks (one all_reduce),
-    plain (replicated) gradients counted once."""
-    return _norm64({str(i): p.grad for i, p in enumerate(params) if p.grad is not None})
-
-
-def clip_grads_(params: Sequence[Tensor], max_norm: float) -> None:
-    r"""Scale the ``.grad`` of ``params`` in place so that their global norm is at most ``max_norm``.
-
-    ``torch.nn.utils.clip_grad_norm_`` itself when no gradient is a ``DTensor`` (bit for bit the
-    unsharded path); otherwise the same rule, :math:`g \leftarrow g \min(1, c / (\|g\| + 10^{-6}))`, with
-    the norm of a mixed sharded/replicated tree from :func:`grad_norm64`.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not any(isinstance(g, DTensor) for g in grads):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    coef = min(1.0, float(max_norm) / (grad_norm64(params) + 1e-6))
-    if coef < 1.0:
-        with torch.no_grad():
-            for g in grads:
-                g.mul_(coef)
 
 
 def sharded_levels(

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..fsdp.bilevel import clip_grads_, grad_norm64
+from ..fsdp.clip import grad_norm64, sharded_clip_grad_norm_
 from ..level import Level
 from ..methods._base import _wide
 from ..records import NonFiniteError, SolveInfo, StepRecord
@@ -223,7 +223,9 @@ def apply(level: Level, which: str, reason: str | None) -> str | None:
             reason = f"the {which} gradient is non-finite (norm {norm})"
     if reason is None:
         if level.max_grad_norm is not None:
-            clip_grads_(params, level.max_grad_norm)  # torch.nn.utils.clip_grad_norm_ unless sharded (FSDP2)
+            sharded_clip_grad_norm_(
+                params, level.max_grad_norm
+            )  # torch.nn.utils.clip_grad_norm_ unless sharded (FSDP2)
         level.optimizer.step()
         if level.scheduler is not None:
             level.scheduler.step()

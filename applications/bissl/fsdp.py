@@ -1,0 +1,99 @@
+r"""``--fsdp``: the BiSSL stage with its backbones ``fully_shard``-ed (PyTorch FSDP2), launched with torchrun.
+
+Under ``--fsdp`` the lower backbone :math:`\theta_P` (inside the SSL model), the upper backbone
+:math:`\theta_D` and, for BYOL, the target's backbone are wrapped with
+``torch.distributed.fsdp.fully_shard`` - each residual block, then the backbone - on a 1-D device mesh
+over all ranks (gloo on CPU, NCCL on CUDA). The projector, the predictor and the downstream head stay
+plain and replicated: the two levels are *mixed* levels (docs/fsdp.md), whose plain gradients hypergrad
+averages over ranks like data parallelism. The stage then runs through the same
+:class:`hypergrad.BilevelProblem`, whose Hessian-vector products take the finite-difference route of
+FSDP2 (two ``backward()`` passes per product; one with ``--reuse-operator``).
+
+What changes against the data-parallel stage (and why):
+
+* the head warm-up runs before the backbones are sharded (on an unsharded frozen copy, as without
+  ``--fsdp``);
+* the stage checkpoint stores the problem's sharded state with ``torch.distributed.checkpoint``
+  (``<out>/checkpoint_problem/``, written by every rank) beside ``checkpoint.pt``;
+  ``lower_backbone.pt`` holds full (gathered) state dicts, loadable without FSDP;
+* the diagnostic :math:`\|\nabla L_P\|` is the norm of the rank-averaged gradient (without
+  ``--fsdp``: the mean over ranks of each rank's norm): ``--lam-mode target_share`` may pick a
+  slightly different :math:`\lambda`;
+* refused, with the reason: ``--damping-mode adaptive`` (its Lanczos runs ``torch.func`` Hessian
+  products, which cannot see through ``fully_shard``), a run without a process group (launch with
+  torchrun), and HVP modes other than ``auto`` / ``finite_diff`` (refused by hypergrad).
+
+BatchNorm (every ResNet backbone has it) works in train mode: each rank normalises with its own
+batch statistics, exactly as the data-parallel stage does (FSDP2 shards BatchNorm's weight and bias
+and leaves its running statistics as plain replicated buffers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hypergrad.distributed import world_size
+
+from . import distributed as dist_utils
+
+__all__ = ["check_fsdp", "full_state_dict", "shard_backbone", "shard_stage", "fsdp_mesh"]
+
+
+def check_fsdp() -> None:
+    """Refuse ``--fsdp`` without a process group (the configuration refuses unsupported settings itself)."""
+    if not dist_utils.is_distributed():
+        raise ValueError(
+            "--fsdp shards the backbones over the ranks of a process group, but none is initialised: launch the "
+            "stage with torchrun, e.g. `torchrun --nproc-per-node 2 -m applications.bissl bissl --preset tiny --fsdp` "
+            "(gloo on CPU, NCCL on CUDA), or drop --fsdp."
+        )
+
+
+def fsdp_mesh(device: torch.device) -> Any:
+    """A 1-D device mesh over every rank of the default process group (``device.type``: cpu or cuda)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size(),))
+
+
+def shard_backbone(backbone: nn.Module, mesh: Any) -> nn.Module:
+    """``fully_shard`` each residual block of a ResNet backbone (``layer1`` .. ``layer4``), then the backbone.
+
+    Other backbones get ``fully_shard`` on the whole module. Returns ``backbone`` (wrapped in place).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        stage = getattr(backbone, name, None)
+        if isinstance(stage, nn.Sequential):
+            for block in stage:
+                fully_shard(block, mesh=mesh)
+    fully_shard(backbone, mesh=mesh)
+    return backbone
+
+
+def shard_stage(ssl: nn.Module, upper: nn.Module, mesh: Any) -> None:
+    """Shard the stage's backbones alike: the lower one, the upper one and (BYOL) the target's.
+
+    Lower and upper backbones get the same per-block wrapping, so the proximal coupling pairs shards
+    of equal placement; the BYOL target's backbone is sharded like the online one so that its
+    exponential moving average is a shard-by-shard update.
+    """
+    shard_backbone(ssl.backbone, mesh)
+    shard_backbone(upper, mesh)
+    target = getattr(ssl, "target", None)
+    if target is not None:
+        shard_backbone(target[0], mesh)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every ``DTensor`` gathered to its full tensor (collective: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+        for k, v in module.state_dict().items()
+    }
