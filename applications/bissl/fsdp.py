@@ -30,6 +30,7 @@ and leaves its running statistics as plain replicated buffers).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from hypergrad.distributed import world_size
 
 from . import distributed as dist_utils
 
-__all__ = ["check_fsdp", "full_state_dict", "shard_backbone", "shard_stage", "fsdp_mesh"]
+__all__ = ["check_fsdp", "full_state_dict", "shard_backbone", "shard_stage", "fsdp_mesh", "warn_kinked_fd"]
 
 
 def check_fsdp() -> None:
@@ -97,3 +98,28 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
         for k, v in module.state_dict().items()
     }
+
+
+def warn_kinked_fd(backbone: nn.Module) -> bool:
+    """Warn (main process) when the finite-difference HVPs of ``--fsdp`` meet a ReLU backbone below float64.
+
+    A finite difference whose step moves a ReLU unit across its kink picks up a jump of the gradient
+    that the Hessian does not have; in float32 the step cannot be small enough to avoid it. Measured
+    on the tiny preset's ResNet (``python -m benchmarks.fsdp_bissl_hvp_error``, docs/fsdp.md): relative
+    error 2.1 per product in float32 (1.8e-7 in float64; 4.3e-2 with GELU in float32). Returns whether it warned.
+    """
+    kinked = any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)) for m in backbone.modules())
+    low = any(p.dtype != torch.float64 for p in backbone.parameters())
+    if not (kinked and low):
+        return False
+    if dist_utils.is_main_process():
+        warnings.warn(
+            "--fsdp: the Hessian-vector products of a fully_shard-ed backbone are finite differences of backward "
+            "passes, and this backbone has ReLU kinks in float32: measured relative error about 2 per product on the "
+            "tiny preset (docs/fsdp.md, `python -m benchmarks.fsdp_bissl_hvp_error`), so the Hessian term of the "
+            "upper gradient is unreliable (the rest of the stage equals the data-parallel one). For exact products "
+            "run the stage without --fsdp; with --fsdp prefer a smooth activation or float64.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return True

@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hypergrad import get_rng_state, set_rng_state, sharded_clip_grad_norm_
+from hypergrad import Identity, get_rng_state, set_rng_state, sharded_clip_grad_norm_
 from hypergrad.distributed import all_reduce_mean, world_size
 
 from . import distributed as dist_utils
@@ -75,7 +75,7 @@ from .diagnostics import (
     sharded_pretext_grad_norm,
     target_lam,
 )
-from .fsdp import check_fsdp, fsdp_mesh, full_state_dict, shard_stage
+from .fsdp import check_fsdp, fsdp_mesh, full_state_dict, shard_stage, warn_kinked_fd
 from .models import LinearHead
 from .optim import LARS, warmup_cosine
 from .pretrain import build_pretrain_model, epoch_batches, pretext_dataset
@@ -229,6 +229,8 @@ def run_bissl(
     if arm not in ARMS:
         raise ValueError(f"`arm` must be one of {ARMS}, got {arm!r}.")
     b, kind = cfg.bissl, cfg.pretrain.pretext_type
+    if b.fsdp:
+        check_fsdp()  # a process group (torchrun) before anything is loaded
     dev = dist_utils.device_of(cfg)
     task = b.downstream
     out_dir = out_dir or stage_dir(cfg, task, arm)
@@ -262,7 +264,6 @@ def run_bissl(
         out_dir, log_dir=os.path.join(cfg.logs, arm, task.replace("@", "_at")), tensorboard=True, resume=resume
     )
     if b.fsdp:  # --fsdp: shard the backbones (the heads stay replicated), see applications/bissl/fsdp.py
-        check_fsdp()
         if run.resumable:
             raise ValueError(
                 f"--fsdp does not resume a stage: {run.checkpoint_path!r} exists, but a sharded stage writes no "
@@ -270,6 +271,8 @@ def run_bissl(
             )
         if arm == "bissl":  # on the unsharded backbone (a frozen copy), as without --fsdp
             _warmup_head(cfg, upper, head, task, upper_lr, upper_wd)
+        if arm == "bissl" and not isinstance(b.method.solver, Identity):  # Identity takes no Hessian product
+            warn_kinked_fd(ssl.backbone)
         shard_stage(ssl, upper, fsdp_mesh(dev))
     lower_opt = LARS(
         [p for p in ssl.parameters() if p.requires_grad],
