@@ -88,6 +88,10 @@ def shard_stage(ssl: nn.Module, upper: nn.Module, mesh: Any) -> None:
     target = getattr(ssl, "target", None)
     if target is not None:
         shard_backbone(target[0], mesh)
+        # The root of a fully_shard-ed module keeps its gathered (plain) parameters after forward, for the
+        # backward that follows; the target never runs backward, so reshard it at once (its EMA update
+        # then pairs shards with shards).
+        target[0].register_forward_hook(lambda module, args, output: module.reshard())
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
