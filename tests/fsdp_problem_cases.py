@@ -29,8 +29,10 @@ TRANSFORMER_CASES = ("implicit/finite_diff/transformer", "proximal/finite_diff/t
 MIXED_CASES = (
     "implicit/exact/mixed",
     "implicit/finite_diff/mixed",
+    "implicit/exact_gathered/mixed",
     "proximal/exact/mixed",
     "proximal/finite_diff/mixed",
+    "proximal/exact_gathered/mixed",
 )
 #: max_grad_norm of both levels in the mixed cases
 CLIP = 0.05
@@ -107,8 +109,9 @@ def _build_mixed(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     method_name, route = name.split("/")[:2]
     sharded = mesh is not None
     if sharded:
-        solver: Any = hypergrad.CG(max_steps=300, rtol=1e-13 if route == "exact" else 1e-9)
-        hvp = "finite_diff" if route == "finite_diff" else "auto"
+        solver: Any = hypergrad.CG(max_steps=300, rtol=1e-9 if route == "finite_diff" else 1e-13)
+        # "exact_gathered": hvp_mode "rev_rev" with the twin (reverse over reverse on the gathered weights)
+        hvp = {"finite_diff": "finite_diff", "exact": "auto", "exact_gathered": "rev_rev"}[route]
     else:
         solver, hvp = hypergrad.Dense(), "rev_rev"
     inner = mixed_level(F64, mesh, seed=0)
@@ -121,7 +124,7 @@ def _build_mixed(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
             lam=2.0, damping=3.0, coupling={"backbone": "backbone"}, solver=solver, hvp_mode=hvp
         )
     dense_inner = None
-    if sharded and route == "exact":
+    if sharded and route in ("exact", "exact_gathered"):
         with torch.device("meta"):
             dense_inner = nn.ModuleDict({"backbone": mlp(), "head": nn.Linear(3, 3)}).to(F64)
 
@@ -149,7 +152,7 @@ def build(name: str, mesh: Optional[Any]) -> hypergrad.BilevelProblem:
     sharded = mesh is not None
     hvp = "finite_diff" if route == "finite_diff" else "auto"
     if sharded:
-        solver: Any = hypergrad.CG(max_steps=300, rtol=1e-13 if route == "exact" else 1e-9)
+        solver: Any = hypergrad.CG(max_steps=300, rtol=1e-9 if route == "finite_diff" else 1e-13)
     else:
         solver, hvp = hypergrad.Dense(), "rev_rev"
     if method_name == "implicit":

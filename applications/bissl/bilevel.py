@@ -113,6 +113,7 @@ def build_problem(
     callbacks: tuple = (),
     lam: float | None = None,
     damping: float | None = None,
+    dense_inner: nn.Module | None = None,
 ) -> BilevelProblem:
     r"""The BiSSL :class:`hypergrad.BilevelProblem`.
 
@@ -128,6 +129,8 @@ def build_problem(
             ``upper`` + ``head``; ``lower_sched``, ``upper_sched`` their schedulers.
         callbacks: passed to :class:`hypergrad.BilevelProblem`.
         lam, damping: override ``cfg.method.lam`` / ``cfg.method.damping`` (adaptive settings of the stage).
+        dense_inner: ``--fsdp`` only: an unsharded twin of ``ssl`` (meta device) for exact Hessian products
+            of the sharded backbone (``hypergrad.BilevelProblem(dense_inner=...)``).
     """
     method = cfg.method
     if lam is not None or damping is not None:
@@ -143,4 +146,5 @@ def build_problem(
         outer_loss=make_outer_loss(cfg.gamma),
         method=method,
         callbacks=callbacks,
+        dense_inner=dense_inner,
     )

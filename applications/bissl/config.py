@@ -105,6 +105,9 @@ def upper_hparams(dataset: str, pretext_type: str = "simclr") -> tuple[float, fl
     return UPPER_HPARAMS.get(dataset, {}).get(pretext_type, SMALL_UPPER)
 
 
+#: ``--hvp-mode`` values ``--fsdp`` takes (see :mod:`applications.bissl.fsdp`).
+FSDP_HVP_MODES: tuple[str, ...] = ("auto", "rev_rev", "rev_rev_cached", "finite_diff")
+
 #: BiSSL's proximal coupling: the lower backbone :math:`\theta_P` to the upper backbone :math:`\theta_D`.
 COUPLING: dict[str, str] = {"backbone": "backbone"}
 
@@ -251,7 +254,7 @@ class BiSSLConfig:
             train part of the shared train/val split, so fine-tuning's validation images stay unseen)
             or ``"all"`` (every labelled training image; leaks fine-tuning's validation labels).
         fsdp: shard the backbones with ``fully_shard`` (FSDP2) under torchrun (``--fsdp``; see
-            :mod:`applications.bissl.fsdp`); needs ``method.hvp_mode`` ``"auto"`` or ``"finite_diff"``
+            :mod:`applications.bissl.fsdp`); needs ``method.hvp_mode`` in :data:`FSDP_HVP_MODES`
             and ``damping_mode="constant"``.
     """
 
@@ -313,10 +316,11 @@ class BiSSLConfig:
             )
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"BiSSLConfig: `fsdp` must be True or False, got {self.fsdp!r}.")
-        if self.fsdp and self.method.hvp_mode not in ("auto", "finite_diff"):
+        if self.fsdp and self.method.hvp_mode not in FSDP_HVP_MODES:
             raise ValueError(
-                f"BiSSLConfig: --fsdp needs --hvp-mode auto or finite_diff (the Hessian-vector products of a "
-                f"fully_shard-ed backbone are finite differences of backward passes), got {self.method.hvp_mode!r}."
+                f"BiSSLConfig: --fsdp needs --hvp-mode one of {FSDP_HVP_MODES} (auto and rev_rev_cached: exact products "
+                "on the gathered weights; finite_diff: finite differences of backward passes), got "
+                f"{self.method.hvp_mode!r}."
             )
         if self.fsdp and self.damping_mode == "adaptive":
             raise ValueError(

@@ -40,7 +40,16 @@ from hypergrad.distributed import world_size
 
 from . import distributed as dist_utils
 
-__all__ = ["check_fsdp", "full_state_dict", "shard_backbone", "shard_stage", "fsdp_mesh", "warn_kinked_fd"]
+__all__ = [
+    "check_fsdp",
+    "dense_twin",
+    "exact_method",
+    "full_state_dict",
+    "shard_backbone",
+    "shard_stage",
+    "fsdp_mesh",
+    "warn_kinked_fd",
+]
 
 
 def check_fsdp() -> None:
@@ -127,3 +136,25 @@ def warn_kinked_fd(backbone: nn.Module) -> bool:
             stacklevel=2,
         )
     return True
+
+
+def dense_twin(cfg: Any) -> nn.Module:
+    """An unsharded SSL model of the stage's architecture on the meta device (no memory): the ``dense_inner`` twin.
+
+    The exact Hessian products of ``--fsdp`` evaluate the pretext loss on it with the gathered weights
+    (``hypergrad.BilevelProblem(dense_inner=...)``, route ``"exact_gathered"``).
+    """
+    from .pretrain import build_pretrain_model
+
+    with torch.device("meta"):
+        return build_pretrain_model(cfg)
+
+
+def exact_method(method: Any) -> Any:
+    """``method`` with ``hvp_mode="auto"`` made ``"rev_rev_cached"``: under FSDP2 with a twin, exact on gathered weights.
+
+    (``"auto"`` with a twin would be the ``DTensor`` route, which the SimCLR/BYOL losses do not support.)
+    """
+    import dataclasses
+
+    return dataclasses.replace(method, hvp_mode="rev_rev_cached") if method.hvp_mode == "auto" else method

@@ -75,7 +75,7 @@ from .diagnostics import (
     sharded_pretext_grad_norm,
     target_lam,
 )
-from .fsdp import check_fsdp, fsdp_mesh, full_state_dict, shard_stage, warn_kinked_fd
+from .fsdp import check_fsdp, dense_twin, exact_method, fsdp_mesh, full_state_dict, shard_stage, warn_kinked_fd
 from .models import LinearHead
 from .optim import LARS, warmup_cosine
 from .pretrain import build_pretrain_model, epoch_batches, pretext_dataset
@@ -263,6 +263,7 @@ def run_bissl(
     run = StageRun(
         out_dir, log_dir=os.path.join(cfg.logs, arm, task.replace("@", "_at")), tensorboard=True, resume=resume
     )
+    twin = None
     if b.fsdp:  # --fsdp: shard the backbones (the heads stay replicated), see applications/bissl/fsdp.py
         if run.resumable:
             raise ValueError(
@@ -271,9 +272,13 @@ def run_bissl(
             )
         if arm == "bissl":  # on the unsharded backbone (a frozen copy), as without --fsdp
             _warmup_head(cfg, upper, head, task, upper_lr, upper_wd)
-        if arm == "bissl" and not isinstance(b.method.solver, Identity):  # Identity takes no Hessian product
+        uses_fd = b.method.hvp_mode == "finite_diff" and not isinstance(b.method.solver, Identity)
+        if arm == "bissl" and uses_fd:  # (Identity takes no Hessian product)
             warn_kinked_fd(ssl.backbone)
         shard_stage(ssl, upper, fsdp_mesh(dev))
+        if b.method.hvp_mode != "finite_diff":  # exact products on the gathered weights (applications/bissl/fsdp.py)
+            twin = dense_twin(cfg)
+            b = dataclasses.replace(b, method=exact_method(b.method))
     lower_opt = LARS(
         [p for p in ssl.parameters() if p.requires_grad],
         lr=b.lower_lr,
@@ -288,7 +293,15 @@ def run_bissl(
     )
     upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
     problem = build_problem(
-        ssl, upper, head, b, lower_opt=lower_opt, upper_opt=upper_opt, lower_sched=lower_sched, upper_sched=upper_sched
+        ssl,
+        upper,
+        head,
+        b,
+        lower_opt=lower_opt,
+        upper_opt=upper_opt,
+        lower_sched=lower_sched,
+        upper_sched=upper_sched,
+        dense_inner=twin,
     )
     lam, damping = b.method.lam, b.method.damping
 

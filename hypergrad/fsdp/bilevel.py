@@ -15,7 +15,9 @@ every rank: :class:`~hypergrad.Implicit` or :class:`~hypergrad.Proximal`) or sha
 mesh (:class:`~hypergrad.Proximal`, whose coupled pairs are then sharded alike). HVP route from the
 method's ``hvp_mode``: ``"auto"`` is ``"exact"`` (double backward through DTensor) when the problem
 has a ``dense_inner`` twin, else ``"finite_diff_cached"`` with ``reuse_operator=True`` and
-``"finite_diff"`` without; ``"finite_diff"`` is always central differences.
+``"finite_diff"`` without; ``"finite_diff"`` is always central differences; ``"rev_rev"`` and
+``"rev_rev_cached"`` with a ``dense_inner`` twin are ``"exact_gathered"`` (reverse over reverse on the
+gathered weights, each rank on its own batch).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class ShardedLevels:
                         f"{op.placements}); wrap both levels the same way with fully_shard."
                     )
         self.mode = self._mode(method)
-        if dense_inner is not None and self.mode != "exact":
+        if dense_inner is not None and self.mode not in ("exact", "exact_gathered"):
             raise ValueError(
                 f"BilevelProblem: `dense_inner` is given but the method's hvp_mode={method.hvp_mode!r} resolves to "
                 f"{self.mode!r} under FSDP2, which does not use it; pass hvp_mode='auto' for the exact route or drop "
@@ -204,11 +206,14 @@ class ShardedLevels:
             if self.dense_inner is not None:
                 return "exact"
             return "finite_diff_cached" if method.reuse_operator else "finite_diff"
+        if method.hvp_mode in ("rev_rev", "rev_rev_cached") and self.dense_inner is not None:
+            return "exact_gathered"  # reverse over reverse on the gathered weights (graph built once per operator)
         raise ValueError(
             f"BilevelProblem: `hvp_mode` of {type(method).__name__} is {method.hvp_mode!r}, which is not supported "
             "with a fully_shard-ed (FSDP2) inner level: torch.func transforms cannot see through fully_shard. Use "
             "hvp_mode='auto' (exact double backward through DTensor when the problem has `dense_inner`, an unsharded "
-            "twin of the inner module built on the meta device; finite differences otherwise) or 'finite_diff'."
+            "twin of the inner module built on the meta device; finite differences otherwise), 'finite_diff', or "
+            "'rev_rev' with `dense_inner` (exact double backward on the gathered weights, any loss)."
         )
 
     # ------------------------------------------------------------------ helpers

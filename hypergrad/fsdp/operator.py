@@ -22,6 +22,15 @@ like the parameters (:mod:`hypergrad.fsdp.vectors`):
   The first-order graph is built once, at construction; every product is one backward pass
   through it. Exact to rounding; the graph keeps the gathered activations and weights it used.
 
+* ``"exact_gathered"``: ordinary double backward (reverse over reverse) on *gathered* weights: each
+  rank evaluates its loss on ``dense_module`` through ``torch.func.functional_call`` with the full
+  (all-gathered, plain) parameters and its own local batch, builds the first-order graph once, and
+  per product differentiates it against the gathered vector; the per-rank products are averaged
+  with one ``all_reduce`` and each rank keeps its shard. Exact to rounding for any loss (no
+  ``DTensor`` operation support needed: plain tensors inside, e.g. SimCLR's masks, BatchNorm with
+  each rank's statistics); memory and communication of data parallelism during the products (the
+  full parameters, vector and graph on every rank).
+
 The losses are means over each rank's equally sized local batch; every route then returns the
 Hessian of the mean over the concatenated global batch (FSDP averages gradients over ranks).
 """
@@ -32,7 +41,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.func import functional_call
 
 from ..distributed import all_reduce_mean
@@ -42,8 +51,8 @@ from .vectors import check_sharded_like
 
 __all__ = ["SHARDED_HVP_MODES", "ShardedHVPMode", "ShardedHessianOperator", "sharded_value_and_grad", "ShardedLoss"]
 
-ShardedHVPMode = Literal["finite_diff", "finite_diff_cached", "exact"]
-SHARDED_HVP_MODES: tuple[str, ...] = ("finite_diff", "finite_diff_cached", "exact")
+ShardedHVPMode = Literal["finite_diff", "finite_diff_cached", "exact", "exact_gathered"]
+SHARDED_HVP_MODES: tuple[str, ...] = ("finite_diff", "finite_diff_cached", "exact", "exact_gathered")
 #: ``loss(module, hparams, *batch) -> scalar``: the mean loss of ``module`` on this rank's batch.
 ShardedLoss = Callable[..., Tensor]
 
@@ -180,10 +189,10 @@ class ShardedHessianOperator(LinearOperator):
         batch: this rank's batch (a tuple of tensors, batch dimension first); every rank must
             hold the same number of samples.
         hparams: plain tensors :math:`\lambda`, identical on every rank (``None`` for none).
-        mode: ``"finite_diff"``, ``"finite_diff_cached"`` or ``"exact"``.
+        mode: ``"finite_diff"``, ``"finite_diff_cached"``, ``"exact"`` or ``"exact_gathered"``.
         keys: the parameters the Hessian is taken over (the others held fixed); default all
             trainable ones.
-        dense_module: for ``mode="exact"``: an unsharded module of the same architecture (its
+        dense_module: for ``mode="exact"`` or ``"exact_gathered"``: an unsharded module of the same architecture (its
             values are never read, so the meta device is fine).
 
     Example:
@@ -192,7 +201,7 @@ class ShardedHessianOperator(LinearOperator):
         >>> ShardedHessianOperator(torch.nn.Linear(2, 1), lambda m, h, x: m(x).mean(), (torch.ones(1, 2),), mode="fwd_rev")
         Traceback (most recent call last):
         ...
-        ValueError: ShardedHessianOperator: `mode` must be one of ('finite_diff', 'finite_diff_cached', 'exact') under FSDP2, got 'fwd_rev'. torch.func transforms cannot see through fully_shard: use mode='exact' (double backward through DTensor) or 'finite_diff'.
+        ValueError: ShardedHessianOperator: `mode` must be one of ('finite_diff', 'finite_diff_cached', 'exact', 'exact_gathered') under FSDP2, got 'fwd_rev'. torch.func transforms cannot see through fully_shard: use mode='exact' (double backward through DTensor) or 'finite_diff'.
     """
 
     def __init__(
@@ -224,14 +233,17 @@ class ShardedHessianOperator(LinearOperator):
         #: finite-difference step is chosen from its machine epsilon
         self.compute_dtype = compute_dtype(module, self.params)
         self.num_backward = 0
-        if mode == "exact":
+        if mode in ("exact", "exact_gathered"):
             if dense_module is None:
                 raise ValueError(
-                    "ShardedHessianOperator: mode='exact' needs `dense_module`, an unsharded module with the same "
+                    f"ShardedHessianOperator: mode={mode!r} needs `dense_module`, an unsharded module with the same "
                     "architecture (e.g. the constructor called under `torch.device('meta')`); or use mode='finite_diff'."
                 )
             check_dense_module(dense_module, self.params)
-            self._build_graph(dense_module)
+            if mode == "exact":
+                self._build_graph(dense_module)
+            else:
+                self._build_gathered(dense_module)
         else:
             theta = {k: p.detach() for k, p in self.params.items()}
             self._theta_norm = _norm64(theta)
@@ -349,6 +361,63 @@ class ShardedHessianOperator(LinearOperator):
                 out[k] = _dt(g).full_tensor().detach()
         return out
 
+    # ----- exact on gathered weights: plain double backward per rank, products averaged ------------
+    def _build_gathered(self, dense_module: nn.Module) -> None:
+        named = dict(self.module.named_parameters())
+        self._mesh = mesh_of(named)
+        # the twin normalises, drops out, ... as the sharded module does (the same module names)
+        modes = {n: m.training for n, m in self.module.named_modules()}
+        for n, m in dense_module.named_modules():
+            if n in modes:
+                m.train(modes[n])
+        tensors: dict[str, Tensor] = {}
+        self._leaves = {}
+        for k, p in named.items():
+            full = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            if k in self.params:
+                full = full.clone().requires_grad_(True)
+                self._leaves[k] = full
+            tensors["net." + k] = full
+        for k, b in self.module.named_buffers():  # copies: train-mode BatchNorm must not move the module's statistics
+            tensors["net." + k] = (b.full_tensor() if isinstance(b, DTensor) else b).detach().clone()
+        self._hleaves = {k: v.clone().requires_grad_(True) for k, v in self.hparams.items()}
+        with torch.enable_grad():
+            value = _check_loss_value(
+                functional_call(_Call(dense_module, self.loss), tensors, (self._hleaves, *self.batch)), "loss"
+            )
+            seed = torch.ones_like(value).requires_grad_(True)  # as in the exact route: refuse once_differentiable
+            self._g = torch.autograd.grad(value, list(self._leaves.values()), grad_outputs=seed, create_graph=True)
+        _refuse_once_differentiable(self._g)
+        self.num_backward += 1
+
+    def _gathered(self, v: dict[str, Tensor], hparams: bool) -> dict[str, Tensor]:
+        check_sharded_like("v", v, self.params)
+        inputs = list(self._hleaves.values()) if hparams else list(self._leaves.values())
+        if not inputs:
+            return {}
+        full = [
+            (v[k].full_tensor() if isinstance(v[k], DTensor) else v[k]).to(self._leaves[k].dtype) for k in self.keys
+        ]
+        grads = torch.autograd.grad(self._g, inputs, grad_outputs=full, retain_graph=True, allow_unused=True)
+        self.num_backward += 1
+        names = list(self.hparams) if hparams else self.keys
+        refs = self.hparams if hparams else self._leaves
+        mean = all_reduce_mean(
+            {k: torch.zeros_like(refs[k]) if g is None else g.detach() for k, g in zip(names, grads)}
+        )
+        if hparams:
+            return mean
+        out = {}
+        for k in self.keys:
+            p = self.params[k]
+            # every rank holds the same averaged product: each keeps its own shard, no communication
+            out[k] = (
+                distribute_tensor(mean[k], p.device_mesh, p.placements, src_data_rank=None)
+                if isinstance(p, DTensor)
+                else mean[k]
+            )
+        return out
+
     def _cotangent(self, k: str, v: Tensor) -> Tensor:
         v = v.to(self.params[k].dtype)
         return v if isinstance(v, DTensor) else DTensor.from_local(v, self._mesh, [Replicate()])
@@ -365,6 +434,8 @@ class ShardedHessianOperator(LinearOperator):
         """
         if self.mode == "exact":
             return self._exact(v, hparams=False)
+        if self.mode == "exact_gathered":
+            return self._gathered(v, hparams=False)
         return self._fd(v)[0]
 
     def mixed(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -378,4 +449,6 @@ class ShardedHessianOperator(LinearOperator):
         """
         if self.mode == "exact":
             return self._exact(v, hparams=True)
+        if self.mode == "exact_gathered":
+            return self._gathered(v, hparams=True)
         return self._fd(v)[1]
