@@ -6,22 +6,27 @@ Under ``--fsdp`` the lower backbone :math:`\theta_P` (inside the SSL model), the
 over all ranks (gloo on CPU, NCCL on CUDA). The projector, the predictor and the downstream head stay
 plain and replicated: the two levels are *mixed* levels (docs/fsdp.md), whose plain gradients hypergrad
 averages over ranks like data parallelism. The stage then runs through the same
-:class:`hypergrad.BilevelProblem`, whose Hessian-vector products take the finite-difference route of
-FSDP2 (two ``backward()`` passes per product; one with ``--reuse-operator``).
+:class:`hypergrad.BilevelProblem`, with exact Hessian-vector products on the gathered weights: an
+unsharded twin of the SSL model on the meta device (:func:`dense_twin`) is the problem's
+``dense_inner`` and ``--hvp-mode auto`` runs as ``rev_rev_cached`` (:func:`exact_method`), hypergrad's
+``"exact_gathered"`` route - each rank differentiates its own pretext loss twice with the
+all-gathered backbone, and the products are averaged over ranks, as in the data-parallel stage.
+``--hvp-mode finite_diff`` keeps the products sharded (finite differences of backward passes) but is
+unreliable on ReLU backbones in float32 (:func:`warn_kinked_fd`).
 
 What changes against the data-parallel stage (and why):
 
 * the head warm-up runs before the backbones are sharded (on an unsharded frozen copy, as without
   ``--fsdp``);
-* the stage checkpoint stores the problem's sharded state with ``torch.distributed.checkpoint``
-  (``<out>/checkpoint_problem/``, written by every rank) beside ``checkpoint.pt``;
-  ``lower_backbone.pt`` holds full (gathered) state dicts, loadable without FSDP;
+* no per-alternation stage checkpoint is written (the optimiser and warm-start states are sharded),
+  so a stage is not resumed (refused: pass ``--no-resume``); ``lower_backbone.pt`` holds full
+  (gathered) state dicts, loadable without FSDP;
 * the diagnostic :math:`\|\nabla L_P\|` is the norm of the rank-averaged gradient (without
   ``--fsdp``: the mean over ranks of each rank's norm): ``--lam-mode target_share`` may pick a
   slightly different :math:`\lambda`;
 * refused, with the reason: ``--damping-mode adaptive`` (its Lanczos runs ``torch.func`` Hessian
   products, which cannot see through ``fully_shard``), a run without a process group (launch with
-  torchrun), and HVP modes other than ``auto`` / ``finite_diff`` (refused by hypergrad).
+  torchrun), and other ``--hvp-mode`` s (:data:`applications.bissl.config.FSDP_HVP_MODES`).
 
 BatchNorm (every ResNet backbone has it) works in train mode: each rank normalises with its own
 batch statistics, exactly as the data-parallel stage does (FSDP2 shards BatchNorm's weight and bias
@@ -130,8 +135,8 @@ def warn_kinked_fd(backbone: nn.Module) -> bool:
             "--fsdp: the Hessian-vector products of a fully_shard-ed backbone are finite differences of backward "
             "passes, and this backbone has ReLU kinks in float32: measured relative error about 2 per product on the "
             "tiny preset (docs/fsdp.md, `python -m benchmarks.fsdp_bissl_hvp_error`), so the Hessian term of the "
-            "upper gradient is unreliable (the rest of the stage equals the data-parallel one). For exact products "
-            "run the stage without --fsdp; with --fsdp prefer a smooth activation or float64.",
+            "upper gradient is unreliable. Drop --hvp-mode finite_diff (the default, auto, gives exact products on "
+            "the gathered weights), or use a smooth activation or float64.",
             UserWarning,
             stacklevel=2,
         )

@@ -102,7 +102,7 @@ def test_fsdp_flag_sets_the_config_and_refuses_what_it_cannot_do(tmp_path, capsy
     base = ("bissl", "--preset", "tiny", "--out-dir", str(tmp_path), "--fsdp")
     cases = {
         (): "launch the stage with torchrun",  # no process group here
-        ("--hvp-mode", "rev_rev"): "--fsdp needs --hvp-mode auto or finite_diff",
+        ("--hvp-mode", "fwd_rev"): "--fsdp needs --hvp-mode one of",
         ("--damping-mode", "adaptive"): "--damping-mode adaptive is not supported",
     }
     for extra, message in cases.items():
@@ -115,7 +115,7 @@ def test_kinked_backbone_below_float64_warns_about_finite_differences():
     from applications.bissl.models import MLP
 
     relu = MLP([4, 8, 2])  # Linear -> BatchNorm1d -> ReLU -> Linear
-    with pytest.warns(UserWarning, match=r"ReLU kinks in float32.*without --fsdp"):
+    with pytest.warns(UserWarning, match=r"ReLU kinks in float32.*Drop --hvp-mode finite_diff"):
         assert warn_kinked_fd(relu)
     smooth = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     import warnings
