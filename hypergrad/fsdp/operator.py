@@ -4,7 +4,7 @@ PyTorch's FSDP2 all-gathers each block's parameters for its forward pass and red
 gradients in its backward hooks, outside autograd's view, so ``torch.func`` transforms and
 ``torch.autograd.grad`` with respect to the sharded parameters do not work on the wrapped module
 (measured with torch 2.14.1: "One of the differentiated Tensors appears to not have been used in
-the graph"). Three routes that do work, each taking and returning trees of ``DTensor`` s sharded
+the graph"). Four routes that do work, each taking and returning trees of ``DTensor`` s sharded
 like the parameters (:mod:`hypergrad.fsdp.vectors`):
 
 * ``"finite_diff"`` (approximate): central differences of two ordinary ``backward()`` passes of
@@ -153,6 +153,11 @@ def _norm64(tree: dict[str, Tensor]) -> float:
     return float(torch.sqrt(local.cpu() + replicated.cpu()))
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a ``DTensor`` all-gathered, a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _dt(t: Tensor) -> DTensor:
     assert isinstance(t, DTensor)  # narrowing for mypy: autograd through DTensor returns DTensors
     return t
@@ -180,7 +185,7 @@ class ShardedHessianOperator(LinearOperator):
     :func:`~hypergrad.fsdp.shard_like`); with :func:`hypergrad.tree_vdot` reducing their inner
     products across ranks, any hypergrad solver (``hypergrad.CG``) solves with it unchanged.
     :meth:`mixed` gives the mixed product :math:`(\partial^2_{\lambda\theta}\bar f) v` that
-    implicit differentiation needs. See the module docstring for the three ``mode`` s.
+    implicit differentiation needs. See the module docstring for the four ``mode`` s.
 
     Args:
         module: the ``fully_shard``-ed module; its parameters are the point :math:`\theta` (the
@@ -395,9 +400,7 @@ class ShardedHessianOperator(LinearOperator):
         inputs = list(self._hleaves.values()) if hparams else list(self._leaves.values())
         if not inputs:
             return {}
-        full = [
-            (v[k].full_tensor() if isinstance(v[k], DTensor) else v[k]).to(self._leaves[k].dtype) for k in self.keys
-        ]
+        full = [_full(v[k]).to(self._leaves[k].dtype) for k in self.keys]
         grads = torch.autograd.grad(self._g, inputs, grad_outputs=full, retain_graph=True, allow_unused=True)
         self.num_backward += 1
         names = list(self.hparams) if hparams else self.keys
