@@ -42,6 +42,8 @@ def _stages(rank: int, world: int, tmp: str) -> None:
             cfg = _cfg(f"{tmp}/{kind}/fsdp_{fsdp}", fsdp, **SETTINGS)
             cfg.pretrain = dataclasses.replace(cfg.pretrain, pretext_type=kind)
             stage.run_bissl(cfg, f"{tmp}/{kind}/pre.pt")
+    for fsdp in (False, True):  # the control arm: continued pretraining, clipped over a mixed tree
+        stage.run_bissl(_cfg(f"{tmp}/control/fsdp_{fsdp}", fsdp, **SETTINGS), f"{tmp}/simclr/pre.pt", arm="control")
 
 
 def _pretrained(cfg, path) -> dict:
@@ -85,6 +87,14 @@ def test_fsdp_stage_on_two_ranks_matches_the_data_parallel_stage(tmp_path):
             assert all(type(out[True][part][k]) is torch.Tensor for k in params)
             assert all(out[True][part][k].shape == ref[k].shape for k in params)
             assert max(float((out[True][part][k] - ref[k]).abs().max()) for k in params) > 1e-4
+    control = {}
+    for fsdp in (False, True):
+        (path,) = (tmp_path / "control" / f"fsdp_{fsdp}").rglob("lower_backbone.pt")
+        control[fsdp] = hypergrad.load_checkpoint(str(path))["backbone"]
+    ref = pre["simclr"]["backbone"]
+    params = [k for k, v in ref.items() if v.is_floating_point() and "running" not in k]
+    rel, per_moved = _gap(control[False], control[True], ref, params)
+    assert rel <= 1e-6 and per_moved <= 1e-4, (rel, per_moved)  # measured 6.5e-9
 
 
 def _main(*argv: str) -> int:
