@@ -405,7 +405,12 @@ def run_bissl(
         print(
             f"[bissl] warning: {summary['solves_failed']} of {summary['solves']} implicit-gradient solves failed "
             f"({100 * summary['solves_failed_frac']:.0f} %; e.g. I + H/(lam+damping) not positive definite); "
-            "their steps were applied as the authors do. Use --damping-mode adaptive (or more damping) to avoid it.",
+            "their steps were applied as the authors do. "
+            + (
+                "Use more --damping to avoid it (--damping-mode adaptive is not available with --fsdp)."
+                if b.fsdp
+                else "Use --damping-mode adaptive (or more damping) to avoid it."
+            ),
             file=sys.stderr,
         )
     dist_utils.barrier()
