@@ -229,3 +229,35 @@ def test_operator_reuse_and_warm_start_on_a_sharded_level(mesh: Any) -> None:
     assert rel({k: p.grad.full_tensor() for k, p in outer.named_parameters()}, grad) <= 1e-8
     problem.inner_step(batch)  # new inner parameters: a new operator
     assert problem.hypergradient(batch).operator_reused is False and problem.method_state.operator is not op
+
+
+def test_exact_gathered_products_equal_the_dense_hessian_on_a_mixed_module(mesh: Any) -> None:
+    from tests.fsdp_problem_cases import mixed_level
+
+    level = nn.ModuleDict(mixed_level(torch.float64, mesh, seed=3))
+    dense = nn.ModuleDict(mixed_level(torch.float64, None, seed=3))
+    with torch.device("meta"):
+        twin = nn.ModuleDict({"backbone": mlp(), "head": nn.Linear(3, 3)}).double()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+
+    def loss(m: nn.Module, h: dict, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((m["head"](m["backbone"](a)) - b) ** 2).mean()
+
+    params = {k: p.detach() for k, p in dense.named_parameters()}
+    v = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
+
+    def dense_loss(p: dict) -> torch.Tensor:
+        out = torch.func.functional_call(dense["head"], {k[5:]: t for k, t in p.items() if k.startswith("head.")}, (
+            torch.func.functional_call(dense["backbone"], {k[9:]: t for k, t in p.items() if k.startswith("backbone.")}, (x,)),
+        ))  # fmt: skip
+        return ((out - y) ** 2).mean()
+
+    ref = hypergrad.hvp(dense_loss, params, v, mode="rev_rev")
+    op = hypergrad.ShardedHessianOperator(level, loss, (x, y), mode="exact_gathered", dense_module=twin)
+    got = op.matvec(hypergrad.shard_like(v, level))
+    full = {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in got.items()}
+    assert rel(full, ref) <= 1e-12
+    assert any(hasattr(t, "full_tensor") for t in got.values()) and any(
+        not hasattr(t, "full_tensor") for t in got.values()
+    )
