@@ -10,6 +10,8 @@ form is found; then, side by side in one process:
   gradients any implicit hypergradient needs (the outer gradient and the mixed VJP, approximated by
   two ``torch.func.grad`` calls).
 
+``bench_compile.py`` puts the same floor beside the compiled solve and the peers.
+
 ``t_solve / t_floor`` separates hypergrad's own overhead (operator construction, checks, CG's
 vector updates, the cross term) from the cost of torch's per-operation dispatch, which a peer with
 a compiled loop (JAXopt under XLA) does not pay. Peer columns come from ``bench_peers.py`` after
@@ -32,11 +34,13 @@ from torch.func import grad, jvp, vjp
 if __package__ in (None, ""):  # `python benchmarks/bench_floor.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hypergrad
 from benchmarks.measure import rel_error
 from benchmarks.problems import build_problem
-from benchmarks.solvers_registry import METHODS
+from benchmarks.solvers_registry import Method
 
-CONFIGS = {"cg[fwd_rev]": "cg", "cg[rev_rev_cached]": "cg_cached"}
+# label -> hvp_mode of CG (spelled out: the registry's "cg" follows the library default, "auto").
+CONFIGS = {"cg[fwd_rev]": "fwd_rev", "cg[rev_rev_cached]": "rev_rev_cached"}
 BUDGETS = (2, 4, 8, 16, 32, 64, 128)
 
 
@@ -75,12 +79,13 @@ def measure(preset: str, reps: int) -> list[dict]:
     rows = []
     for problem in ("quadratic_k10", "ridge"):
         case = build_problem(problem, preset, "cpu")
-        for label, method in CONFIGS.items():
-            k = next((b for b in BUDGETS if rel_error(METHODS[method].build(case, b)().grad, case.exact) <= 1e-6), None)
+        for label, mode in CONFIGS.items():
+            method = Method(label, "implicit", lambda k, c: hypergrad.CG(max_steps=k), hvp_mode=mode)
+            k = next((b for b in BUDGETS if rel_error(method.build(case, b)().grad, case.exact) <= 1e-6), None)
             if k is None:
                 rows.append(dict(problem=problem, config=label, reached=False))
                 continue
-            solve = METHODS[method].build(case, k)
+            solve = method.build(case, k)
             t_solve = _median(solve, reps)
             t_floor = _median(floor_call(case, k, cached="cached" in label), reps)
             rows.append(
