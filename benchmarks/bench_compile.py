@@ -11,8 +11,10 @@ in the warm-up and is reported separately) and its error checked after timing:
 * ``hypergrad cg[fwd_rev]``: the same on forward-over-reverse HVPs, eager;
 * ``hypergrad CompiledCG[fwd_rev]``: :class:`hypergrad.CompiledCG` (the whole K-step loop, HVPs
   included, one ``torch.compile`` graph; the outer gradient and the cross term stay eager);
-* ``floor[...]``: :math:`K` bare ``torch.func`` HVPs plus two gradients written by hand
-  (``benchmarks/bench_floor.py``): what hypergrad's own per-operation cost allows eagerly;
+* ``solve only``: the linear solve alone on an operator built once (no outer gradient, no cross
+  term), eager CG on the cached graph and the compiled loop: where the whole call's time goes;
+* ``floor[...]``: :math:`K` bare HVPs plus two gradients written by hand
+  (``benchmarks/bench_floor.py``): what torch's per-operation cost allows eagerly;
 * ``jaxopt_cg[jit]`` / ``jaxopt_cg[no jit]``: JAXopt's ``custom_root`` with ``solve_cg``, the whole
   hypergradient ``jax.jit``-compiled, or run op by op under ``jax.disable_jit()``;
 * ``torchopt_cg[eager]`` / ``torchopt_cg[compile]``: TorchOpt's ``custom_root`` with ``solve_cg``,
@@ -171,12 +173,29 @@ def measure(preset: str, reps: int, backend: str) -> list[dict]:
                 row["note"] = "compiled" if stats["compiled"] else f"FELL BACK to eager: {stats['compile_error']}"
             row["note"] = "; ".join([row.get("note", "")] + [str(w.message)[:120] for w in caught]).strip("; ")
             table.append(row)
+        # The solve alone (operator built once, the right-hand side given): where the time goes.
+        prob = case.problem
+        rhs = torch.func.grad(lambda q: prob.outer_loss(q, case.hparams))(case.params)
+        for label, solver, mode in (
+            ("  solve only: CG[rev_rev_cached]", hypergrad.CG(max_steps=k), "rev_rev_cached"),
+            (
+                f"  solve only: CompiledCG[fwd_rev, {backend}]",
+                hypergrad.CompiledCG(max_steps=k, backend=backend),
+                "fwd_rev",
+            ),
+        ):
+            op = hypergrad.HessianOperator(lambda q: prob.inner_loss(q, case.hparams), case.params, mode=mode)
+            first, med = _median(lambda: solver(op, rhs), reps)
+            note = "operator built once, outside the timer"
+            if isinstance(solver, hypergrad.CompiledCG):
+                note += "; compiled" if solver(op, rhs).stats["compiled"] else "; FELL BACK to eager"
+            table.append(dict(row=label, first_s=first, t_ms=1e3 * med, note=note))
         for label, cached in (("floor[rev_rev_cached]", True), ("floor[fwd_rev]", False)):
             first, med = _median(floor_call(case, k, cached), reps)
-            table.append(dict(row=label, first_s=first, t_ms=1e3 * med, note=f"{k} bare torch.func HVPs + 2 grads"))
+            table.append(dict(row=label, first_s=first, t_ms=1e3 * med, note=f"{k} bare HVPs + 2 grads, by hand"))
         table += _peer_rows(case, k, reps)
         floor = next(r["t_ms"] for r in table if r["row"] == "floor[rev_rev_cached]")
-        best = min(r["t_ms"] for r in table if r["row"].startswith("hypergrad") and "t_ms" in r)
+        best = min(r["t_ms"] for r in table if r["row"].startswith("hypergrad") and "t_ms" in r)  # whole calls
         for r in table:
             r.update(problem=problem, budget=k)
             if "t_ms" in r:

@@ -63,14 +63,6 @@ def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, .
     t_grad = _median_time(lambda: torch.func.grad(case.fn)(case.params), reps)
     ref = hypergrad.hvp(case.fn, case.params, v, mode="rev_rev")
     rows = []
-    t_grad_c = float("nan")
-    if compile_modes:
-        compile_s, t_grad_c, failed = compiled_grad_time(case, reps)
-        row = dict(model=name, mode="gradient", compiled=True, num_params=case.num_params, grad_ms=1e3 * t_grad)
-        row.update(compile_s=compile_s, hvp_over_grad=t_grad_c / t_grad)  # compiled gradient / eager gradient
-        if failed:
-            row["compile_failed"] = failed
-        rows.append(row)
     for mode in MODES:
         t0 = time.perf_counter()
         op = build(case.fn, case.params, mode)
@@ -91,9 +83,69 @@ def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, .
                 num_params=case.num_params,
             )
         )
-        if mode in compile_modes:
-            rows.append(_compiled(case, mode, op, v, ref, t_grad, reps, t_grad_c))
+    if compile_modes:
+        rows += compiled_rows(name, preset, reps, compile_modes)
     return rows
+
+
+def compiled_rows(name: str, preset: str, reps: int, modes: tuple[str, ...], timeout: float = 1800) -> list[dict]:
+    """The compiled gradient and HVP closures of ``modes``, each in its own process.
+
+    A compiler bug can take the process down (the inductor-compiled gradient of the ResNet aborted
+    with a heap corruption here), so each compilation runs in a child process: a crash or a timeout
+    becomes a row saying so. Each child times the eager gradient too; ``HVP/c.grad`` is the child's
+    compiled HVP / eager gradient divided by the gradient child's compiled / eager gradient.
+    """
+    import json
+    import subprocess
+
+    rows = []
+    for item in ("gradient", *modes):
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            name,
+            item,
+            "--preset",
+            preset,
+            "--reps",
+            str(reps),
+        ]
+        cmd += ["--threads", str(torch.get_num_threads())]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if found:
+                rows.append(json.loads(found[-1]))
+                continue
+            tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+            failure = f"process died (exit {proc.returncode}): {tail[0][:160]}"
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {timeout:.0f} s"
+        rows.append(dict(model=name, mode=item, compiled=True, num_params=0, compile_failed=failure))
+    grad_row = rows[0]
+    ratio = grad_row.get("hvp_over_grad", float("nan"))  # compiled gradient / eager gradient
+    for r in rows[1:]:
+        r["hvp_over_compiled_grad"] = r.get("hvp_over_grad", float("nan")) / ratio
+    return rows
+
+
+def _child_row(name: str, item: str, preset: str, reps: int) -> dict:
+    case = build_model(name, preset)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in case.params.items()}
+    t_grad = _median_time(lambda: torch.func.grad(case.fn)(case.params), reps)
+    if item == "gradient":
+        compile_s, t_grad_c, failed = compiled_grad_time(case, reps)
+        row = dict(model=name, mode="gradient", compiled=True, num_params=case.num_params, grad_ms=1e3 * t_grad)
+        row.update(compile_s=compile_s, hvp_over_grad=t_grad_c / t_grad)  # compiled gradient / eager gradient
+        if failed:
+            row["compile_failed"] = failed
+        return row
+    ref = hypergrad.hvp(case.fn, case.params, v, mode="rev_rev")
+    op = build(case.fn, case.params, item)
+    return _compiled(case, item, op, v, ref, t_grad, reps)
 
 
 def _build_and_apply(case: Any, mode: str, v: dict, k: int) -> None:
@@ -102,7 +154,7 @@ def _build_and_apply(case: Any, mode: str, v: dict, k: int) -> None:
         op(v)
 
 
-def _compiled(case: Any, mode: str, op: Any, v: dict, ref: dict, t_grad: float, reps: int, t_grad_c: float) -> dict:
+def _compiled(case: Any, mode: str, op: Any, v: dict, ref: dict, t_grad: float, reps: int) -> dict:
     """One HVP closure of ``mode`` under ``torch.compile`` (default backend, graph breaks allowed).
 
     ``fwd_rev`` and ``rev_rev`` compile the ``torch.func`` closures ``jvp(grad(f))`` and
@@ -133,7 +185,6 @@ def _compiled(case: Any, mode: str, op: Any, v: dict, ref: dict, t_grad: float, 
         row["compile_s"] = time.perf_counter() - t0
         t_hvp = _median_time(lambda: fn(v), reps)
         row["hvp_over_grad"] = t_hvp / t_grad
-        row["hvp_over_compiled_grad"] = t_hvp / t_grad_c if t_grad_c == t_grad_c else float("nan")
         row["rel_err_vs_rev_rev"] = rel_error(out, ref)
         explain = torch._dynamo.explain(target)(v)
         row["graphs"] = f"{explain.graph_count} graph(s), {explain.graph_break_count} break(s)"
@@ -187,8 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "ITEM"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.child:  # one compiled measurement, run by compiled_rows in its own process
+        import json
+
+        print("ROW " + json.dumps(_child_row(*args.child, args.preset, args.reps)), flush=True)
+        return 0
     print(f"HVP cost per mode, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
         f"{'model':<12}{'params':>9}{'mode':<16}{'compiled':>9}{'build/grad':>11}{'HVP/grad':>10}{'err':>10}"
