@@ -114,7 +114,12 @@ class CompiledCG(AbstractLinearSolver):
     solve for a given operator kind, shapes and budget (dynamo's cache serves the later ones).
     **Fallback**: when compilation raises (a graph break, an unsupported operation, no C++
     compiler for inductor), the same loop runs eagerly, a :class:`CompileFallbackWarning` with the
-    error is issued once, and later solves of that kind run eagerly without retrying.
+    error is issued once, and later solves of that kind run eagerly without retrying. A compiler
+    that crashes the process instead of raising cannot be caught: with torch 2.14.1 on the CPU the
+    inductor-compiled second derivatives of a small ResNet with BatchNorm aborted with a heap
+    corruption unless ``torch._inductor.config.layout_optimization = False``
+    (``docs/benchmarks.md``). Dynamo's recompile limit applies (8 shapes/budgets per process by
+    default); past it the compilation fails and the fallback above takes over.
 
     Args:
         max_steps: the fixed budget :math:`K` (>= 1): matvecs per solve (one more with ``x0``).
