@@ -9,8 +9,8 @@ For each model of ``benchmarks/models.py`` (MLP, ResNet with BatchNorm through
 * ``auto``: the library's choice (the cached reverse graph when it fits);
 
 it records the one-off build time, the time of one matvec after the build (median of ``reps``),
-both as multiples of one eager gradient of the same loss (forward + ``torch.autograd.grad``), the agreement with ``rev_rev`` and
-the peak memory of build + 5 matvecs (PyTorch profiler allocation events on CPU, i.e. tensor
+both as multiples of one eager gradient of the same loss (forward + ``torch.autograd.grad``), the
+agreement with ``rev_rev`` and the peak memory of build + 5 matvecs (PyTorch profiler allocation events on CPU, i.e. tensor
 memory, not RSS). ``--compile MODEL ...`` adds, for those models, ``torch.compile`` of the gradient
 (row ``gradient``: compiled / eager gradient) and of the HVP closure of each ``--compile-modes``
 mode (``HVP/grad``: over the eager gradient; ``HVP/c.grad``: over the compiled gradient), with the
