@@ -5,10 +5,13 @@ smallest CG budget :math:`K` whose hypergradient is within relative error ``1e-6
 form is found; then, side by side in one process:
 
 * ``t_solve``: :func:`hypergrad.implicit_grad` with ``CG(max_steps=K)`` (median of ``reps``);
-* ``t_floor``: :math:`K` bare HVPs of the same inner loss written directly with ``torch.func``
-  (``jvp(grad(G))``, or the VJP of a reverse graph built once for the cached mode) plus the two
+* ``t_floor``: :math:`K` bare HVPs of the same inner loss written directly (``torch.func``
+  ``jvp(grad(G))``, or for the cached mode plain autograd double backward through a gradient graph
+  built once, as the library's reverse modes do since 2026-11-27) plus the two
   gradients any implicit hypergradient needs (the outer gradient and the mixed VJP, approximated by
   two ``torch.func.grad`` calls).
+
+``bench_compile.py`` puts the same floor beside the compiled solve and the peers.
 
 ``t_solve / t_floor`` separates hypergrad's own overhead (operator construction, checks, CG's
 vector updates, the cross term) from the cost of torch's per-operation dispatch, which a peer with
@@ -27,16 +30,18 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp
 
 if __package__ in (None, ""):  # `python benchmarks/bench_floor.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hypergrad
 from benchmarks.measure import rel_error
 from benchmarks.problems import build_problem
-from benchmarks.solvers_registry import METHODS
+from benchmarks.solvers_registry import Method
 
-CONFIGS = {"cg[fwd_rev]": "cg", "cg[rev_rev_cached]": "cg_cached"}
+# label -> hvp_mode of CG (spelled out: the registry's "cg" follows the library default, "auto").
+CONFIGS = {"cg[fwd_rev]": "fwd_rev", "cg[rev_rev_cached]": "rev_rev_cached"}
 BUDGETS = (2, 4, 8, 16, 32, 64, 128)
 
 
@@ -51,8 +56,14 @@ def _median(call: Callable[[], Any], reps: int) -> float:
 
 
 def floor_call(case: Any, k: int, cached: bool) -> Callable[[], Any]:
-    """K bare HVPs of the inner loss at theta* (+ two gradients), written directly with torch.func."""
+    """K bare HVPs of the inner loss at theta* (+ two gradients), written directly.
+
+    ``cached``: one ``create_graph`` gradient, then K ``torch.autograd.grad`` calls through it with
+    ``retain_graph=True`` (the plain double backward the library's reverse modes use); otherwise
+    K ``torch.func`` ``jvp(grad(G))`` products.
+    """
     prob, p, h = case.problem, case.params, case.hparams
+    keys = list(p)
 
     def g_theta(q: dict) -> Any:
         return prob.inner_loss(q, h)
@@ -60,9 +71,12 @@ def floor_call(case: Any, k: int, cached: bool) -> Callable[[], Any]:
     def run() -> Any:
         v = grad(lambda q: prob.outer_loss(q, h))(p)
         if cached:
-            _, f = vjp(grad(g_theta), p)
+            leaves = [p[key].detach().requires_grad_(True) for key in keys]
+            g = torch.autograd.grad(g_theta(dict(zip(keys, leaves))), leaves, create_graph=True)
+            vs = [v[key] for key in keys]
             for _ in range(k):
-                v = f(v)[0]
+                vs = list(torch.autograd.grad(g, leaves, grad_outputs=vs, retain_graph=True))
+            v = dict(zip(keys, vs))
         else:
             for _ in range(k):
                 v = jvp(grad(g_theta), (p,), (v,))[1]
@@ -75,12 +89,13 @@ def measure(preset: str, reps: int) -> list[dict]:
     rows = []
     for problem in ("quadratic_k10", "ridge"):
         case = build_problem(problem, preset, "cpu")
-        for label, method in CONFIGS.items():
-            k = next((b for b in BUDGETS if rel_error(METHODS[method].build(case, b)().grad, case.exact) <= 1e-6), None)
+        for label, mode in CONFIGS.items():
+            method = Method(label, "implicit", lambda k, c: hypergrad.CG(max_steps=k), hvp_mode=mode)
+            k = next((b for b in BUDGETS if rel_error(method.build(case, b)().grad, case.exact) <= 1e-6), None)
             if k is None:
                 rows.append(dict(problem=problem, config=label, reached=False))
                 continue
-            solve = METHODS[method].build(case, k)
+            solve = method.build(case, k)
             t_solve = _median(solve, reps)
             t_floor = _median(floor_call(case, k, cached="cached" in label), reps)
             rows.append(

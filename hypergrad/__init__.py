@@ -72,6 +72,8 @@ from .records import StepCallback as StepCallback
 from .records import StepRecord as StepRecord
 from .solvers import AbstractLinearSolver as AbstractLinearSolver
 from .solvers import AbstractPreconditioner as AbstractPreconditioner
+from .solvers import CompiledCG as CompiledCG
+from .solvers import CompileFallbackWarning as CompileFallbackWarning
 from .solvers import HutchinsonDiagonal as HutchinsonDiagonal
 from .solvers import Nystrom as Nystrom
 from .solvers import Solution as Solution
@@ -133,6 +135,8 @@ __all__ = [
     "SolverError",
     "Status",
     *(_s.name for _s in registered_solvers()),  # every registered solver (hypergrad/solvers/_registry.py)
+    "CompiledCG",
+    "CompileFallbackWarning",
     "AbstractPreconditioner",
     "HutchinsonDiagonal",
     "Nystrom",

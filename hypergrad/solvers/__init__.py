@@ -3,7 +3,9 @@
 The solver classes are exported from the registry (:func:`registered_solvers`): adding a solver is
 one file in ``hypergrad/solvers/`` and one :class:`SolverSpec` line in
 ``hypergrad/solvers/_registry.py`` (see CONTRIBUTING.md); this module, ``hypergrad``, the contract
-tests, the benchmarks and the API docs all read that list.
+tests, the benchmarks and the API docs all read that list. :class:`CompiledCG` (a fixed-budget CG
+compiled as one ``torch.compile`` graph) is exported here but not registered: its first solve per
+operator compiles, which the registry-wide contract tests would pay for every case.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,8 @@ from ._base import Status as Status
 from ._registry import SolverSpec as SolverSpec
 from ._registry import SystemInfo as SystemInfo
 from ._registry import registered_solvers as registered_solvers
+from .compiled_cg import CompiledCG as CompiledCG
+from .compiled_cg import CompileFallbackWarning as CompileFallbackWarning
 from .dense import materialize as materialize
 from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
 from .preconditioners import HutchinsonDiagonal as HutchinsonDiagonal
@@ -30,6 +34,8 @@ __all__ = [
     "SolverError",
     "Status",
     *_CLASSES,
+    "CompiledCG",
+    "CompileFallbackWarning",
     "materialize",
     "AbstractPreconditioner",
     "HutchinsonDiagonal",
