@@ -338,6 +338,13 @@ MEMORY_VARIANTS: dict[str, dict[str, Any]] = {  # name: Proximal settings (None:
     "hypergrad_fwd_rev": dict(hvp_mode="fwd_rev"),
     "hypergrad_rev_rev": dict(hvp_mode="rev_rev"),
     "hypergrad_reuse": dict(reuse_operator=True),
+    "rev_rev_cg4": dict(hvp_mode="rev_rev", solver=hypergrad.CG(max_steps=4)),
+    "rev_rev_cg3": dict(hvp_mode="rev_rev", solver=hypergrad.CG(max_steps=3)),
+    "rev_rev_cg2": dict(hvp_mode="rev_rev", solver=hypergrad.CG(max_steps=2)),
+    "fd_cg5": dict(hvp_mode="finite_diff"),
+    "fd_cg4": dict(hvp_mode="finite_diff", solver=hypergrad.CG(max_steps=4)),
+    "fd_cg3": dict(hvp_mode="finite_diff", solver=hypergrad.CG(max_steps=3)),
+    "fd_cg2": dict(hvp_mode="finite_diff", solver=hypergrad.CG(max_steps=2)),
 }
 
 

@@ -129,6 +129,31 @@ class SmallCNNSystem:
         g = torch.func.grad(self._loss(self.h_batch))(self.params)
         self.params = {k: v - lr * g[k] for k, v in self.params.items()}
 
+    def dense(self) -> torch.Tensor:
+        r"""The dense float64 matrix :math:`I + H/\lambda` (one HVP per column of the identity)."""
+        op, keys = self.operator(), list(self.params)
+        sizes = [self.params[k].numel() for k in keys]
+
+        def unflat(e: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: t.reshape(self.params[k].shape) for k, t in zip(keys, torch.split(e, sizes))}
+
+        eye = torch.eye(sum(sizes), dtype=torch.float64)
+        cols = [torch.cat([op(unflat(e))[k].reshape(-1) for k in keys]) for e in eye]
+        A = torch.stack(cols, dim=1)
+        return 0.5 * (A + A.T)
+
+    def exact(self) -> list[dict[str, torch.Tensor]]:
+        """Dense ``torch.linalg.solve`` of every right-hand side (the float64 reference)."""
+        A, keys = self.dense(), list(self.params)
+        sizes = [self.params[k].numel() for k in keys]
+        eig = torch.linalg.eigvalsh(A)
+        self.spectrum = (float(eig[0]), float(eig[-1]), float(eig.abs().max() / eig.abs().min()))
+        out = []
+        for b in self.rhs():
+            x = torch.linalg.solve(A, torch.cat([b[k].reshape(-1) for k in keys]))
+            out.append({k: t.reshape(self.params[k].shape) for k, t in zip(keys, torch.split(x, sizes))})
+        return out
+
 
 class _Scaled(hypergrad.LinearOperator):
     """``v -> s A v`` (one HVP per call)."""
@@ -176,7 +201,12 @@ def measure(
     system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
     table: dict[str, list] = {n: [] for n in (names or solvers())}
     for _ in range(alternations):
-        exact = reference(system.operator(), system.rhs())
+        exact = system.exact() if small_cnn else reference(system.operator(), system.rhs())
+        if small_cnn:
+            lo, hi, cond = system.spectrum
+            print(
+                f"alternation {len(next(iter(table.values())))}: eigenvalues of I + H/lam in [{lo:.3g}, {hi:.3g}], |cond| {cond:.3g}"
+            )
         for name in table:
             table[name].append(run_alternation(system, solvers()[name], exact))
         system.lower_step()
