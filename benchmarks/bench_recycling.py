@@ -40,12 +40,24 @@ RTOL = 1e-4
 
 
 def solvers(max_steps: int = 200) -> dict[str, Callable[[], hypergrad.AbstractLinearSolver]]:
-    """Fresh solver objects per alternation (their caches start empty)."""
+    """Solver factories (one object per solver name and run; its cache starts empty)."""
     return {
         "cg_cold": lambda: hypergrad.CG(max_steps=max_steps, rtol=RTOL),
         "minres_cold": lambda: hypergrad.MINRES(max_steps=max_steps, rtol=RTOL),
         "recycled_lanczos_8": lambda: hypergrad.RecycledLanczos(basis_size=8, max_steps=max_steps, rtol=RTOL),
         "recycled_lanczos_16": lambda: hypergrad.RecycledLanczos(basis_size=16, max_steps=max_steps, rtol=RTOL),
+        "recycled_converged_16": lambda: hypergrad.RecycledLanczos(
+            basis_size=16, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2
+        ),
+        "recycled_converged_32": lambda: hypergrad.RecycledLanczos(
+            basis_size=32, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2
+        ),
+        "recycled_carry_16": lambda: hypergrad.RecycledLanczos(
+            basis_size=16, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2, carry=True
+        ),
+        "recycled_carry_32": lambda: hypergrad.RecycledLanczos(
+            basis_size=32, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2, carry=True
+        ),
         "pcg_nystrom_lanczos_8": lambda: hypergrad.PCG(hypergrad.Nystrom(rank=8), max_steps=max_steps, rtol=RTOL),
         "pcg_nystrom_random_8": lambda: hypergrad.PCG(
             hypergrad.Nystrom(rank=8, sketch="random"), max_steps=max_steps, rtol=RTOL
@@ -125,7 +137,7 @@ class SmallCNNSystem:
     def rhs(self) -> list[dict[str, torch.Tensor]]:
         return [torch.func.grad(self._loss(b))(self.params) for b in self.d_batches]
 
-    def lower_step(self, lr: float = 0.1) -> None:
+    def lower_step(self, lr: float = 0.01) -> None:
         g = torch.func.grad(self._loss(self.h_batch))(self.params)
         self.params = {k: v - lr * g[k] for k, v in self.params.items()}
 
@@ -182,8 +194,8 @@ def _rel(a: dict, b: dict) -> float:
     return float(hypergrad.tree_norm(hypergrad.tree_sub(a, b))) / float(hypergrad.tree_norm(b))
 
 
-def run_alternation(system: System, make: Callable[[], hypergrad.AbstractLinearSolver], exact: list[dict]) -> dict:
-    op, solver = system.operator(), make()
+def run_alternation(system: System, solver: hypergrad.AbstractLinearSolver, exact: list[dict]) -> dict:
+    op = system.operator()
     hvps, errs, statuses, t0 = 0, [], [], time.perf_counter()
     for b, ref in zip(system.rhs(), exact):
         sol = solver(op, b)
@@ -200,6 +212,9 @@ def measure(
     torch.manual_seed(0)
     system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
     table: dict[str, list] = {n: [] for n in (names or solvers())}
+    # one solver object per name for all alternations: each alternation is a new operator object, so
+    # only a solver that carries its basis on purpose (``carry=True``) keeps anything across them
+    objects = {n: solvers()[n]() for n in table}
     for _ in range(alternations):
         exact = system.exact() if small_cnn else reference(system.operator(), system.rhs())
         if small_cnn:
@@ -208,7 +223,7 @@ def measure(
                 f"alternation {len(next(iter(table.values())))}: eigenvalues of I + H/lam in [{lo:.3g}, {hi:.3g}], |cond| {cond:.3g}"
             )
         for name in table:
-            table[name].append(run_alternation(system, solvers()[name], exact))
+            table[name].append(run_alternation(system, objects[name], exact))
         system.lower_step()
     return table
 
