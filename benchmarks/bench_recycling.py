@@ -13,6 +13,11 @@ solve to ``rtol = 1e-6`` (float32; its true residual is checked to be below 1e-5
 (``HessianOperator(mode="rev_rev_cached")``), so they are exact and the counts do not depend on
 the HVP mode.
 
+``--small-cnn``: the float64 stand-in (small ResNet with BatchNorm, ``I + H/damping``), reference by
+MINRES to rtol 1e-11 with its true residual checked (``--dense``: a dense ``torch.linalg.solve`` and
+the spectrum, one HVP per parameter). One solver object per name serves every alternation, so only
+``RecycledLanczos(carry=True)`` takes anything from one alternation to the next.
+
 Run: ``python benchmarks/bench_recycling.py [--preset small|full] [--damping 500] [--alternations 2]``
 (prints a table), or ``python -m pytest benchmarks/bench_recycling.py`` (one pytest-benchmark
 entry per solver with the counts in ``extra_info``).
