@@ -13,6 +13,11 @@ solve to ``rtol = 1e-6`` (float32; its true residual is checked to be below 1e-5
 (``HessianOperator(mode="rev_rev_cached")``), so they are exact and the counts do not depend on
 the HVP mode.
 
+``--small-cnn``: the float64 stand-in (small ResNet with BatchNorm, ``I + H/damping``), reference by
+MINRES to rtol 1e-11 with its true residual checked (``--dense``: a dense ``torch.linalg.solve`` and
+the spectrum, one HVP per parameter). One solver object per name serves every alternation, so only
+``RecycledLanczos(carry=True)`` takes anything from one alternation to the next.
+
 Run: ``python benchmarks/bench_recycling.py [--preset small|full] [--damping 500] [--alternations 2]``
 (prints a table), or ``python -m pytest benchmarks/bench_recycling.py`` (one pytest-benchmark
 entry per solver with the counts in ``extra_info``).
@@ -40,12 +45,24 @@ RTOL = 1e-4
 
 
 def solvers(max_steps: int = 200) -> dict[str, Callable[[], hypergrad.AbstractLinearSolver]]:
-    """Fresh solver objects per alternation (their caches start empty)."""
+    """Solver factories (one object per solver name and run; its cache starts empty)."""
     return {
         "cg_cold": lambda: hypergrad.CG(max_steps=max_steps, rtol=RTOL),
         "minres_cold": lambda: hypergrad.MINRES(max_steps=max_steps, rtol=RTOL),
         "recycled_lanczos_8": lambda: hypergrad.RecycledLanczos(basis_size=8, max_steps=max_steps, rtol=RTOL),
         "recycled_lanczos_16": lambda: hypergrad.RecycledLanczos(basis_size=16, max_steps=max_steps, rtol=RTOL),
+        "recycled_converged_16": lambda: hypergrad.RecycledLanczos(
+            basis_size=16, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2
+        ),
+        "recycled_converged_32": lambda: hypergrad.RecycledLanczos(
+            basis_size=32, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2
+        ),
+        "recycled_carry_16": lambda: hypergrad.RecycledLanczos(
+            basis_size=16, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2, carry=True
+        ),
+        "recycled_carry_32": lambda: hypergrad.RecycledLanczos(
+            basis_size=32, max_steps=max_steps, rtol=RTOL, ritz_tol=1e-2, carry=True
+        ),
         "pcg_nystrom_lanczos_8": lambda: hypergrad.PCG(hypergrad.Nystrom(rank=8), max_steps=max_steps, rtol=RTOL),
         "pcg_nystrom_random_8": lambda: hypergrad.PCG(
             hypergrad.Nystrom(rank=8, sketch="random"), max_steps=max_steps, rtol=RTOL
@@ -125,9 +142,34 @@ class SmallCNNSystem:
     def rhs(self) -> list[dict[str, torch.Tensor]]:
         return [torch.func.grad(self._loss(b))(self.params) for b in self.d_batches]
 
-    def lower_step(self, lr: float = 0.1) -> None:
+    def lower_step(self, lr: float = 0.01) -> None:
         g = torch.func.grad(self._loss(self.h_batch))(self.params)
         self.params = {k: v - lr * g[k] for k, v in self.params.items()}
+
+    def dense(self) -> torch.Tensor:
+        r"""The dense float64 matrix :math:`I + H/\lambda` (one HVP per column of the identity)."""
+        op, keys = self.operator(), list(self.params)
+        sizes = [self.params[k].numel() for k in keys]
+
+        def unflat(e: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: t.reshape(self.params[k].shape) for k, t in zip(keys, torch.split(e, sizes))}
+
+        eye = torch.eye(sum(sizes), dtype=torch.float64)
+        cols = [torch.cat([op(unflat(e))[k].reshape(-1) for k in keys]) for e in eye]
+        A = torch.stack(cols, dim=1)
+        return 0.5 * (A + A.T)
+
+    def exact(self) -> list[dict[str, torch.Tensor]]:
+        """Dense ``torch.linalg.solve`` of every right-hand side (the float64 reference)."""
+        A, keys = self.dense(), list(self.params)
+        sizes = [self.params[k].numel() for k in keys]
+        eig = torch.linalg.eigvalsh(A)
+        self.spectrum = (float(eig[0]), float(eig[-1]), float(eig.abs().max() / eig.abs().min()))
+        out = []
+        for b in self.rhs():
+            x = torch.linalg.solve(A, torch.cat([b[k].reshape(-1) for k in keys]))
+            out.append({k: t.reshape(self.params[k].shape) for k, t in zip(keys, torch.split(x, sizes))})
+        return out
 
 
 class _Scaled(hypergrad.LinearOperator):
@@ -153,12 +195,25 @@ def reference(op: Callable[[Any], Any], rhs: list[dict]) -> list[dict]:
     return out
 
 
+def tight(op: Callable[[Any], Any], rhs: list[dict]) -> list[dict]:
+    """float64 MINRES to rtol 1e-11 (any symmetric system), true relative residual checked <= 1e-9."""
+    solver = hypergrad.MINRES(max_steps=5000, rtol=1e-11)
+    out = []
+    for b in rhs:
+        sol = solver(op, b).raise_if_failed(solver)
+        true_res = float(hypergrad.tree_norm(hypergrad.tree_sub(b, op(sol.x)))) / float(hypergrad.tree_norm(b))
+        if true_res > 1e-9:
+            raise RuntimeError(f"reference solve not accurate: true relative residual {true_res:.1e}")
+        out.append(sol.x)
+    return out
+
+
 def _rel(a: dict, b: dict) -> float:
     return float(hypergrad.tree_norm(hypergrad.tree_sub(a, b))) / float(hypergrad.tree_norm(b))
 
 
-def run_alternation(system: System, make: Callable[[], hypergrad.AbstractLinearSolver], exact: list[dict]) -> dict:
-    op, solver = system.operator(), make()
+def run_alternation(system: System, solver: hypergrad.AbstractLinearSolver, exact: list[dict]) -> dict:
+    op = system.operator()
     hvps, errs, statuses, t0 = 0, [], [], time.perf_counter()
     for b, ref in zip(system.rhs(), exact):
         sol = solver(op, b)
@@ -169,16 +224,34 @@ def run_alternation(system: System, make: Callable[[], hypergrad.AbstractLinearS
 
 
 def measure(
-    preset: str, damping: float, alternations: int, names: list[str] | None = None, small_cnn: bool = False
+    preset: str,
+    damping: float,
+    alternations: int,
+    names: list[str] | None = None,
+    small_cnn: bool = False,
+    dense: bool = False,
 ) -> dict[str, list]:
     """``{solver: [per-alternation dict]}`` over consecutive alternations (matrix changes between)."""
     torch.manual_seed(0)
     system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
     table: dict[str, list] = {n: [] for n in (names or solvers())}
+    # one solver object per name for all alternations: each alternation is a new operator object, so
+    # only a solver that carries its basis on purpose (``carry=True``) keeps anything across them
+    objects = {n: solvers()[n]() for n in table}
     for _ in range(alternations):
-        exact = reference(system.operator(), system.rhs())
+        if small_cnn and dense:
+            exact = system.exact()
+            lo, hi, cond = system.spectrum
+            print(
+                f"alternation {len(next(iter(table.values())))}: eigenvalues of I + H/lam in "
+                f"[{lo:.3g}, {hi:.3g}], |cond| {cond:.3g}"
+            )
+        elif small_cnn:
+            exact = tight(system.operator(), system.rhs())
+        else:
+            exact = reference(system.operator(), system.rhs())
         for name in table:
-            table[name].append(run_alternation(system, solvers()[name], exact))
+            table[name].append(run_alternation(system, objects[name], exact))
         system.lower_step()
     return table
 
@@ -211,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--solvers", nargs="*", default=None)
     ap.add_argument("--small-cnn", action="store_true", help="the float64 small ResNet system (lam = --damping)")
+    ap.add_argument(
+        "--dense", action="store_true", help="small CNN: dense reference and spectrum (one HVP per parameter)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn)
+    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn, args.dense)
     print(
         f"{'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
         f"alternation, rtol={RTOL}, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -369,12 +369,6 @@ PROBLEM_ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
         r"Implicit: `warm_start` must be True or False, got 1",
     ),
     (
-        "reuse-needs-reverse",
-        lambda: hypergrad.Implicit(reuse_operator=True, hvp_mode="fwd_rev"),
-        ValueError,
-        r"`reuse_operator=True` .* needs hvp_mode='auto' or 'rev_rev_cached'",
-    ),
-    (
         "proximal-lam",
         lambda: hypergrad.Proximal(lam=0, coupling={"": ""}),
         ValueError,

@@ -266,3 +266,77 @@ def test_new_solvers_in_proximal_grad_match_the_dense_solution() -> None:
         assert not out.solution.failed
         assert rel(out.grad["w"], ref.grad["w"]) <= 1e-8
     assert math.isfinite(ref.grad["w"].norm().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# RecycledLanczos: converged Ritz pairs only (ritz_tol) and a basis carried to the next operator
+# ---------------------------------------------------------------------------------------------
+
+
+def nearly_singular(n: int, small: int, seed: int) -> torch.Tensor:
+    """A damped system close to singular: a few eigenvalues near 0 below a spread bulk in [0.5, 1.6]."""
+    gen = torch.Generator().manual_seed(300 + seed)
+    eig = torch.empty(n, dtype=F64).uniform_(0.5, 1.6, generator=gen)
+    eig[:small] = torch.logspace(-3, -1.5, small, dtype=F64)
+    return sym_system(n, eig, seed)[0]
+
+
+def test_converged_ritz_pairs_deflate_the_small_end_of_a_nearly_singular_system() -> None:
+    n, n_rhs = 120, 6
+    a = nearly_singular(n, small=3, seed=1)
+    op = lambda v: a @ v
+    gen = torch.Generator().manual_seed(4)
+    rhs = [torch.randn(n, generator=gen, dtype=F64) for _ in range(n_rhs)]
+    counts = {}
+    for tol in (0.0, 1e-2):
+        solver, total = RecycledLanczos(basis_size=30, max_steps=300, rtol=1e-8, ritz_tol=tol), 0
+        for b in rhs:
+            s = solver(op, b)
+            assert s.converged and s.stats["fallback"] is None
+            assert rel(s.x, torch.linalg.solve(a, b)) <= 1e-6
+            total += s.num_matvecs
+        counts[tol] = total
+        if tol:  # only converged pairs were kept, among them the three near-zero eigenvalues
+            kept = torch.tensor(s.stats["ritz_values"], dtype=F64)
+            assert 3 <= kept.numel() < 30
+            small = torch.linalg.eigvalsh(a)[:3]
+            assert all(float((kept - e).abs().min()) <= 1e-3 * float(e) for e in small), (kept, small)
+    cold = sum(CG(max_steps=500, rtol=1e-8)(op, b).num_matvecs for b in rhs)
+    assert counts[1e-2] < counts[0.0] and counts[1e-2] <= 0.7 * cold, (counts, cold)  # measured 100, 156, 174
+
+
+def test_carried_basis_is_refitted_to_a_changed_operator_and_checked() -> None:
+    n = 100
+    a1 = nearly_singular(n, small=3, seed=2)
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randn(n, n, generator=gen, dtype=F64)
+    a2 = a1 + 1e-4 * (e + e.T)  # the next alternation: the matrix moved a little
+    solver = RecycledLanczos(basis_size=16, max_steps=300, rtol=1e-8, ritz_tol=1e-2, carry=True)
+    first = solver(lambda v: a1 @ v, torch.randn(n, generator=gen, dtype=F64))
+    assert first.converged and not first.stats["carried"]
+    kept = len(first.stats["ritz_values"])
+    b = torch.randn(n, generator=gen, dtype=F64)
+    s = solver(lambda v: a2 @ v, b)  # a new operator object: no recycled basis, a carried one
+    assert s.converged and s.stats["carried"] and not s.stats["recycled"]
+    assert s.stats["setup_matvecs"] == kept + 1  # one matvec per carried vector + the residual check
+    assert rel(s.x, torch.linalg.solve(a2, b)) <= 1e-6
+    fresh = RecycledLanczos(basis_size=16, max_steps=300, rtol=1e-8, ritz_tol=1e-2)(lambda v: a2 @ v, b)
+    assert s.num_matvecs < fresh.num_matvecs, (s.num_matvecs, fresh.num_matvecs)  # measured 29 vs 41
+    # a carried space that no longer fits (a very different matrix) is still solved to tolerance
+    a3 = sym_system(n, torch.linspace(0.2, 3.0, n, dtype=F64), 9)[0]
+    s3 = solver(lambda v: a3 @ v, b)
+    assert s3.converged and rel(s3.x, torch.linalg.solve(a3, b)) <= 1e-6
+    for clone in (copy.deepcopy(solver), pickle.loads(pickle.dumps(solver))):
+        assert not clone(lambda v: a2 @ v, b).stats["carried"]  # copies carry nothing
+
+
+@pytest.mark.parametrize(
+    "make, regex",
+    [
+        (lambda: RecycledLanczos(ritz_tol=-1.0), r"RecycledLanczos: `ritz_tol` must be a finite number >= 0"),
+        (lambda: RecycledLanczos(carry=1), r"RecycledLanczos: `carry` must be True or False, got 1"),
+    ],
+)
+def test_recycling_new_settings_name_the_argument(make, regex) -> None:
+    with pytest.raises((TypeError, ValueError), match=regex):
+        make()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._checks import check_choice, check_positive, fill_zeros, loss_grads
 from .._typing import TensorTree
-from ..operators import FROZEN_HVP_MODES, HVP_MODES, HessianOperator, HVPMode
+from ..operators import HVP_MODES, HessianOperator, HVPMode
 from ..records import NonFiniteError
 from ..solvers import AbstractLinearSolver, Solution, Status
 from ..solvers._base import check_solver
@@ -76,12 +76,6 @@ def _check_common(
     for name, flag in (("warm_start", warm_start), ("reuse_operator", reuse_operator)):
         if not isinstance(flag, bool):
             raise TypeError(f"{owner}: `{name}` must be True or False, got {flag!r}.")
-    if reuse_operator and hvp_mode not in ("auto", *FROZEN_HVP_MODES):
-        raise ValueError(
-            f"{owner}: `reuse_operator=True` keeps the operator's one-off work (a gradient graph, a "
-            f"linearisation) and needs hvp_mode='auto' or 'rev_rev_cached' or 'fwd_rev_linearized', "
-            f"got hvp_mode={hvp_mode!r}."
-        )
 
 
 def _wide(value: Tensor) -> Tensor:
@@ -196,7 +190,15 @@ class _LinearSolveMethod(AbstractHypergradMethod):
     def _operator(
         self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, token: Any
     ) -> tuple[HessianOperator, bool]:
-        """``(operator, reused)``; a reused operator was built by an earlier call with an equal token."""
+        """``(operator, reused)``; a reused operator was built by an earlier call with an equal token.
+
+        Reuse keeps the operator *object* (and the solver's matvec around it, see :meth:`_memo`) for
+        every call with the same token, whatever the mode: a frozen mode (``"rev_rev_cached"``, what
+        ``"auto"`` picks when it fits, ``"fwd_rev_linearized"``) also keeps its one-off work, and a
+        recomputing mode (``"rev_rev"``, ``"fwd_rev"``, ``"finite_diff"``) keeps nothing but the object,
+        so solvers that cache work per operator object (:class:`~hypergrad.RecycledLanczos`,
+        :class:`~hypergrad.PCG`) reuse their basis or preconditioner at that mode's memory.
+        """
         if not self.reuse_operator:
             return HessianOperator(fn, params, mode=self.hvp_mode), False
         if token is not None and state.operator is not None and state.operator_token == token:

@@ -30,10 +30,14 @@ class Implicit(_LinearSolveMethod):
         damping: :math:`\mu \ge 0` added to the Hessian.
         warm_start: start each solve from the previous outer step's :math:`v` (kept in
             ``state_dict()``).
-        reuse_operator: keep the Hessian operator with its one-off work (the gradient graph of
-            ``"rev_rev_cached"``, what ``"auto"`` picks when it fits, or the linearisation of
-            ``"fwd_rev_linearized"``) and serve it again while the caller's token is unchanged (:class:`~hypergrad.BilevelProblem`
-            changes it with the inner and outer parameters and the Hessian batch).
+        reuse_operator: keep the Hessian operator object and serve it again while the caller's token
+            is unchanged (:class:`~hypergrad.BilevelProblem` changes it with the inner and outer
+            parameters and the Hessian batch). A frozen mode keeps its one-off work with it (the
+            gradient graph of ``"rev_rev_cached"``, what ``"auto"`` picks when it fits, or the
+            linearisation of ``"fwd_rev_linearized"``); with any mode the solver receives the same
+            matvec object, so :class:`~hypergrad.RecycledLanczos` and :class:`~hypergrad.PCG` build
+            their basis or preconditioner once per token (with ``"rev_rev"``: no graph kept between
+            products, the reference's memory plus the solver's stored vectors).
         on_failure: what :class:`~hypergrad.BilevelProblem` does with a failed (finite) solve:
             ``"warn"`` (default: apply it with a :class:`~hypergrad.SolveFailedWarning`, counted in
             the record), ``"skip"`` (skip the outer step), ``"raise"``

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._typing import MatVec, TreeOrTensor
 
-__all__ = ["flattener", "lanczos", "ritz_pairs", "LowRankInverse"]
+__all__ = ["flattener", "lanczos", "ritz_pairs", "converged_ritz_inverse", "refreshed_inverse", "LowRankInverse"]
 
 
 def flattener(b: TreeOrTensor) -> tuple[Callable[[TreeOrTensor], Tensor], Callable[[Tensor], TreeOrTensor]]:
@@ -92,6 +92,19 @@ def lanczos(mv: Callable[[Tensor], Tensor], r0: Tensor, m: int) -> Krylov:
 
 def ritz_pairs(k: Krylov, rank: int | None = None) -> tuple[Tensor, Tensor]:
     """Ritz values (float64, largest ``|theta|`` first) and vectors ``(r, n)`` of the symmetric part."""
+    theta, S, _ = _ritz(k)
+    if rank is not None:
+        theta, S = theta[:rank], S[:, :rank]
+    U = S.T.to(k.V.dtype) @ k.V[: k.size]
+    return theta, U
+
+
+def _ritz(k: Krylov) -> tuple[Tensor, Tensor, Tensor]:
+    """Ritz values (largest ``|theta|`` first), their coordinates ``S`` and residual estimates.
+
+    The residual of the Ritz pair :math:`(\theta_i, V_m s_i)` is :math:`|\beta_m s_{m,i}|` in exact
+    arithmetic (Paige): the last row of :math:`\bar H` times the last component of :math:`s_i`.
+    """
     m = k.size
     T = k.H[:m, :m]
     T = 0.5 * (T + T.T)
@@ -100,10 +113,24 @@ def ritz_pairs(k: Krylov, rank: int | None = None) -> tuple[Tensor, Tensor]:
     theta, S = theta[order], S[:, order]
     keep = theta.abs() > 1e-10 * torch.clamp(theta.abs().max(), min=1e-300)
     theta, S = theta[keep], S[:, keep]
-    if rank is not None:
-        theta, S = theta[:rank], S[:, :rank]
-    U = S.T.to(k.V.dtype) @ k.V[:m]
-    return theta, U
+    return theta, S, (k.H[m, m - 1] * S[m - 1]).abs()
+
+
+def converged_ritz_inverse(k: Krylov, ritz_tol: float) -> "LowRankInverse":
+    r"""The deflation preconditioner of the *converged* Ritz pairs only.
+
+    Keeps the pairs whose residual estimate is at most ``ritz_tol`` :math:`|\theta_i|` (an
+    unconverged pair is a mix of eigenvectors: deflating it with :math:`1/\theta_i` distorts the
+    spectrum rather than removing a part of it). The complement is scaled by :math:`1/\max|\theta|`
+    over the pairs left out (they lie inside the spectrum that remains), so the deflated directions
+    map to 1, inside the complement's preconditioned range :math:`(0, \approx 1]`: the condition number
+    becomes that of the spectrum left after deflation, at both ends.
+    """
+    theta, S, res = _ritz(k)
+    good = res <= ritz_tol * theta.abs()
+    rest = theta[~good].abs()
+    U = S[:, good].T.to(k.V.dtype) @ k.V[: k.size]
+    return LowRankInverse(U, theta[good], complement=float(rest.max()) if rest.numel() else None)
 
 
 class LowRankInverse:
@@ -130,3 +157,31 @@ class LowRankInverse:
             return self.s * r
         c = self.U @ r
         return self.U.T @ (self.inv * c) + self.s * (r - self.U.T @ c)
+
+
+def refreshed_inverse(
+    mv: Callable[[Tensor], Tensor], old: "LowRankInverse", ritz_tol: float
+) -> tuple["LowRankInverse | None", int]:
+    r"""``(inverse, matvecs)``: the deflation space of ``old`` re-fitted to a new (changed) operator.
+
+    One Rayleigh-Ritz step on :math:`\mathrm{span}(U)`: :math:`W = A U` (one matvec per kept vector),
+    :math:`T = U W^\top = Y \Theta Y^\top`, new pairs :math:`(\theta_i, Y^\top U)` with their *exact*
+    residuals :math:`\|Y^\top W - \Theta Y^\top U\|`; with ``ritz_tol > 0`` only the pairs with residual
+    :math:`\le` ``ritz_tol`` :math:`|\theta_i|` are kept. ``None`` when ``A U`` is not finite or no
+    pair is kept (then build a new basis). The complement scale of ``old`` is kept.
+    """
+    U = old.U
+    n = U.shape[0]
+    if n == 0:
+        return None, 0
+    W = torch.stack([mv(u) for u in U])
+    if not bool(torch.isfinite(W).all()):
+        return None, n
+    T = U.to(torch.float64) @ W.to(torch.float64).T
+    theta, Y = torch.linalg.eigh(0.5 * (T + T.T))
+    Un, Wn = Y.T.to(U.dtype) @ U, Y.T.to(W.dtype) @ W
+    res = torch.linalg.vector_norm((Wn - theta.to(U.dtype)[:, None] * Un).to(torch.float64), dim=1)
+    good = res <= ritz_tol * theta.abs() if ritz_tol > 0 else theta.abs() > 0
+    if not bool(good.any()):
+        return None, n
+    return LowRankInverse(Un[good], theta[good], complement=1.0 / old.s), n

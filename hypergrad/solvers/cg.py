@@ -98,6 +98,7 @@ class CG(AbstractLinearSolver):
             alpha = torch.where(pap > 0, rr / pap, zero)
             x = tree_axpy(alpha, p, x)
             r = tree_axpy(-alpha, ap, r)
+            del ap  # not held through the next product: one vector less at the HVP's peak
             rr_new = tree_vdot(r, r)
             beta = torch.where(rr > 0, rr_new / rr, zero)
             p = tree_axpy(beta, p, r)

@@ -11,8 +11,16 @@ from torch import Tensor
 from .._checks import check_int, check_positive
 from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution, Status, _tolerance
-from ._lanczos import LowRankInverse, flat_matvec, flattener, lanczos, ritz_pairs
-from ._operator_cache import OperatorCache
+from ._lanczos import (
+    LowRankInverse,
+    converged_ritz_inverse,
+    flat_matvec,
+    flattener,
+    lanczos,
+    refreshed_inverse,
+    ritz_pairs,
+)
+from ._operator_cache import OperatorCache, layout
 from .minres import MINRES
 from .pcg import pcg_flat
 
@@ -53,6 +61,19 @@ class RecycledLanczos(AbstractLinearSolver):
         rtol: relative tolerance on :math:`\|r\|/\|b\|` (0: fixed budget, no host sync in PCG).
         atol: absolute tolerance on :math:`\|r\|`.
         fallback: the solver used when recycling fails; ``None``: ``MINRES(max_steps, rtol, atol)``.
+        ritz_tol: 0 (default) deflates every Ritz pair of the basis, the complement scaled by the
+            smallest :math:`|\theta|` (right for a few large outliers over a tight bulk); ``> 0``
+            deflates only the converged pairs, residual :math:`\|Au - \theta u\| \le`
+            ``ritz_tol`` :math:`|\theta|` (estimated from the basis, no matvec), the complement scaled
+            by the largest :math:`|\theta|` left out, so outliers at either end of the spectrum (a
+            nearly singular, damped system) are removed and nothing unconverged is deflated.
+        carry: on the first solve with a *new* operator object (the next alternation: the matrix
+            changed slightly), re-fit the previous operator's deflation space to it by one
+            Rayleigh-Ritz step (one matvec per kept vector, exact residuals, the unconverged pairs
+            dropped by ``ritz_tol``) instead of building a new ``basis_size`` basis; a new basis is
+            built when nothing is kept. The result is checked like every recycled solve (true
+            residual, PCG, ``fallback``); ``stats["carried"]`` says when it happened. Keeps the
+            deflation vectors alive between operators.
 
     Returns:
         A :class:`~hypergrad.solvers.Solution`.
@@ -79,7 +100,10 @@ class RecycledLanczos(AbstractLinearSolver):
     rtol: float = 0.0
     atol: float = 0.0
     fallback: Optional[AbstractLinearSolver] = None
+    ritz_tol: float = 0.0
+    carry: bool = False
     _cache: OperatorCache = field(default_factory=OperatorCache, init=False, repr=False, compare=False)
+    _carried: "_Slot" = field(default_factory=lambda: _Slot(), init=False, repr=False, compare=False)
 
     symmetric_only = True
 
@@ -88,6 +112,9 @@ class RecycledLanczos(AbstractLinearSolver):
         check_int("max_steps", self.max_steps, owner="RecycledLanczos")
         check_positive("rtol", self.rtol, allow_zero=True, owner="RecycledLanczos")
         check_positive("atol", self.atol, allow_zero=True, owner="RecycledLanczos")
+        check_positive("ritz_tol", self.ritz_tol, allow_zero=True, owner="RecycledLanczos")
+        if not isinstance(self.carry, bool):
+            raise TypeError(f"RecycledLanczos: `carry` must be True or False, got {self.carry!r}.")
         if self.fallback is not None and not isinstance(self.fallback, AbstractLinearSolver):
             raise TypeError(
                 "RecycledLanczos: `fallback` must be None or a hypergrad solver such as "
@@ -95,8 +122,9 @@ class RecycledLanczos(AbstractLinearSolver):
             )
 
     def reset(self) -> None:
-        """Forget the recycled basis (the next solve builds a new one)."""
+        """Forget the recycled basis and any carried one (the next solve builds a new one)."""
         self._cache.clear()
+        self._carried.clear()
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         ravel, unravel = flattener(b)
@@ -110,7 +138,13 @@ class RecycledLanczos(AbstractLinearSolver):
         if check and bool(torch.linalg.vector_norm(r) <= tol):
             return Solution(unravel(x), Status.SUCCESS, 0, used, float(torch.linalg.vector_norm(r)), _stats(0))
         inv: LowRankInverse | None = self._cache.get(matvec, b)
-        recycled = inv is not None
+        recycled, carried, refresh = inv is not None, False, 0
+        if inv is None and self.carry and (old := self._carried.get(b)) is not None:
+            # a new operator (the next alternation): re-fit the previous deflation space to it
+            inv, refresh = refreshed_inverse(mv, old, self.ritz_tol)
+            carried = inv is not None
+            if carried:
+                self._cache.put(matvec, b, inv)
         if inv is None:
             k = lanczos(mv, r, self.basis_size)
             setup = k.size
@@ -123,15 +157,22 @@ class RecycledLanczos(AbstractLinearSolver):
             y = torch.linalg.lstsq(k.H, rhs.unsqueeze(1)).solution.squeeze(1)
             x = x + k.V[: k.size].T @ y.to(bf.dtype)
             r = r - k.V.T @ (k.H @ y).to(bf.dtype)
-            theta, U = ritz_pairs(k)
-            inv = LowRankInverse(U, theta)
+            if self.ritz_tol > 0:
+                inv = converged_ritz_inverse(k, self.ritz_tol)
+            else:
+                theta, U = ritz_pairs(k)
+                inv = LowRankInverse(U, theta)
+            setup += refresh
             self._cache.put(matvec, b, inv)
         else:
             x = x + inv(r)
             r = bf - mv(x)
-            setup = 1
+            setup = 1 + refresh
+        if self.carry:
+            self._carried.put(b, inv)
         used += setup
         stats = _stats(setup, recycled, inv)
+        stats["carried"] = carried
         res = torch.linalg.vector_norm(r)
         if check and bool(res <= tol):
             return Solution(unravel(x), Status.SUCCESS, 0, used, float(res), stats)
@@ -150,7 +191,30 @@ class RecycledLanczos(AbstractLinearSolver):
 
 
 def _stats(setup: int, recycled: bool = False, inv: LowRankInverse | None = None) -> dict:
-    out: dict = {"setup_matvecs": setup, "recycled": recycled, "fallback": None}
+    out: dict = {"setup_matvecs": setup, "recycled": recycled, "carried": False, "fallback": None}
     if inv is not None:
         out["ritz_values"] = [float(t) for t in inv.theta]
     return out
+
+
+class _Slot:
+    """The deflation space carried to the next operator (``carry=True``), for one layout; copies start empty."""
+
+    def __init__(self) -> None:
+        self._layout: Optional[tuple] = None
+        self._value: Optional[LowRankInverse] = None
+
+    def get(self, b: TreeOrTensor) -> Optional[LowRankInverse]:
+        return self._value if self._layout == layout(b) else None
+
+    def put(self, b: TreeOrTensor, value: LowRankInverse) -> None:
+        self._layout, self._value = layout(b), value
+
+    def clear(self) -> None:
+        self._layout, self._value = None, None
+
+    def __reduce__(self) -> tuple:
+        return (_Slot, ())
+
+    def __deepcopy__(self, memo: dict) -> "_Slot":
+        return _Slot()
