@@ -385,6 +385,16 @@ def main_alternation(preset: str, device: str, reps: int, variants: list[str]) -
         )
 
 
+def _hvp_case(preset: str, device: str) -> tuple[Any, Any, Any, list]:
+    """The pretext model of ``Case`` (copied; negatives not gathered), its Hessian batch and backbone parameters."""
+    case = Case(preset, device)
+    ssl = copy.deepcopy(case.ssl)
+    if hasattr(getattr(ssl, "loss_fn", None), "gather"):
+        ssl.loss_fn.gather = False
+    x1, x2, _ = case.h_batch
+    return ssl, x1, x2, list(ssl.backbone.parameters())
+
+
 def main_hvp_memory(preset: str, device: str, modes: list[str]) -> None:
     """Peak memory of the BiSSL system's HVPs: the reference's double backward vs each hypergrad mode.
 
@@ -392,12 +402,7 @@ def main_hvp_memory(preset: str, device: str, modes: list[str]) -> None:
     the graph freed as it goes). hypergrad: one ``HessianOperator`` of the same pretext loss
     (through :func:`hypergrad.stateless`), two products (a frozen mode keeps its graph between them).
     """
-    case = Case(preset, device)
-    ssl = copy.deepcopy(case.ssl)
-    if hasattr(getattr(ssl, "loss_fn", None), "gather"):
-        ssl.loss_fn.gather = False
-    x1, x2, _ = case.h_batch
-    params = list(ssl.backbone.parameters())
+    ssl, x1, x2, params = _hvp_case(preset, device)
 
     def reference() -> None:
         z1, z2 = ssl.projector(ssl.backbone(x1)), ssl.projector(ssl.backbone(x2))
@@ -439,12 +444,7 @@ def main_hvp_time(preset: str, device: str, reps: int = 5) -> None:
     Reference: forward re-run, ``create_graph`` backward, double backward; hypergrad: a
     ``HessianOperator`` product per mode (``rev_rev_cached``: a product on the graph built once).
     """
-    case = Case(preset, device)
-    ssl = copy.deepcopy(case.ssl)
-    if hasattr(getattr(ssl, "loss_fn", None), "gather"):
-        ssl.loss_fn.gather = False
-    x1, x2, _ = case.h_batch
-    params = list(ssl.backbone.parameters())
+    ssl, x1, x2, params = _hvp_case(preset, device)
     v = [torch.randn_like(p) for p in params]
 
     def loss() -> torch.Tensor:
