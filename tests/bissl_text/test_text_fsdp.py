@@ -29,7 +29,7 @@ def _cfg(out, fsdp: bool):
     cfg.max_train_samples = 32
     cfg.bissl = dataclasses.replace(
         cfg.bissl,
-        alternations=1,
+        alternations=2,
         lower_steps=1,
         upper_steps=1,
         pretext_batch=8,
@@ -68,6 +68,8 @@ def test_text_fsdp_stage_on_two_ranks_matches_the_data_parallel_stage(tmp_path):
         for part in ("lm_head", "head")
     }
     print(gaps, small)
+    # float32 rounding only (measured: backbone rel 9.6e-10, gap/moved 6.2e-8; upper rel 1.1e-8, gap/moved 7.6e-7;
+    # LM head equal, head 1.5e-8)
     for part, (rel, per_moved) in gaps.items():  # float32 rounding only
         assert rel <= 1e-6 and per_moved <= 1e-4, (part, gaps)
     assert max(small.values()) <= 1e-5, small
