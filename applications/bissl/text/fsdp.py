@@ -14,9 +14,10 @@ The body (``TextBackbone.body``), not the ``TextBackbone``, is the sharded root:
 calls ``backbone.hidden`` and FSDP2 gathers a module's parameters in its ``forward`` hooks, which the
 body's ``forward`` runs on every path.
 
-Refused: ``--lora-rank`` (peft's adapters inside ``fully_shard``-ed blocks are not supported here
-yet), a run without a process group (launch with torchrun) and resuming a stage (no per-alternation
-checkpoint under ``--fsdp``, as in the image stage).
+With ``--lora-rank`` the peft adapters sit inside the sharded blocks beside their frozen base
+weights (FSDP2 shards both; only the adapters train and are coupled). Refused, as in the image
+stage: a run without a process group (launch with torchrun) and resuming a stage (no
+per-alternation checkpoint under ``--fsdp``).
 """
 
 from __future__ import annotations
@@ -28,31 +29,9 @@ import torch
 from torch import nn
 
 from ..fsdp import shard_backbone
-from .config import TextConfig
 from .model import PretextLM, TextBackbone
 
-__all__ = ["check_text_fsdp", "transformer_blocks", "shard_text_stage", "text_dense_twin"]
-
-
-def check_text_fsdp(cfg: TextConfig) -> None:
-    """Refuse ``--fsdp`` with ``--lora-rank`` (the other refusals are the image stage's: :func:`~applications.bissl.fsdp.check_fsdp`).
-
-    Example:
-        >>> from applications.bissl.text.config import get_text_preset
-        >>> cfg = get_text_preset("tiny")
-        >>> check_text_fsdp(cfg)
-        >>> cfg.model.lora_rank = 4
-        >>> check_text_fsdp(cfg)
-        Traceback (most recent call last):
-        ...
-        ValueError: --fsdp with --lora-rank 4 is not supported: the text stage shards full-parameter GPT backbones only (peft's LoRA adapters inside fully_shard-ed blocks are untested); drop --lora-rank (full-parameter BiSSL) or drop --fsdp.
-    """
-    if cfg.model.lora_rank:
-        raise ValueError(
-            f"--fsdp with --lora-rank {cfg.model.lora_rank} is not supported: the text stage shards full-parameter "
-            "GPT backbones only (peft's LoRA adapters inside fully_shard-ed blocks are untested); drop --lora-rank "
-            "(full-parameter BiSSL) or drop --fsdp."
-        )
+__all__ = ["transformer_blocks", "shard_text_stage", "text_dense_twin"]
 
 
 def transformer_blocks(body: nn.Module) -> list[nn.Module]:

@@ -50,7 +50,7 @@ from ..pretrain import epoch_batches
 from ..stage_run import StageRun
 from .config import TextConfig
 from .finetune import STATE_KIND, hpo_split
-from .fsdp import check_text_fsdp, shard_text_stage, text_dense_twin
+from .fsdp import shard_text_stage, text_dense_twin
 from .pretext import bits_per_token, corpus_ids, lm_batch
 from .setup import device_of, load_lm, maybe_lora, task_tensors
 
@@ -173,7 +173,6 @@ def bissl_text(
     check_text_bissl(b)
     if b.fsdp:
         check_fsdp()  # a process group (torchrun) before anything is loaded
-        check_text_fsdp(cfg)
     out_dir = out_dir or os.path.join(cfg.variant_dir, "bissl", task.replace(":", "_"))
     if b.upper_lr is None or b.upper_wd is None:
         raise ValueError("text BiSSL needs --upper-lr and --upper-wd (no per-dataset defaults for text tasks).")
