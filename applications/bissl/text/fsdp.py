@@ -45,7 +45,7 @@ def transformer_blocks(body: nn.Module) -> list[nn.Module]:
         3
     """
     lists = [m for m in body.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    return list(max(lists, key=lambda m: len(m))) if lists else []
 
 
 def _shard_text_backbone(backbone: TextBackbone, mesh: Any) -> None:
