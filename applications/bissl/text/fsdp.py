@@ -44,8 +44,11 @@ def transformer_blocks(body: nn.Module) -> list[nn.Module]:
         >>> len(transformer_blocks(build_gpt(29, n_layer=3, n_embd=8, n_head=2, n_positions=16).transformer))
         3
     """
-    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=lambda m: len(m))) if lists else []
+    best: list[nn.Module] = []
+    for m in body.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best):
+            best = list(m)
+    return best
 
 
 def _shard_text_backbone(backbone: TextBackbone, mesh: Any) -> None:
