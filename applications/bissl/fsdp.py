@@ -74,18 +74,26 @@ def fsdp_mesh(device: torch.device) -> Any:
     return init_device_mesh(device.type, (world_size(),))
 
 
-def shard_backbone(backbone: nn.Module, mesh: Any) -> nn.Module:
-    """``fully_shard`` each residual block of a ResNet backbone (``layer1`` .. ``layer4``), then the backbone.
+def shard_backbone(backbone: nn.Module, mesh: Any, blocks: Any = None) -> nn.Module:
+    """``fully_shard`` each block of ``backbone``, then the backbone itself; returns ``backbone`` (wrapped in place).
 
-    Other backbones get ``fully_shard`` on the whole module. Returns ``backbone`` (wrapped in place).
+    Args:
+        backbone: the module to shard.
+        mesh: the device mesh (:func:`fsdp_mesh`).
+        blocks: the sub-modules to wrap first (e.g. a transformer's layers); ``None``: the residual
+            blocks of a ResNet backbone (``layer1`` .. ``layer4``), none for other backbones.
     """
     from torch.distributed.fsdp import fully_shard
 
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        stage = getattr(backbone, name, None)
-        if isinstance(stage, nn.Sequential):
-            for block in stage:
-                fully_shard(block, mesh=mesh)
+    if blocks is None:
+        blocks = [
+            block
+            for name in ("layer1", "layer2", "layer3", "layer4")
+            if isinstance(getattr(backbone, name, None), nn.Sequential)
+            for block in getattr(backbone, name)
+        ]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
     fully_shard(backbone, mesh=mesh)
     return backbone
 

@@ -46,7 +46,6 @@ IMAGE_ONLY_FLAGS = (
     "--curvature-steps",
     "--lam-mode",
     "--target-share",
-    "--fsdp",  # the text stage does not shard its GPT yet (docs/fsdp.md, "BiSSL --fsdp")
 )
 
 _COMMON = {

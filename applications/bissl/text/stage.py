@@ -26,7 +26,9 @@ backward (the fused CPU / GPU kernels have neither), and every first-order pass 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -35,18 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hypergrad import load_checkpoint
+from hypergrad import Identity, load_checkpoint
 from hypergrad.distributed import world_size
 
 from .. import distributed as dist_utils
 from ..bilevel import PretextBatch, build_problem
 from ..config import BiSSLConfig
+from ..fsdp import check_fsdp, exact_method, fsdp_mesh, full_state_dict, warn_kinked_fd
 from ..models import LinearHead
 from ..optim import warmup_cosine
 from ..pretrain import epoch_batches
 from ..stage_run import StageRun
 from .config import TextConfig
 from .finetune import STATE_KIND, hpo_split
+from .fsdp import shard_text_stage, text_dense_twin
 from .pretext import bits_per_token, corpus_ids, lm_batch
 from .setup import device_of, load_lm, maybe_lora, task_tensors
 
@@ -131,6 +135,26 @@ def warmup_head(
     return float(loss.detach())
 
 
+def _before(cfg: TextConfig, lower, head, x_up, y_up, eval_ids) -> dict[str, float]:
+    """The stage's first measurements and the head warm-up: pretext bits per token, last warm-up loss."""
+    b = cfg.bissl
+    return {
+        "bpc_before": bits_per_token(lower, eval_ids, cfg.model.seq_len),
+        "head_warmup_loss": warmup_head(
+            lower.backbone,
+            head,
+            x_up,
+            y_up,
+            epochs=b.head_warmup_epochs,
+            batch=b.downstream_batch,
+            lr=b.upper_lr,
+            wd=b.upper_wd,
+            momentum=b.momentum,
+            seed=cfg.seed,
+        ),
+    }
+
+
 def bissl_text(
     cfg: TextConfig, model_dir: str, task: str, out_dir: str | None = None, *, resume: bool = True, echo=print
 ) -> str:
@@ -140,9 +164,15 @@ def bissl_text(
     afterwards), the LM head, :math:`\\theta_D` and :math:`\\phi`, and ``stage.json`` with the
     pretext bits per character before and after the stage. With ``upper_split="train"`` (default)
     the head warm-up and the upper level use only the ``train`` part of :func:`~.finetune.hpo_split`.
+
+    With ``cfg.bissl.fsdp`` (``--fsdp``, under torchrun) the backbones are sharded after the head
+    warm-up (:mod:`applications.bissl.text.fsdp`), no per-alternation checkpoint is written (a stage
+    is not resumed) and ``lower_backbone.pt`` holds full (gathered) state dicts.
     """
     b, dev, main = cfg.bissl, device_of(cfg), dist_utils.is_main_process()
     check_text_bissl(b)
+    if b.fsdp:
+        check_fsdp()  # a process group (torchrun) before anything is loaded
     out_dir = out_dir or os.path.join(cfg.variant_dir, "bissl", task.replace(":", "_"))
     if b.upper_lr is None or b.upper_wd is None:
         raise ValueError("text BiSSL needs --upper-lr and --upper-wd (no per-dataset defaults for text tasks).")
@@ -165,7 +195,21 @@ def bissl_text(
     head = LinearHead(lower.backbone.out_dim, data.task.num_classes).to(dev)
     train_ids, eval_ids = corpus_ids(cfg, tok)
     L = cfg.model.seq_len
-
+    run = StageRun(out_dir, log_dir=os.path.join(cfg.logs, "bissl", task.replace(":", "_")), resume=resume)
+    start, info, twin = 0, {}, None
+    if b.fsdp:  # --fsdp: shard the backbones (the LM head and phi stay replicated), see text/fsdp.py
+        if run.resumable:
+            raise ValueError(
+                f"--fsdp does not resume a stage: {run.checkpoint_path!r} exists, but a sharded stage writes no "
+                "per-alternation checkpoint (its optimiser and warm-start state are sharded). Pass --no-resume."
+            )
+        info.update(_before(cfg, lower, head, x_up, y_up, eval_ids))  # on the unsharded model, as without --fsdp
+        if b.method.hvp_mode == "finite_diff" and not isinstance(b.method.solver, Identity):
+            warn_kinked_fd(lower.backbone)
+        if b.method.hvp_mode != "finite_diff":  # exact products on the gathered weights (applications/bissl/fsdp.py)
+            twin = text_dense_twin(lower)
+            b = dataclasses.replace(b, method=exact_method(b.method))
+        shard_text_stage(lower, upper, fsdp_mesh(dev))
     lower_opt = torch.optim.AdamW(
         [p for p in lower.parameters() if p.requires_grad], lr=b.lower_lr, weight_decay=b.lower_wd
     )
@@ -187,27 +231,17 @@ def bissl_text(
         upper_opt=upper_opt,
         lower_sched=lower_sched,
         upper_sched=upper_sched,
+        dense_inner=twin,
     )
-    run = StageRun(out_dir, log_dir=os.path.join(cfg.logs, "bissl", task.replace(":", "_")), resume=resume)
-    start, info = 0, {}
+    # hypergrad's sharded Hessian products do not select the attention backend themselves: under --fsdp the
+    # upper steps (the only second-order passes) run on the MATH backend, which has double backward
+    second = math_attention if b.fsdp else contextlib.nullcontext
     if run.resumable:
         st = load_checkpoint(run.checkpoint_path, expected_kind=CHECKPOINT_KIND)
         problem.load_state_dict(st["problem"])
         start, info = st["alternation"], st["info"]
-    else:
-        info["bpc_before"] = bits_per_token(lower, eval_ids, L)
-        info["head_warmup_loss"] = warmup_head(
-            lower.backbone,
-            head,
-            x_up,
-            y_up,
-            epochs=b.head_warmup_epochs,
-            batch=b.downstream_batch,
-            lr=b.upper_lr,
-            wd=b.upper_wd,
-            momentum=b.momentum,
-            seed=cfg.seed,
-        )
+    elif not b.fsdp:
+        info.update(_before(cfg, lower, head, x_up, y_up, eval_ids))
     n = len(y_up)
     t_stage = time.perf_counter()
     for alt in range(start, b.alternations):
@@ -225,7 +259,8 @@ def bissl_text(
         for u in range(b.upper_steps):
             idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
             batch = (x_up[idx].to(dev), y_up[idx].to(dev))
-            rec = problem.hypergradient(batch)
+            with second():
+                rec = problem.hypergradient(batch)
             problem.outer_step()
             hvps += rec.num_hvps
             if rec.outer_loss is not None:
@@ -249,7 +284,10 @@ def bissl_text(
             run.log(alt, row)
             if (alt + 1) % max(1, b.alternations // 5) == 0:
                 echo(f"[bissl {task}] alternation {alt + 1}/{b.alternations} " + json.dumps(row))
-        run.save(lambda: {"alternation": alt + 1, "problem": problem.state_dict(), "info": info}, kind=CHECKPOINT_KIND)
+        if not b.fsdp:  # no stage checkpoint under --fsdp (see the refusal of resume above)
+            run.save(
+                lambda: {"alternation": alt + 1, "problem": problem.state_dict(), "info": info}, kind=CHECKPOINT_KIND
+            )
     info["bpc_after"] = bits_per_token(lower, eval_ids, L)
     info["stage_time_s"] = time.perf_counter() - t_stage
     info["inner_skipped"], info["outer_skipped"] = problem.inner_skipped, problem.outer_skipped
@@ -260,16 +298,21 @@ def bissl_text(
             "raise --damping or use --solver dense / more --solver-steps."
         )
     run.close()
-    out_path = run.save(
-        lambda: {
-            "backbone": lower.backbone.state_dict(),
-            "lm_head": lower.lm_head.state_dict(),
-            "upper_backbone": upper.state_dict(),
-            "head": head.state_dict(),
-        },
-        "lower_backbone.pt",
-        kind=STATE_KIND,
-    )
+    if b.fsdp:  # gathered on every rank (a collective), written by the main process
+        parts = {"backbone": full_state_dict(lower.backbone), "upper_backbone": full_state_dict(upper)}
+        state = {**parts, "lm_head": lower.lm_head.state_dict(), "head": head.state_dict()}
+        out_path = run.save(state, "lower_backbone.pt", kind=STATE_KIND)
+    else:
+        out_path = run.save(
+            lambda: {
+                "backbone": lower.backbone.state_dict(),
+                "lm_head": lower.lm_head.state_dict(),
+                "upper_backbone": upper.state_dict(),
+                "head": head.state_dict(),
+            },
+            "lower_backbone.pt",
+            kind=STATE_KIND,
+        )
     run.write_json("stage.json", info)
     run.barrier()
     return out_path
