@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.func import functional_call
 
+from .._second_order import second_order
 from ..distributed import all_reduce_mean
 from ..operators import LinearOperator, _refuse_once_differentiable
 from ._module import check_dense_module, compute_dtype, mesh_of, sharded_params
@@ -320,7 +321,7 @@ class ShardedHessianOperator(LinearOperator):
             DTensor.from_local(t, mesh, [Shard(0)]) if isinstance(t, Tensor) and not isinstance(t, DTensor) else t
             for t in self.batch
         )
-        with torch.enable_grad():
+        with torch.enable_grad(), second_order():  # attention on the twice-differentiable MATH backend
             value = _check_loss_value(
                 functional_call(_Call(dense_module, self.loss), tensors, (self._hleaves, *batch)), "loss"
             )
@@ -342,13 +343,14 @@ class ShardedHessianOperator(LinearOperator):
         inputs = list(self._hleaves.values()) if hparams else list(self._leaves.values())
         if not inputs:
             return {}
-        grads = torch.autograd.grad(
-            self._g,
-            inputs,
-            grad_outputs=[self._cotangent(k, v[k]) for k in self.keys],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        with second_order():
+            grads = torch.autograd.grad(
+                self._g,
+                inputs,
+                grad_outputs=[self._cotangent(k, v[k]) for k in self.keys],
+                retain_graph=True,
+                allow_unused=True,
+            )
         self.num_backward += 1
         if hparams:
             return {
@@ -386,7 +388,7 @@ class ShardedHessianOperator(LinearOperator):
         for k, b in self.module.named_buffers():  # copies: train-mode BatchNorm must not move the module's statistics
             tensors["net." + k] = (b.full_tensor() if isinstance(b, DTensor) else b).detach().clone()
         self._hleaves = {k: v.clone().requires_grad_(True) for k, v in self.hparams.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), second_order():  # attention on the twice-differentiable MATH backend
             value = _check_loss_value(
                 functional_call(_Call(dense_module, self.loss), tensors, (self._hleaves, *self.batch)), "loss"
             )
@@ -401,7 +403,8 @@ class ShardedHessianOperator(LinearOperator):
         if not inputs:
             return {}
         full = [_full(v[k]).to(self._leaves[k].dtype) for k in self.keys]
-        grads = torch.autograd.grad(self._g, inputs, grad_outputs=full, retain_graph=True, allow_unused=True)
+        with second_order():
+            grads = torch.autograd.grad(self._g, inputs, grad_outputs=full, retain_graph=True, allow_unused=True)
         self.num_backward += 1
         names = list(self.hparams) if hparams else self.keys
         refs = self.hparams if hparams else self._leaves

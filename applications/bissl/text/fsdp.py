@@ -6,9 +6,9 @@ lower backbone :math:`\theta_P` and of the upper backbone :math:`\theta_D` is wr
 on a 1-D device mesh over all ranks. The LM head and the downstream linear head :math:`\phi` stay
 plain and replicated (mixed levels, docs/fsdp.md). The exact Hessian-vector products run on the
 gathered weights (hypergrad's ``"exact_gathered"`` route) through :func:`text_dense_twin`, an
-unsharded copy of the :class:`~applications.bissl.text.model.PretextLM` on the meta device, under the
-``MATH`` attention backend (:func:`applications.bissl.text.stage.math_attention`: the fused attention
-kernels have no double backward).
+unsharded copy of the :class:`~applications.bissl.text.model.PretextLM` on the meta device; hypergrad
+runs them under the ``MATH`` attention backend itself (the fused attention kernels have no double
+backward), as it does for unsharded models.
 
 The body (``TextBackbone.body``), not the ``TextBackbone``, is the sharded root: the pretext loss
 calls ``backbone.hidden`` and FSDP2 gathers a module's parameters in its ``forward`` hooks, which the

@@ -26,7 +26,6 @@ backward (the fused CPU / GPU kernels have neither), and every first-order pass 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -233,9 +232,6 @@ def bissl_text(
         upper_sched=upper_sched,
         dense_inner=twin,
     )
-    # hypergrad's sharded Hessian products do not select the attention backend themselves: under --fsdp the
-    # upper steps (the only second-order passes) run on the MATH backend, which has double backward
-    second = math_attention if b.fsdp else contextlib.nullcontext
     if run.resumable:
         st = load_checkpoint(run.checkpoint_path, expected_kind=CHECKPOINT_KIND)
         problem.load_state_dict(st["problem"])
@@ -259,8 +255,7 @@ def bissl_text(
         for u in range(b.upper_steps):
             idx = downstream_batch(n, b.downstream_batch, alt * b.upper_steps + u, cfg.seed + 1)
             batch = (x_up[idx].to(dev), y_up[idx].to(dev))
-            with second():
-                rec = problem.hypergradient(batch)
+            rec = problem.hypergradient(batch)
             problem.outer_step()
             hvps += rec.num_hvps
             if rec.outer_loss is not None:
