@@ -261,3 +261,44 @@ def test_exact_gathered_products_equal_the_dense_hessian_on_a_mixed_module(mesh:
     assert any(hasattr(t, "full_tensor") for t in got.values()) and any(
         not hasattr(t, "full_tensor") for t in got.values()
     )
+
+
+class _Attention(nn.Module):
+    """One causal self-attention layer on ``F.scaled_dot_product_attention`` (fused flash kernel on CPU)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).flatten(-2))
+
+
+def test_exact_gathered_products_through_causal_attention_select_the_math_backend(mesh: Any) -> None:
+    """float32 attention dispatches to the CPU flash kernel, which has no double backward: the sharded
+    operator must run its passes on the MATH backend itself (as the dense operators do), and agree with them."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(5)
+    dense = _Attention()
+    level = _Attention()
+    level.load_state_dict(dense.state_dict())
+    fully_shard(level, mesh=mesh)
+    with torch.device("meta"):
+        twin = _Attention()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+
+    def loss(m: nn.Module, h: dict, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((m(a) - b) ** 2).mean()
+
+    params = {k: p.detach() for k, p in dense.named_parameters()}
+    v = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    ref = hypergrad.hvp(
+        lambda p: ((torch.func.functional_call(dense, p, (x,)) - y) ** 2).mean(), params, v, mode="rev_rev"
+    )
+    op = hypergrad.ShardedHessianOperator(level, loss, (x, y), mode="exact_gathered", dense_module=twin)
+    got = op.matvec(hypergrad.shard_like(v, level))
+    assert rel({k: t.full_tensor() for k, t in got.items()}, ref) <= 1e-5
