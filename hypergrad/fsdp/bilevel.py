@@ -288,23 +288,20 @@ class ShardedLevels:
         return loss, g_theta, g_lam
 
     def _operator(self, problem: Any, hb: Any, hparams: dict, keys: Sequence[str], token: Any) -> tuple[Any, bool]:
-        method, state = problem.method, problem.method_state
-        if method.reuse_operator and token is not None and state.operator is not None:
-            if state.operator_token == token:
-                return state.operator, True
-        state.operator, state.operator_token = None, None
-        op = ShardedHessianOperator(
-            self.inner,
-            self._loss(problem.inner_loss, hb),
-            _unpack(hb),
-            hparams,
-            mode=self.mode,  # type: ignore[arg-type]
-            keys=list(keys),
-            dense_module=self.dense_inner,
-        )
-        if method.reuse_operator and token is not None:
-            state.operator, state.operator_token = op, token
-        return op, False
+        """The sharded Hessian operator on the Hessian batch ``hb``, kept by the method's reuse rule."""
+
+        def build() -> ShardedHessianOperator:
+            return ShardedHessianOperator(
+                self.inner,
+                self._loss(problem.inner_loss, hb),
+                _unpack(hb),
+                hparams,
+                mode=self.mode,  # type: ignore[arg-type]
+                keys=list(keys),
+                dense_module=self.dense_inner,
+            )
+
+        return problem.method._reused(build, problem.method_state, token)
 
     def hypergradient(self, problem: Any, outer_batch: Any, hb: Any, token: Any, check_loss: Any) -> Any:
         """The method's hypergradient as a :class:`~hypergrad.methods._base.MethodOutput`."""

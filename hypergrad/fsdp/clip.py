@@ -54,13 +54,13 @@ def sharded_clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
         raise ValueError(f"sharded_clip_grad_norm_: `max_norm` must be a positive number, got {max_norm!r}.")
     params = [p for p in params if p.grad is not None]
-    if not any(isinstance(p.grad, DTensor) for p in params):
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     norm = grad_norm64(params)
     coef = min(1.0, float(max_norm) / (norm + 1e-6))
     if coef < 1.0:
         with torch.no_grad():
-            for p in params:
-                assert p.grad is not None
-                p.grad.mul_(coef)
+            for g in grads:
+                g.mul_(coef)
     return norm

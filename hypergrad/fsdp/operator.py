@@ -380,13 +380,13 @@ class ShardedHessianOperator(LinearOperator):
         tensors: dict[str, Tensor] = {}
         self._leaves = {}
         for k, p in named.items():
-            full = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            full = _full(p).detach()
             if k in self.params:
                 full = full.clone().requires_grad_(True)
                 self._leaves[k] = full
             tensors["net." + k] = full
         for k, b in self.module.named_buffers():  # copies: train-mode BatchNorm must not move the module's statistics
-            tensors["net." + k] = (b.full_tensor() if isinstance(b, DTensor) else b).detach().clone()
+            tensors["net." + k] = _full(b).detach().clone()
         self._hleaves = {k: v.clone().requires_grad_(True) for k, v in self.hparams.items()}
         with torch.enable_grad(), second_order():  # attention on the twice-differentiable MATH backend
             value = _check_loss_value(

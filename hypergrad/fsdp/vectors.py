@@ -96,8 +96,7 @@ def sharded_vdot(a: Any, b: Any) -> Tensor:
             raise ValueError(
                 "sharded_vdot: the trees mix DTensor and plain-tensor leaves (a leaf is a DTensor in one tree and "
                 "plain in the other); under FSDP2 every solver vector must be sharded like the parameters. Shard "
-                "plain trees with "
-                "`hypergrad.fsdp.shard_like(tree, module)`."
+                "plain trees with `hypergrad.fsdp.shard_like(tree, module)`."
             )
         if not isinstance(u, DTensor):
             term = _local_dot(u, v)

@@ -190,22 +190,28 @@ class _LinearSolveMethod(AbstractHypergradMethod):
     def _operator(
         self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, token: Any
     ) -> tuple[HessianOperator, bool]:
-        """``(operator, reused)``; a reused operator was built by an earlier call with an equal token.
+        """``(operator, reused)`` for the Hessian of ``fn`` at ``params`` (see :meth:`_reused`)."""
+        # "auto": the cached graph when it fits
+        return self._reused(lambda: HessianOperator(fn, params, mode=self.hvp_mode), state, token)
+
+    def _reused(self, build: Callable[[], Any], state: MethodState, token: Any) -> tuple[Any, bool]:
+        """``(operator, reused)``: ``build()``, or the operator an earlier call with an equal token built.
 
         Reuse keeps the operator *object* (and the solver's matvec around it, see :meth:`_memo`) for
         every call with the same token, whatever the mode: a frozen mode (``"rev_rev_cached"``, what
         ``"auto"`` picks when it fits, ``"fwd_rev_linearized"``) also keeps its one-off work, and a
         recomputing mode (``"rev_rev"``, ``"fwd_rev"``, ``"finite_diff"``) keeps nothing but the object,
         so solvers that cache work per operator object (:class:`~hypergrad.RecycledLanczos`,
-        :class:`~hypergrad.PCG`) reuse their basis or preconditioner at that mode's memory.
+        :class:`~hypergrad.PCG`) reuse their basis or preconditioner at that mode's memory. The FSDP2
+        routes (:mod:`hypergrad.fsdp.bilevel`) build their sharded operator through the same rule.
         """
         if not self.reuse_operator:
-            return HessianOperator(fn, params, mode=self.hvp_mode), False
+            return build(), False
         if token is not None and state.operator is not None and state.operator_token == token:
             return state.operator, True
         state.operator, state.operator_token = None, None  # free the old graph before building a new one
         state.solver_memo.clear()
-        op = HessianOperator(fn, params, mode=self.hvp_mode)  # "auto": the cached graph when it fits
+        op = build()
         if token is not None:
             state.operator, state.operator_token = op, token
         return op, False

@@ -223,9 +223,8 @@ def apply(level: Level, which: str, reason: str | None) -> str | None:
             reason = f"the {which} gradient is non-finite (norm {norm})"
     if reason is None:
         if level.max_grad_norm is not None:
-            sharded_clip_grad_norm_(
-                params, level.max_grad_norm
-            )  # torch.nn.utils.clip_grad_norm_ unless sharded (FSDP2)
+            # torch.nn.utils.clip_grad_norm_ itself unless a gradient is sharded (FSDP2)
+            sharded_clip_grad_norm_(params, level.max_grad_norm)
         level.optimizer.step()
         if level.scheduler is not None:
             level.scheduler.step()

@@ -171,11 +171,10 @@ class BilevelProblem(StateDict, Linearisation):
         self._linearisation = 0  # bumped whenever the Hessian operator's linearisation point changes
         # FSDP2 modules are sharded from identical initial values; broadcasting a shard would corrupt it:
         # levels with fully_shard-ed parts broadcast only their plain (replicated) parameters and buffers
-        levels = (inner_module, outer_module)
-        self.reduction.broadcast(
-            [m for m in levels if self._sharded is None or not _is_sharded(m)]
-            + ([] if self._sharded is None else [replicated_part(levels)])
-        )
+        levels: list[nn.Module] = [inner_module, outer_module]
+        if self._sharded is not None:
+            levels = [m for m in levels if not _is_sharded(m)] + [replicated_part(levels)]
+        self.reduction.broadcast(levels)
 
     # ------------------------------------------------------------------ public calls
     def step(self, inner_batches: Iterable[Any], outer_batch: Any, hessian_batch: Any = None) -> StepRecord:
