@@ -330,7 +330,135 @@ def test_bf16_autocast_hypergradient_through_attention_is_close_to_float64(no_tf
     assert err <= 5e-2, f"bf16 hypergradient relative error {err:.2e}"
 
 
+# ---------------------------------------------------------------- 4. CompiledCG equals CG
+#: inductor kernels on CUDA; tracing only in the CPU dry run (a C++ build would take minutes)
+COMPILE_BACKEND = "inductor" if ON_CUDA else "eager"
+
+
+def _tiny_mlp_operator() -> tuple[HessianOperator, dict]:
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(device=DEV, dtype=F64)
+    g = torch.Generator().manual_seed(13)
+    x, y = torch.randn(10, 4, generator=g, dtype=F64).to(DEV), torch.randn(10, 2, generator=g, dtype=F64).to(DEV)
+    f = hypergrad.stateless(net)
+    params = hypergrad.module_params(net)
+
+    def loss(p: dict) -> Tensor:
+        return ((f(p, x) - y) ** 2).mean() + 0.5 * sum((t**2).sum() for t in p.values())
+
+    b = {k: torch.randn(t.shape, generator=g, dtype=F64).to(DEV) for k, t in params.items()}
+    return HessianOperator(loss, params, mode="fwd_rev"), b
+
+
+def _dense_tree_operator() -> tuple[Callable, dict]:
+    """An SPD 12 x 12 matrix acting on a two-leaf tree (no autograd inside the compiled loop)."""
+    g = torch.Generator().manual_seed(16)
+    m = torch.randn(12, 12, generator=g, dtype=F64)
+    a = (m @ m.T / 12 + torch.eye(12, dtype=F64)).to(DEV)
+    split = lambda t: {"u": t[:4], "w": t[4:].reshape(2, 4)}
+    matvec = lambda v: split(a @ torch.cat([v["u"], v["w"].reshape(-1)]))
+    return matvec, split(torch.randn(12, generator=g, dtype=F64).to(DEV))
+
+
+@pytest.mark.parametrize("operator", ["dense_tree", "hessian_fwd_rev"])
+def test_compiled_cg_equals_cg_with_the_same_budget(operator: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fallback allowed: on CUDA the loop must compile (inductor, triton kernels)."""
+    monkeypatch.setattr(compiled_cg, "_FAILED", {})  # no remembered failure from another test
+    torch._dynamo.reset()
+    op, b = _dense_tree_operator() if operator == "dense_tree" else _tiny_mlp_operator()
+    eager = CG(max_steps=5)(op, b)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)  # a fallback to the eager loop is a failure here
+            compiled = CompiledCG(max_steps=5, backend=COMPILE_BACKEND)(op, b)
+            again = CompiledCG(max_steps=5, backend=COMPILE_BACKEND)(op, {k: 2 * v for k, v in b.items()})
+    finally:
+        torch._dynamo.reset()
+    assert compiled.stats["compiled"] is True and again.stats["compiled"] is True
+    assert eager.status is compiled.status is hypergrad.Status.FIXED_BUDGET  # positive definite: no curvature exit
+    assert (compiled.num_steps, compiled.num_matvecs) == (eager.num_steps, eager.num_matvecs) == (5, 5)
+    assert all(t.device.type == DEVICE_TYPE for t in compiled.x.values())
+    assert rel(compiled.x, eager.x) <= 1e-10
+    assert rel(again.x, {k: 2 * v for k, v in eager.x.items()}) <= 1e-10  # linear in b: the cache serves it
+    assert compiled.residual_norm == pytest.approx(eager.residual_norm, rel=1e-6)
+    # five steps are a partial solve of these 12 / 44-unknown systems (the comparison is not of exact solves)
+    assert eager.residual_norm > 1e-8 * float(tree_ravel(b)[0].norm())
+
+
+# ---------------------------------------------------------------- 5. checkpoint of a CUDA problem via the CPU
+def test_checkpoint_through_the_cpu_resumes_bitwise_on_the_device(tmp_path: Path) -> None:
+    """Save after one step, load onto the CPU, load into a fresh device problem: its next step equals the
+    uninterrupted run's bitwise. An MLP with BatchNorm (no convolution: cuDNN may pick non-deterministic
+    convolution algorithms)."""
+
+    def net() -> nn.Module:
+        torch.manual_seed(14)
+        return nn.Sequential(nn.Flatten(), nn.Linear(32, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).to(F64)
+
+    def problem_on() -> tuple[hypergrad.BilevelProblem, nn.Module, nn.Module]:
+        problem, inner, outer = conv_problem(DEV, net=net, damping=20.0)
+        return problem, inner, outer
+
+    ref, _, _ = problem_on()
+    run_steps(ref, DEV, seeds=(0,))
+    path = hypergrad.save_checkpoint(ref.state_dict(), tmp_path / "problem.pt", kind="cuda-test")
+    run_steps(ref, DEV, seeds=(1,))
+    loaded = hypergrad.load_checkpoint(path, map_location="cpu", expected_kind="cuda-test")
+    assert all(t.device.type == "cpu" for t in _leaves(loaded).values() if isinstance(t, Tensor))
+    resumed, _, _ = problem_on()
+    run_steps(resumed, DEV, seeds=(5,))  # move it away first: the load must overwrite everything
+    resumed.load_state_dict(loaded)
+    assert all(t.device.type == DEVICE_TYPE for t in _leaves(resumed.state_dict()).values() if _is_float(t))
+    run_steps(resumed, DEV, seeds=(1,))
+    assert_states_equal(resumed.state_dict(), ref.state_dict())
+    # and back: the device state saved again and loaded straight onto the device is the same state
+    again = hypergrad.load_checkpoint(
+        hypergrad.save_checkpoint(resumed.state_dict(), tmp_path / "again.pt"), map_location=DEV
+    )
+    assert all(t.device.type == DEVICE_TYPE for t in _leaves(again).values() if isinstance(t, Tensor))
+    assert_states_equal(again, ref.state_dict(), same_device=False)
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0
+
+
+# ---------------------------------------------------------------- 6. a CUDA-graph capture of the fixed-budget CG loop
+@needs_cuda
+def test_cuda_graph_replay_of_the_fixed_budget_cg_loop_equals_eager() -> None:
+    """``CompiledCG``'s loop has no host synchronisation, so it can be captured into a ``torch.cuda.CUDAGraph``
+    as is; replays on new right-hand sides (copied into the static input) equal the eager loop."""
+    g = torch.Generator().manual_seed(15)
+    m = torch.randn(12, 12, generator=g, dtype=F64)
+    a = (m @ m.T / 12 + torch.eye(12, dtype=F64)).to(DEV)
+    split = lambda t: {"u": t[:4], "w": t[4:].reshape(2, 4)}  # a tree of two leaves of different shapes
+    tree_matvec = lambda v: split(a @ torch.cat([v["u"], v["w"].reshape(-1)]))
+    rhs = [split(torch.randn(12, generator=g, dtype=F64).to(DEV)) for _ in range(3)]
+    static_b = {k: v.clone() for k, v in rhs[0].items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs require
+        for _ in range(2):
+            compiled_cg._cg_steps(tree_matvec, static_b, None, 6)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_x, static_rr, _ = compiled_cg._cg_steps(tree_matvec, static_b, None, 6)
+    for b in rhs:
+        for k in b:
+            static_b[k].copy_(b[k])
+        graph.replay()
+        torch.cuda.synchronize()
+        x, rr, _ = compiled_cg._cg_steps(tree_matvec, b, None, 6)
+        assert rel(static_x, x) <= 1e-12 and float(static_rr) == pytest.approx(float(rr), rel=1e-8, abs=1e-28)
+        # 6 < 12 steps: a partial solve; with 12 steps it would be the exact one, so check the residual is honest
+        res = torch.cat([b["u"], b["w"].reshape(-1)]) - a @ torch.cat([static_x["u"], static_x["w"].reshape(-1)])
+        assert float(res.norm() ** 2) == pytest.approx(float(static_rr), rel=1e-6)
+
+
 # ---------------------------------------------------------------- 3. a one-rank NCCL (gloo on the CPU) process group
+# (last in the file: the module-scoped group lives from its first test to the end of the module, so no test
+# above - the CUDA-graph capture in particular - runs beside the NCCL watchdog thread)
 @pytest.fixture(scope="module")
 def process_group() -> Iterator[str]:
     """A world-size-1 process group on this device's backend, destroyed after the module."""
@@ -495,115 +623,3 @@ def test_fsdp2_routes_equal_the_unsharded_dense_reference(process_group: str, fs
     assert rel(got["first_grad"], fsdp_reference["first_grad"]) <= tol
     assert rel(got["outer"], fsdp_reference["outer"]) <= tol
     assert rel(got["inner"], fsdp_reference["inner"]) <= tol
-
-
-# ---------------------------------------------------------------- 4. CompiledCG equals CG
-#: inductor kernels on CUDA; tracing only in the CPU dry run (a C++ build would take minutes)
-COMPILE_BACKEND = "inductor" if ON_CUDA else "eager"
-
-
-def _tiny_mlp_operator() -> tuple[HessianOperator, dict]:
-    torch.manual_seed(12)
-    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(device=DEV, dtype=F64)
-    g = torch.Generator().manual_seed(13)
-    x, y = torch.randn(10, 4, generator=g, dtype=F64).to(DEV), torch.randn(10, 2, generator=g, dtype=F64).to(DEV)
-    f = hypergrad.stateless(net)
-    params = hypergrad.module_params(net)
-
-    def loss(p: dict) -> Tensor:
-        return ((f(p, x) - y) ** 2).mean() + 0.5 * sum((t**2).sum() for t in p.values())
-
-    b = {k: torch.randn(t.shape, generator=g, dtype=F64).to(DEV) for k, t in params.items()}
-    return HessianOperator(loss, params, mode="fwd_rev"), b
-
-
-def test_compiled_cg_equals_cg_with_the_same_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compiled_cg, "_FAILED", {})  # no remembered failure from another test
-    torch._dynamo.reset()
-    op, b = _tiny_mlp_operator()
-    eager = CG(max_steps=5)(op, b)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompileFallbackWarning)  # a fallback to the eager loop is a failure here
-        compiled = CompiledCG(max_steps=5, backend=COMPILE_BACKEND)(op, b)
-        again = CompiledCG(max_steps=5, backend=COMPILE_BACKEND)(op, {k: 2 * v for k, v in b.items()})
-    torch._dynamo.reset()
-    assert compiled.stats["compiled"] is True and again.stats["compiled"] is True
-    assert eager.status is compiled.status is hypergrad.Status.FIXED_BUDGET  # positive definite: no curvature exit
-    assert (compiled.num_steps, compiled.num_matvecs) == (eager.num_steps, eager.num_matvecs) == (5, 5)
-    assert all(t.device.type == DEVICE_TYPE for t in compiled.x.values())
-    assert rel(compiled.x, eager.x) <= 1e-10
-    assert rel(again.x, {k: 2 * v for k, v in eager.x.items()}) <= 1e-10  # linear in b: the cache serves it
-    assert compiled.residual_norm == pytest.approx(eager.residual_norm, rel=1e-6)
-    # five steps of CG really are a partial solve of this 44-unknown system (the comparison is not of exact solves)
-    assert eager.residual_norm > 1e-8 * float(tree_ravel(b)[0].norm())
-
-
-# ---------------------------------------------------------------- 5. checkpoint of a CUDA problem via the CPU
-def test_checkpoint_through_the_cpu_resumes_bitwise_on_the_device(tmp_path: Path) -> None:
-    """Save after one step, load onto the CPU, load into a fresh device problem: its next step equals the
-    uninterrupted run's bitwise. An MLP with BatchNorm (no convolution: cuDNN may pick non-deterministic
-    convolution algorithms)."""
-
-    def net() -> nn.Module:
-        torch.manual_seed(14)
-        return nn.Sequential(nn.Flatten(), nn.Linear(32, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).to(F64)
-
-    def problem_on() -> tuple[hypergrad.BilevelProblem, nn.Module, nn.Module]:
-        problem, inner, outer = conv_problem(DEV, net=net, damping=20.0)
-        return problem, inner, outer
-
-    ref, _, _ = problem_on()
-    run_steps(ref, DEV, seeds=(0,))
-    path = hypergrad.save_checkpoint(ref.state_dict(), tmp_path / "problem.pt", kind="cuda-test")
-    run_steps(ref, DEV, seeds=(1,))
-    loaded = hypergrad.load_checkpoint(path, map_location="cpu", expected_kind="cuda-test")
-    assert all(t.device.type == "cpu" for t in _leaves(loaded).values() if isinstance(t, Tensor))
-    resumed, _, _ = problem_on()
-    run_steps(resumed, DEV, seeds=(5,))  # move it away first: the load must overwrite everything
-    resumed.load_state_dict(loaded)
-    assert all(t.device.type == DEVICE_TYPE for t in _leaves(resumed.state_dict()).values() if _is_float(t))
-    run_steps(resumed, DEV, seeds=(1,))
-    assert_states_equal(resumed.state_dict(), ref.state_dict())
-    # and back: the device state saved again and loaded straight onto the device is the same state
-    again = hypergrad.load_checkpoint(
-        hypergrad.save_checkpoint(resumed.state_dict(), tmp_path / "again.pt"), map_location=DEV
-    )
-    assert all(t.device.type == DEVICE_TYPE for t in _leaves(again).values() if isinstance(t, Tensor))
-    assert_states_equal(again, ref.state_dict(), same_device=False)
-
-
-def _is_float(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0
-
-
-# ---------------------------------------------------------------- 6. a CUDA-graph capture of the fixed-budget CG loop
-@needs_cuda
-def test_cuda_graph_replay_of_the_fixed_budget_cg_loop_equals_eager() -> None:
-    """``CompiledCG``'s loop has no host synchronisation, so it can be captured into a ``torch.cuda.CUDAGraph``
-    as is; replays on new right-hand sides (copied into the static input) equal the eager loop."""
-    g = torch.Generator().manual_seed(15)
-    m = torch.randn(12, 12, generator=g, dtype=F64)
-    a = (m @ m.T / 12 + torch.eye(12, dtype=F64)).to(DEV)
-    split = lambda t: {"u": t[:4], "w": t[4:].reshape(2, 4)}  # a tree of two leaves of different shapes
-    tree_matvec = lambda v: split(a @ torch.cat([v["u"], v["w"].reshape(-1)]))
-    rhs = [split(torch.randn(12, generator=g, dtype=F64).to(DEV)) for _ in range(3)]
-    static_b = {k: v.clone() for k, v in rhs[0].items()}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs require
-        for _ in range(2):
-            compiled_cg._cg_steps(tree_matvec, static_b, None, 6)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_x, static_rr, _ = compiled_cg._cg_steps(tree_matvec, static_b, None, 6)
-    for b in rhs:
-        for k in b:
-            static_b[k].copy_(b[k])
-        graph.replay()
-        torch.cuda.synchronize()
-        x, rr, _ = compiled_cg._cg_steps(tree_matvec, b, None, 6)
-        assert rel(static_x, x) <= 1e-12 and float(static_rr) == pytest.approx(float(rr), rel=1e-8, abs=1e-28)
-        # 6 < 12 steps: a partial solve; with 12 steps it would be the exact one, so check the residual is honest
-        res = torch.cat([b["u"], b["w"].reshape(-1)]) - a @ torch.cat([static_x["u"], static_x["w"].reshape(-1)])
-        assert float(res.norm() ** 2) == pytest.approx(float(static_rr), rel=1e-6)
