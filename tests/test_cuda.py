@@ -314,7 +314,7 @@ def test_bf16_autocast_hypergradient_through_attention_is_close_to_float64(no_tf
             hypergrad.Level(outer, torch.optim.SGD(outer.parameters(), lr=0.1)),
             G,
             F,
-            hypergrad.Implicit(solver=CG(max_steps=10), damping=1.0),
+            hypergrad.Implicit(solver=CG(max_steps=10), damping=3.0),
         )
         seen: list[torch.dtype] = []
         handle = inner.out.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
@@ -322,7 +322,7 @@ def test_bf16_autocast_hypergradient_through_attention_is_close_to_float64(no_tf
             record = problem.hypergradient(_on(val, device, dtype), hessian_batch=_on(train, device, dtype))
         handle.remove()
         assert set(seen) == {torch.bfloat16 if amp else F64}  # autocast reached the functional passes
-        assert not record.skipped and record.solve is not None
+        assert not record.skipped and record.solve is not None and not record.solve_failed, record.solve
         grad = outer["wd"].grad
         assert grad.dtype == dtype and bool(torch.isfinite(grad).all())
         grads[amp] = grad.detach().cpu().to(F64)
@@ -468,7 +468,14 @@ def process_group() -> Iterator[str]:
     kw: dict[str, Any] = {}
     if ON_CUDA and "device_id" in inspect.signature(dist.init_process_group).parameters:
         kw["device_id"] = torch.device(DEV if ":" in DEV else "cuda:0")
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+    try:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+    except (RuntimeError, ValueError, TypeError):
+        if not kw:
+            raise
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # lazy NCCL init instead
     try:
         yield backend
     finally:
