@@ -25,7 +25,8 @@ Peers that are not installed are reported as such (they are not in the test envi
 docs/benchmarks.md for the separate virtual environment used). A compile that fails is reported
 with its error, never replaced silently by the eager number.
 
-Run: ``python benchmarks/bench_compile.py [--preset full] [--reps 5] [--stat median|min] [--backend inductor]``.
+Run: ``python benchmarks/bench_compile.py [--preset full] [--reps 5] [--stat median|min] [--backend inductor]
+[--device cuda]`` (on CUDA a ``CompiledCG(mode="reduce-overhead")`` row replays the compiled loop as a CUDA graph).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_compile.py`
 
 import hypergrad
 from benchmarks.bench_floor import floor_call
-from benchmarks.measure import rel_error
+from benchmarks.measure import rel_error, synchronize
 from benchmarks.problems import build_problem
 
 TARGET = 1e-6
@@ -53,17 +54,22 @@ PROBLEMS = ("quadratic_k10", "ridge")
 
 _STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 STAT = "median"  # set by --stat: on a machine shared with other jobs the minimum is the steadier estimate
+DEVICE = "cpu"  # set by --device; every timed call waits for it
 
 
 def _median(call: Callable[[], Any], reps: int) -> tuple[float, float]:
     """``(first call s, STAT of reps s)``: the first call compiles where anything compiles."""
+    dev = torch.device(DEVICE)
+    synchronize(dev)
     t = time.perf_counter()
     call()
+    synchronize(dev)
     first = time.perf_counter() - t
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         call()
+        synchronize(dev)
         ts.append(time.perf_counter() - t)
     return first, _STATS[STAT](ts)
 
@@ -150,23 +156,23 @@ def _peer_rows(case: Any, k: int, reps: int) -> list[dict]:
     return rows
 
 
-def measure(preset: str, reps: int, backend: str) -> list[dict]:
+def measure(preset: str, reps: int, backend: str, problems: tuple[str, ...] = PROBLEMS) -> list[dict]:
     rows = []
-    for problem in PROBLEMS:
-        case = build_problem(problem, preset, "cpu")
+    for problem in problems:
+        case = build_problem(problem, preset, DEVICE)
         k = smallest_budget(case)
         if k is None:
             rows.append(dict(problem=problem, row="-", note="CG did not reach 1e-6 within 256 steps"))
             continue
         table = []
+        compiled = [(f"CompiledCG[fwd_rev, {backend}]", hypergrad.CompiledCG(max_steps=k, backend=backend))]
+        if DEVICE.startswith("cuda") and backend == "inductor":  # the compiled loop replayed as a CUDA graph
+            cudagraph = hypergrad.CompiledCG(max_steps=k, backend=backend, mode="reduce-overhead")
+            compiled.append(("CompiledCG[fwd_rev, CUDA graph]", cudagraph))
         for label, solver, mode in (
             ("hypergrad cg[rev_rev_cached]", hypergrad.CG(max_steps=k), "rev_rev_cached"),
             ("hypergrad cg[fwd_rev]", hypergrad.CG(max_steps=k), "fwd_rev"),
-            (
-                f"hypergrad CompiledCG[fwd_rev, {backend}]",
-                hypergrad.CompiledCG(max_steps=k, backend=backend),
-                "fwd_rev",
-            ),
+            *((f"hypergrad {name}", solver, "fwd_rev") for name, solver in compiled),
         ):
             run = _hypergrad(case, solver, mode)
             with warnings.catch_warnings(record=True) as caught:
@@ -183,11 +189,7 @@ def measure(preset: str, reps: int, backend: str) -> list[dict]:
         rhs = torch.func.grad(lambda q: prob.outer_loss(q, case.hparams))(case.params)
         for label, solver, mode in (
             ("  solve only: CG[rev_rev_cached]", hypergrad.CG(max_steps=k), "rev_rev_cached"),
-            (
-                f"  solve only: CompiledCG[fwd_rev, {backend}]",
-                hypergrad.CompiledCG(max_steps=k, backend=backend),
-                "fwd_rev",
-            ),
+            *((f"  solve only: {name}", solver, "fwd_rev") for name, solver in compiled),
         ):
             op = hypergrad.HessianOperator(lambda q: prob.inner_loss(q, case.hparams), case.params, mode=mode)
             first, med = _median(lambda: solver(op, rhs), reps)
@@ -218,21 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", choices=("inductor", "aot_eager", "eager"), default="inductor")
+    ap.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the CompiledCG loop as a CUDA graph)")
     ap.add_argument("--stat", choices=tuple(_STATS), default="median", help="statistic of the timed reps")
     args = ap.parse_args(argv)
     global STAT
     STAT = args.stat
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     versions = hypergrad_versions()
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else f"threads {torch.get_num_threads()}"
     print(
-        f"Time to a 1e-6 hypergradient, preset {args.preset}, {versions}, threads {torch.get_num_threads()}, "
+        f"Time to a 1e-6 hypergradient, preset {args.preset}, {versions}, device {DEVICE} ({where}), "
         f"{STAT} of {args.reps} reps"
     )
     print(
         f"{'problem':<15}{'K':>4}  {'row':<44}{'first s':>9}{STAT + ' ms':>11}{'rel err':>10}{'/ floor':>9}"
         f"{'hg best / row':>14}  note"
     )
-    for r in measure(args.preset, args.reps, args.backend):
+    for r in measure(args.preset, args.reps, args.backend, tuple(args.problems)):
         print(
             f"{r['problem']:<15}{r.get('budget', 0):>4}  {r['row']:<44}{r.get('first_s', float('nan')):>9.2f}"
             f"{r.get('t_ms', float('nan')):>11.3f}{r.get('err', float('nan')):>10.1e}"

@@ -17,7 +17,7 @@ mode (``HVP/grad``: over the eager gradient; ``HVP/c.grad``: over the compiled g
 compile time and dynamo's graph and graph-break counts; a failed compile is reported with its
 error and the eager number kept separate.
 
-Run: ``python benchmarks/bench_linearized.py [--preset small] [--compile resnet transformer]``, or
+Run: ``python benchmarks/bench_linearized.py [--preset small] [--device cuda] [--compile resnet transformer]``, or
 ``python -m pytest benchmarks/bench_linearized.py`` (eager only, one entry per model and mode).
 """
 
@@ -36,10 +36,11 @@ if __package__ in (None, ""):  # `python benchmarks/bench_linearized.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hypergrad
-from benchmarks.measure import peak_memory_bytes, rel_error
+from benchmarks.measure import peak_memory_bytes, rel_error, synchronize
 from benchmarks.models import MODELS, build_model
 
 MODES = ("fwd_rev", "rev_rev", "rev_rev_cached", "fwd_rev_linearized", "auto")
+DEVICE = "cpu"  # set by --device; every timed call waits for it
 
 
 def build(fn: Callable, params: dict, mode: str) -> Callable[[Any], Any]:
@@ -62,29 +63,39 @@ def _gradient(case: Any) -> Callable[[], Any]:
 
 
 def _median_time(call: Callable[[], Any], reps: int) -> float:
+    dev = torch.device(DEVICE)
     call()  # warm-up
+    synchronize(dev)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         call()
+        synchronize(dev)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, ...] = ()) -> list[dict]:
-    case = build_model(name, preset)
+def _probe(case: Any) -> dict:
+    """A fixed random direction (drawn on the CPU, so every device gets the same one)."""
     gen = torch.Generator().manual_seed(1)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in case.params.items()}
+    return {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in case.params.items()}
+
+
+def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, ...] = ()) -> list[dict]:
+    case = build_model(name, preset, DEVICE)
+    v = _probe(case)
     t_grad = _median_time(_gradient(case), reps)
     ref = hypergrad.hvp(case.fn, case.params, v, mode="rev_rev")
     rows = []
     for mode in MODES:
+        synchronize(torch.device(DEVICE))
         t0 = time.perf_counter()
         op = build(case.fn, case.params, mode)
+        synchronize(torch.device(DEVICE))
         t_build = time.perf_counter() - t0
         t_hvp = _median_time(lambda: op(v), reps)
         err = rel_error(op(v), ref)
-        mem = peak_memory_bytes(lambda: _build_and_apply(case, mode, v, 5), "cpu")
+        mem = peak_memory_bytes(lambda: _build_and_apply(case, mode, v, 5), DEVICE)
         rows.append(
             dict(
                 model=name,
@@ -128,7 +139,7 @@ def compiled_rows(name: str, preset: str, reps: int, modes: tuple[str, ...], tim
             "--reps",
             str(reps),
         ]
-        cmd += ["--threads", str(torch.get_num_threads())]
+        cmd += ["--threads", str(torch.get_num_threads()), "--device", DEVICE]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
@@ -147,9 +158,8 @@ def compiled_rows(name: str, preset: str, reps: int, modes: tuple[str, ...], tim
 
 
 def _child_row(name: str, item: str, preset: str, reps: int) -> dict:
-    case = build_model(name, preset)
-    gen = torch.Generator().manual_seed(1)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in case.params.items()}
+    case = build_model(name, preset, DEVICE)
+    v = _probe(case)
     t_grad = _median_time(_gradient(case), reps)
     if item == "gradient":
         compile_s, t_grad_c, failed = compiled_grad_time(case, reps)
@@ -197,6 +207,7 @@ def _compiled(case: Any, mode: str, op: Any, v: dict, ref: dict, t_grad: float, 
         fn = torch.compile(target)
         t0 = time.perf_counter()
         out = fn(v)
+        synchronize(torch.device(DEVICE))
         row["compile_s"] = time.perf_counter() - t0
         t_hvp = _median_time(lambda: fn(v), reps)
         row["hvp_over_grad"] = t_hvp / t_grad
@@ -218,6 +229,7 @@ def compiled_grad_time(case: Any, reps: int) -> tuple[float, float, str]:
         fn = torch.compile(torch.func.grad(case.fn))
         t0 = time.perf_counter()
         fn(case.params)
+        synchronize(torch.device(DEVICE))
         first = time.perf_counter() - t0
         return first, _median_time(lambda: fn(case.params), reps), ""
     except Exception as err:
@@ -228,8 +240,7 @@ def compiled_grad_time(case: Any, reps: int) -> tuple[float, float, str]:
 @pytest.mark.parametrize("mode", MODES)
 def test_hvp_mode(benchmark, model: str, mode: str, preset: str, models) -> None:
     case = models(model)
-    gen = torch.Generator().manual_seed(1)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in case.params.items()}
+    v = _probe(case)
     op = build(case.fn, case.params, mode)
     out = benchmark(lambda: op(v))
     err = rel_error(out, hypergrad.hvp(case.fn, case.params, v, mode="rev_rev"))
@@ -254,15 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (times wait for the device)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "ITEM"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
     if args.child:  # one compiled measurement, run by compiled_rows in its own process
         import json
 
         print("ROW " + json.dumps(_child_row(*args.child, args.preset, args.reps)), flush=True)
         return 0
-    print(f"HVP cost per mode, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else f"cpu, threads {args.threads}"
+    print(f"HVP cost per mode, preset {args.preset}, torch {torch.__version__}, device {DEVICE} ({where})")
     print(
         f"{'model':<12}{'params':>9}{'mode':<16}{'compiled':>9}{'build/grad':>11}{'HVP/grad':>10}{'err':>10}"
         f"{'peak MB':>9}{'HVP/c.grad':>11}  note"

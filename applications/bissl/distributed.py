@@ -93,8 +93,10 @@ def is_main_process() -> bool:
 def init_distributed(backend: str | None = None) -> bool:
     """Initialise the default process group when launched by torchrun; no-op otherwise.
 
-    torchrun sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; when
-    ``WORLD_SIZE`` is unset or 1 nothing is initialised. On CUDA the process is pinned to
+    torchrun sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; outside torchrun
+    (``TORCHELASTIC_RUN_ID`` unset) with ``WORLD_SIZE`` unset or 1 nothing is initialised. Under
+    ``torchrun --nproc-per-node 1`` a one-rank group is initialised (so ``--fsdp`` and NCCL run on a
+    single GPU too). On CUDA the process is pinned to
     ``cuda:LOCAL_RANK``.
 
     Args:
@@ -109,7 +111,7 @@ def init_distributed(backend: str | None = None) -> bool:
     """
     if is_distributed():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
