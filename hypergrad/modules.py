@@ -10,7 +10,11 @@ track running statistics (BatchNorm, SyncBatchNorm, InstanceNorm with ``track_ru
   exactly as in a training-mode forward pass, and its running statistics are neither read nor
   written. This is what the inner loss *is* during training, so Hessians and hypergradients are
   those of the training objective. Running statistics keep being updated only by the ordinary
-  (non-transformed) training steps that the user runs.
+  (non-transformed) training steps that the user runs. (SyncBatchNorm increments its
+  ``num_batches_tracked`` in training mode and refuses ``None`` there: it gets a scratch zero
+  tensor per call instead, never its own buffer. Its cross-rank synchronisation, which runs with
+  two or more ranks, has no double backward in PyTorch, so second order through SyncBatchNorm is
+  possible on one rank only; use plain BatchNorm in the bilevel stage.)
 * ``buffers="running_stats"``: the layer normalises with its stored running statistics (as in
   ``eval()``), which are not updated. Use it when the objective is defined in eval mode. To do so,
   the normalisation layers' ``.training`` flag is set to ``False`` for the duration of each call
@@ -25,6 +29,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Literal, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -113,6 +118,12 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
     norm_prefixes = [name for name, m in module.named_modules() if tracks_running_stats(m)]
+    # SyncBatchNorm refuses num_batches_tracked=None in training mode (it increments it): a scratch counter
+    scratch = {
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.SyncBatchNorm) and tracks_running_stats(m)
+    }
 
     def is_running(name: str) -> bool:
         prefix, _, leaf = name.rpartition(".")
@@ -158,7 +169,7 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
         state: dict[str, Any] = {}
         for name, b in module.named_buffers():
             if buffers == "batch_stats" and is_running(name):
-                state[name] = None
+                state[name] = torch.zeros_like(b) if name in scratch else None
             else:
                 state[name] = b.detach()
         state.update(params)

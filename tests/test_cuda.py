@@ -67,7 +67,11 @@ def rel(a: dict, b: dict) -> float:
 
 
 def assert_states_close(got: dict, ref: dict, rtol: float) -> None:
-    """Two ``state_dict()``s: the same structure, every float tensor within ``rtol`` (relative to its norm)."""
+    """Two ``state_dict()``s: the same structure, every float tensor within ``rtol`` of its norm.
+
+    A tensor whose reference is itself at rounding level (a momentum buffer of 2e-16 where the
+    parameters are of order 1) is compared with ``rtol`` times a floor of 1e-3 (float64 rounding of
+    order-1 quantities), not with its own norm."""
     a, b = _leaves(got), _leaves(ref)
     assert a.keys() == b.keys()
     for k in b:
@@ -75,7 +79,7 @@ def assert_states_close(got: dict, ref: dict, rtol: float) -> None:
             x, y = a[k].detach().cpu().to(F64), b[k].detach().cpu().to(F64)
             assert x.shape == y.shape, k
             err = float((x - y).norm())
-            assert err <= rtol * max(float(y.norm()), 1e-30), f"{k}: |diff| {err:.3e}, |ref| {float(y.norm()):.3e}"
+            assert err <= rtol * max(float(y.norm()), 1e-3), f"{k}: |diff| {err:.3e}, |ref| {float(y.norm()):.3e}"
         elif isinstance(b[k], Tensor):
             assert torch.equal(a[k].cpu(), b[k].cpu()), k
         else:
@@ -408,7 +412,16 @@ def test_checkpoint_through_the_cpu_resumes_bitwise_on_the_device(tmp_path: Path
     resumed, _, _ = problem_on()
     run_steps(resumed, DEV, seeds=(5,))  # move it away first: the load must overwrite everything
     resumed.load_state_dict(loaded)
-    assert all(t.device.type == DEVICE_TYPE for t in _leaves(resumed.state_dict()).values() if _is_float(t))
+    # the live state is back on the device (state_dict() itself keeps the warm start on the CPU by design)
+    live = {
+        "inner": resumed.inner.module.state_dict(),
+        "outer": resumed.outer.module.state_dict(),
+        "inner_opt": resumed.inner.optimizer.state_dict()["state"],
+        "outer_opt": resumed.outer.optimizer.state_dict()["state"],
+        "x0": resumed.method_state.x0 or {},
+    }
+    off = [k for k, t in _leaves(live).items() if _is_float(t) and t.device.type != DEVICE_TYPE]
+    assert not off, f"left off the device after load_state_dict: {off}"
     run_steps(resumed, DEV, seeds=(1,))
     assert_states_equal(resumed.state_dict(), ref.state_dict())
     # and back: the device state saved again and loaded straight onto the device is the same state

@@ -451,6 +451,25 @@ def test_stateless_refuses_a_misspelt_parameter_key() -> None:
     torch.testing.assert_close(out, net.bias.detach().reshape(1, 1))  # the given weight, not the module's
 
 
+def test_stateless_runs_sync_batchnorm_with_batch_statistics_and_leaves_its_buffers_alone() -> None:
+    """SyncBatchNorm (no process group: local statistics) refuses num_batches_tracked=None in training mode;
+    ``stateless`` must still run it, equal to plain BatchNorm, its buffers untouched, and its HVP equal."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).to(F64).train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert isinstance(synced[1], nn.SyncBatchNorm)
+    before = {k: b.clone() for k, b in synced.named_buffers()}
+    x = torch.randn(8, 3, dtype=F64)
+    f_plain, f_sync = hypergrad.stateless(plain), hypergrad.stateless(synced)
+    params = hypergrad.module_params(plain)
+    loss = lambda f: lambda p: (f(p, x) ** 2).mean()
+    torch.testing.assert_close(loss(f_sync)(params), loss(f_plain)(params), rtol=0, atol=0)
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    torch.testing.assert_close(hvp(loss(f_sync), params, v), hvp(loss(f_plain), params, v), rtol=1e-12, atol=0)
+    for k, b in synced.named_buffers():
+        assert torch.equal(b, before[k]), k
+
+
 def test_stateless_running_stats_restores_the_training_flag_even_on_error() -> None:
     net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).to(F64).train()
     f = hypergrad.stateless(net, buffers="running_stats")

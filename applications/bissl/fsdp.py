@@ -36,7 +36,7 @@ and leaves its running statistics as plain replicated buffers).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -96,6 +96,27 @@ def shard_backbone(backbone: nn.Module, mesh: Any, blocks: Any = None) -> nn.Mod
         fully_shard(block, mesh=mesh)
     fully_shard(backbone, mesh=mesh)
     return backbone
+
+
+def param_groups(params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
+    """``params`` as optimiser parameter groups: the sharded (``DTensor``) ones apart from the plain ones.
+
+    torch's multi-tensor (``foreach``) optimiser step, the default on CUDA, refuses one list that mixes
+    DTensors and plain tensors ("got mixed torch.Tensor and DTensor"), and it runs per parameter
+    group: a stage with a sharded backbone and a plain head gets the two kinds in two groups with the
+    same hyperparameters, so the update is unchanged. Without DTensors: one group.
+
+    Example:
+        >>> import torch
+        >>> [len(g["params"]) for g in param_groups([torch.zeros(2), torch.zeros(3)])]
+        [2]
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    return [{"params": group} for group in (sharded, plain) if group]
 
 
 def shard_stage(ssl: nn.Module, upper: nn.Module, mesh: Any) -> None:

@@ -75,7 +75,16 @@ from .diagnostics import (
     sharded_pretext_grad_norm,
     target_lam,
 )
-from .fsdp import check_fsdp, dense_twin, exact_method, fsdp_mesh, full_state_dict, shard_stage, warn_kinked_fd
+from .fsdp import (
+    check_fsdp,
+    dense_twin,
+    exact_method,
+    fsdp_mesh,
+    full_state_dict,
+    param_groups,
+    shard_stage,
+    warn_kinked_fd,
+)
 from .models import LinearHead
 from .optim import LARS, warmup_cosine
 from .pretrain import build_pretrain_model, epoch_batches, pretext_dataset
@@ -288,8 +297,8 @@ def run_bissl(
     )
     n_low, n_up = b.alternations * b.lower_steps, b.alternations * b.upper_steps
     lower_sched = warmup_cosine(lower_opt, min(b.lower_warmup_steps, n_low), n_low, b.final_lr_factor)
-    upper_opt = torch.optim.SGD(
-        [*upper.parameters(), *head.parameters()], lr=upper_lr, momentum=b.momentum, weight_decay=upper_wd
+    upper_opt = torch.optim.SGD(  # sharded and plain tensors in separate groups (CUDA's foreach step)
+        param_groups([*upper.parameters(), *head.parameters()]), lr=upper_lr, momentum=b.momentum, weight_decay=upper_wd
     )
     upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
     problem = build_problem(

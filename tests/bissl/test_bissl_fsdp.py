@@ -133,3 +133,35 @@ def test_kinked_backbone_below_float64_warns_about_finite_differences():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not warn_kinked_fd(smooth) and not warn_kinked_fd(MLP([4, 8, 2]).double())
+
+
+def test_param_groups_keep_sharded_and_plain_tensors_apart_for_the_foreach_step(mesh) -> None:
+    """torch's foreach optimiser step (CUDA's default) refuses a list mixing DTensors and plain tensors; the
+    stage's optimisers get them in separate groups, and the step equals the per-tensor (for-loop) step."""
+    from torch.distributed.fsdp import fully_shard
+
+    from applications.bissl.fsdp import param_groups
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        fully_shard(net[0], mesh=mesh)  # a sharded "backbone", a plain "head"
+        return net
+
+    def step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad()
+        net(torch.ones(5, 4)).square().sum().backward()
+        opt.step()
+
+    mixed = model()
+    with pytest.raises(Exception, match="mixed torch.Tensor and DTensor"):  # the premise
+        step(mixed, torch.optim.SGD(list(mixed.parameters()), lr=0.1, momentum=0.9, foreach=True))
+    grouped, loop = model(), model()
+    groups = param_groups(grouped.parameters())
+    assert [len(g["params"]) for g in groups] == [2, 2]
+    step(grouped, torch.optim.SGD(groups, lr=0.1, momentum=0.9, foreach=True))
+    step(loop, torch.optim.SGD(list(loop.parameters()), lr=0.1, momentum=0.9, foreach=False))
+    for (name, a), b in zip(grouped.state_dict().items(), loop.state_dict().values()):
+        a = a.full_tensor() if hasattr(a, "full_tensor") else a
+        b = b.full_tensor() if hasattr(b, "full_tensor") else b
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -42,7 +42,7 @@ from hypergrad.distributed import world_size
 from .. import distributed as dist_utils
 from ..bilevel import PretextBatch, build_problem
 from ..config import BiSSLConfig
-from ..fsdp import check_fsdp, exact_method, fsdp_mesh, full_state_dict, warn_kinked_fd
+from ..fsdp import check_fsdp, exact_method, fsdp_mesh, full_state_dict, param_groups, warn_kinked_fd
 from ..models import LinearHead
 from ..optim import warmup_cosine
 from ..pretrain import epoch_batches
@@ -209,13 +209,13 @@ def bissl_text(
             twin = text_dense_twin(lower)
             b = dataclasses.replace(b, method=exact_method(b.method))
         shard_text_stage(lower, upper, fsdp_mesh(dev))
-    lower_opt = torch.optim.AdamW(
-        [p for p in lower.parameters() if p.requires_grad], lr=b.lower_lr, weight_decay=b.lower_wd
+    lower_opt = torch.optim.AdamW(  # sharded and plain tensors in separate groups (CUDA's foreach step)
+        param_groups(p for p in lower.parameters() if p.requires_grad), lr=b.lower_lr, weight_decay=b.lower_wd
     )
     n_low, n_up = b.alternations * b.lower_steps, b.alternations * b.upper_steps
     lower_sched = warmup_cosine(lower_opt, min(b.lower_warmup_steps, n_low), n_low, b.final_lr_factor)
     upper_opt = torch.optim.SGD(
-        [*(p for p in upper.parameters() if p.requires_grad), *head.parameters()],
+        param_groups([*(p for p in upper.parameters() if p.requires_grad), *head.parameters()]),
         lr=b.upper_lr,
         momentum=b.momentum,
         weight_decay=b.upper_wd,
