@@ -735,3 +735,33 @@ def resume_train(ckpt: str, out: str, steps: int, save_every: int, progress: Any
         if progress is not None:
             progress.put(it + 1)
     torch.save(problem.state_dict(), out)
+
+
+def state_leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists (a ``state_dict()``) flattened to ``{path: leaf}``."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(state_leaves(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(state_leaves(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: tree}
+
+
+def attention_dense_hessian(loss: Callable[[dict], Tensor], params: dict) -> Tensor:
+    """All rows at once by batched double backward (``torch.autograd.grad``) under the MATH attention
+    backend (the only one with double backward); never through hypergrad."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    keys = list(params)
+    p = [params[k].detach().clone().requires_grad_(True) for k in keys]
+    with sdpa_kernel(SDPBackend.MATH):
+        g = torch.autograd.grad(loss(dict(zip(keys, p))), p, create_graph=True)
+        flat = torch.cat([t.reshape(-1) for t in g])
+        eye = torch.eye(flat.numel(), dtype=flat.dtype)
+        rows = torch.autograd.grad(flat, p, eye, is_grads_batched=True)
+    return torch.cat([r.reshape(flat.numel(), -1) for r in rows], dim=1)

@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hypergrad
 from hypergrad import HessianOperator, hvp, mixed_hvp, tree_ravel
+from tests.helpers_problem import attention_dense_hessian
 
 F64 = torch.float64
 EXACT_MODES = ["fwd_rev", "rev_rev", "rev_rev_cached", "auto"]
@@ -28,24 +29,12 @@ def _encoder() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return layer, x, y
 
 
-def _dense_hessian(loss, params: dict) -> torch.Tensor:
-    """All rows at once by batched double backward (``torch.autograd.grad``) under the MATH backend."""
-    keys = list(params)
-    p = [params[k].detach().clone().requires_grad_(True) for k in keys]
-    with sdpa_kernel(SDPBackend.MATH):
-        g = torch.autograd.grad(loss(dict(zip(keys, p))), p, create_graph=True)
-        flat = torch.cat([t.reshape(-1) for t in g])
-        eye = torch.eye(flat.numel(), dtype=flat.dtype)
-        rows = torch.autograd.grad(flat, p, eye, is_grads_batched=True)
-    return torch.cat([r.reshape(flat.numel(), -1) for r in rows], dim=1)
-
-
 @pytest.fixture(scope="module")
 def encoder_hessian() -> torch.Tensor:
     """Dense Hessian of the encoder's training loss (computed once for the module)."""
     layer, x, y = _encoder()
     f = hypergrad.stateless(layer)
-    return _dense_hessian(lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(layer))
+    return attention_dense_hessian(lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(layer))
 
 
 def _random_like(tree: dict, seed: int) -> dict:
@@ -64,7 +53,7 @@ def test_plain_double_backward_through_default_attention_really_fails() -> None:
 
 
 @pytest.mark.parametrize("mode", EXACT_MODES)
-def test_hvp_through_transformer_layer_equals_dense_hessian(mode: str, encoder_hessian: torch.Tensor) -> None:
+def test_hvp_through_transformer_layer_equalsattention_dense_hessian(mode: str, encoder_hessian: torch.Tensor) -> None:
     layer, x, y = _encoder()
     f = hypergrad.stateless(layer)
     params = hypergrad.module_params(layer)

@@ -28,6 +28,7 @@ import hypergrad
 from hypergrad import CG, CompiledCG, CompileFallbackWarning, HessianOperator, hvp, tree_ravel
 from hypergrad.solvers import compiled_cg
 from tests.fsdp_models import mlp
+from tests.helpers_problem import attention_dense_hessian, state_leaves
 
 #: the device under test; "cpu" dry-runs the whole file without a GPU
 DEV = os.environ.get("HYPERGRAD_CUDA_TESTS_DEVICE", "cuda")
@@ -44,19 +45,6 @@ needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA device (not pa
 
 
 # ---------------------------------------------------------------- comparison helpers
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts/lists flattened to ``{path: leaf}``."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_leaves(v, f"{prefix}/{k}"))
-        return out
-    if isinstance(tree, (list, tuple)):
-        out = {}
-        for i, v in enumerate(tree):
-            out.update(_leaves(v, f"{prefix}/{i}"))
-        return out
-    return {prefix: tree}
 
 
 def rel(a: dict, b: dict) -> float:
@@ -72,7 +60,7 @@ def assert_states_close(got: dict, ref: dict, rtol: float) -> None:
     A tensor whose reference is itself at rounding level (a momentum buffer of 2e-16 where the
     parameters are of order 1) is compared with ``rtol`` times a floor of 1e-3 (float64 rounding of
     order-1 quantities), not with its own norm."""
-    a, b = _leaves(got), _leaves(ref)
+    a, b = state_leaves(got), state_leaves(ref)
     assert a.keys() == b.keys()
     for k in b:
         if isinstance(b[k], Tensor) and b[k].is_floating_point():
@@ -88,7 +76,7 @@ def assert_states_close(got: dict, ref: dict, rtol: float) -> None:
 
 def assert_states_equal(got: dict, ref: dict, same_device: bool = True) -> None:
     """Bitwise equality of two ``state_dict()``s (and of each tensor's device, with ``same_device``)."""
-    a, b = _leaves(got), _leaves(ref)
+    a, b = state_leaves(got), state_leaves(ref)
     assert a.keys() == b.keys()
     for k in b:
         if isinstance(b[k], Tensor):
@@ -226,18 +214,6 @@ def _attention_data() -> tuple[Tensor, Tensor]:
     return torch.randn(3, 6, 16, generator=g), torch.randn(3, 6, 16, generator=g)
 
 
-def _dense_hessian(loss: Callable[[dict], Tensor], params: dict) -> Tensor:
-    """All rows at once by batched double backward under the MATH backend (float64, CPU)."""
-    keys = list(params)
-    p = [params[k].detach().clone().requires_grad_(True) for k in keys]
-    with sdpa_kernel(SDPBackend.MATH):
-        g = torch.autograd.grad(loss(dict(zip(keys, p))), p, create_graph=True)
-        flat = torch.cat([t.reshape(-1) for t in g])
-        eye = torch.eye(flat.numel(), dtype=flat.dtype)
-        rows = torch.autograd.grad(flat, p, eye, is_grads_batched=True)
-    return torch.cat([r.reshape(flat.numel(), -1) for r in rows], dim=1)
-
-
 @pytest.fixture(scope="module")
 def attention_hessians() -> dict[str, Tensor]:
     """Dense float64 CPU Hessians of both attention models' losses, at the float32 weights and data."""
@@ -246,7 +222,7 @@ def attention_hessians() -> dict[str, Tensor]:
     for kind in ("sdpa", "encoder"):
         model = _attention_model(kind).to(F64)
         f = hypergrad.stateless(model)
-        h = _dense_hessian(lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(model))
+        h = attention_dense_hessian(lambda p: ((f(p, x) - y) ** 2).mean(), hypergrad.module_params(model))
         assert torch.allclose(h, h.T, atol=1e-10)  # the reference itself is a Hessian
         out[kind] = h
     return out
@@ -268,7 +244,7 @@ def test_plain_double_backward_through_the_fused_attention_kernel_fails() -> Non
 
 @pytest.mark.parametrize("kind", ["sdpa", "encoder"])
 @pytest.mark.parametrize("mode", EXACT_MODES)
-def test_float32_hvp_through_attention_equals_the_float64_dense_hessian(
+def test_float32_hvp_through_attention_equals_the_float64attention_dense_hessian(
     kind: str, mode: str, attention_hessians: dict, no_tf32: None
 ) -> None:
     model = _attention_model(kind).to(DEV)
@@ -408,7 +384,7 @@ def test_checkpoint_through_the_cpu_resumes_bitwise_on_the_device(tmp_path: Path
     path = hypergrad.save_checkpoint(ref.state_dict(), tmp_path / "problem.pt", kind="cuda-test")
     run_steps(ref, DEV, seeds=(1,))
     loaded = hypergrad.load_checkpoint(path, map_location="cpu", expected_kind="cuda-test")
-    assert all(t.device.type == "cpu" for t in _leaves(loaded).values() if isinstance(t, Tensor))
+    assert all(t.device.type == "cpu" for t in state_leaves(loaded).values() if isinstance(t, Tensor))
     resumed, _, _ = problem_on()
     run_steps(resumed, DEV, seeds=(5,))  # move it away first: the load must overwrite everything
     resumed.load_state_dict(loaded)
@@ -420,7 +396,7 @@ def test_checkpoint_through_the_cpu_resumes_bitwise_on_the_device(tmp_path: Path
         "outer_opt": resumed.outer.optimizer.state_dict()["state"],
         "x0": resumed.method_state.x0 or {},
     }
-    off = [k for k, t in _leaves(live).items() if _is_float(t) and t.device.type != DEVICE_TYPE]
+    off = [k for k, t in state_leaves(live).items() if _is_float(t) and t.device.type != DEVICE_TYPE]
     assert not off, f"left off the device after load_state_dict: {off}"
     run_steps(resumed, DEV, seeds=(1,))
     assert_states_equal(resumed.state_dict(), ref.state_dict())
@@ -428,7 +404,7 @@ def test_checkpoint_through_the_cpu_resumes_bitwise_on_the_device(tmp_path: Path
     again = hypergrad.load_checkpoint(
         hypergrad.save_checkpoint(resumed.state_dict(), tmp_path / "again.pt"), map_location=DEV
     )
-    assert all(t.device.type == DEVICE_TYPE for t in _leaves(again).values() if isinstance(t, Tensor))
+    assert all(t.device.type == DEVICE_TYPE for t in state_leaves(again).values() if isinstance(t, Tensor))
     assert_states_equal(again, ref.state_dict(), same_device=False)
 
 

@@ -8,24 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers_problem import resume_train
+from tests.helpers_problem import resume_train, state_leaves
 
 STEPS, SAVE_EVERY, KILL_AFTER = 12, 3, 7
-
-
-def _tensors(tree, prefix=""):
-    """Flatten nested state into {path: value} for a bitwise comparison."""
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_tensors(v, f"{prefix}/{k}"))
-        return out
-    if isinstance(tree, (list, tuple)):
-        out = {}
-        for i, v in enumerate(tree):
-            out.update(_tensors(v, f"{prefix}/{i}"))
-        return out
-    return {prefix: tree}
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="uses fork to start the runs quickly")
@@ -57,7 +42,7 @@ def test_killed_run_resumes_bitwise(tmp_path: Path) -> None:
     resumed.start()
     resumed.join()
     assert resumed.exitcode == 0
-    a, b = _tensors(torch.load(tmp_path / "ref_final.pt")), _tensors(torch.load(final))
+    a, b = state_leaves(torch.load(tmp_path / "ref_final.pt")), state_leaves(torch.load(final))
     assert a.keys() == b.keys()
     for k in a:
         if isinstance(a[k], torch.Tensor):
