@@ -117,9 +117,12 @@ def init_distributed(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl", "mpi"):
         raise ValueError(f"backend must be 'gloo', 'nccl' or 'mpi', got {backend!r}.")
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend)
+    if backend == "nccl":  # pinned, and named to NCCL (else it guesses the device from the global rank)
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, device_id=device)
+    else:
+        dist.init_process_group(backend=backend)
     return True
 
 
