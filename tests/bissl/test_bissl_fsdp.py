@@ -135,33 +135,47 @@ def test_kinked_backbone_below_float64_warns_about_finite_differences():
         assert not warn_kinked_fd(smooth) and not warn_kinked_fd(MLP([4, 8, 2]).double())
 
 
-def test_param_groups_keep_sharded_and_plain_tensors_apart_for_the_foreach_step(mesh) -> None:
-    """torch's foreach optimiser step (CUDA's default) refuses a list mixing DTensors and plain tensors; the
-    stage's optimisers get them in separate groups, and the step equals the per-tensor (for-loop) step."""
-    from torch.distributed.fsdp import fully_shard
+def _param_groups_check(rank: int, init: str) -> None:
+    """Run in a fresh process: DTensor parameters left in the pytest process made later fork-based tests of the
+    same process (tests/test_distributed.py) fail with autograd's fork error."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     from applications.bissl.fsdp import param_groups
 
-    def model() -> torch.nn.Module:
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-        fully_shard(net[0], mesh=mesh)  # a sharded "backbone", a plain "head"
-        return net
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
 
-    def step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        opt.zero_grad()
-        net(torch.ones(5, 4)).square().sum().backward()
-        opt.step()
+    def params() -> list[torch.nn.Parameter]:
+        g = torch.Generator().manual_seed(0)
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, generator=g), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(torch.randn(2, 3, generator=g))
+        sharded.grad = distribute_tensor(torch.randn(4, 3, generator=g), mesh, [Shard(0)])
+        plain.grad = torch.randn(2, 3, generator=g)
+        return [sharded, plain]
 
-    mixed = model()
+    def full(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    mixed = params()
     with pytest.raises(Exception, match="mixed torch.Tensor and DTensor"):  # the premise
-        step(mixed, torch.optim.SGD(list(mixed.parameters()), lr=0.1, momentum=0.9, foreach=True))
-    grouped, loop = model(), model()
-    groups = param_groups(grouped.parameters())
-    assert [len(g["params"]) for g in groups] == [2, 2]
-    step(grouped, torch.optim.SGD(groups, lr=0.1, momentum=0.9, foreach=True))
-    step(loop, torch.optim.SGD(list(loop.parameters()), lr=0.1, momentum=0.9, foreach=False))
-    for (name, a), b in zip(grouped.state_dict().items(), loop.state_dict().values()):
-        a = a.full_tensor() if hasattr(a, "full_tensor") else a
-        b = b.full_tensor() if hasattr(b, "full_tensor") else b
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        torch.optim.SGD(mixed, lr=0.1, momentum=0.9, foreach=True).step()
+    grouped, loop = params(), params()
+    groups = param_groups(grouped)
+    assert [len(g["params"]) for g in groups] == [1, 1]
+    torch.optim.SGD(groups, lr=0.1, momentum=0.9, foreach=True).step()
+    torch.optim.SGD(loop, lr=0.1, momentum=0.9, foreach=False).step()
+    for a, b, start in zip(grouped, loop, params()):
+        torch.testing.assert_close(full(a), full(b), rtol=0, atol=0)
+        assert not torch.equal(full(a), full(start))  # the step moved it
+    dist.destroy_process_group()
+
+
+def test_param_groups_keep_sharded_and_plain_tensors_apart_for_the_foreach_step(tmp_path) -> None:
+    """torch's foreach optimiser step (CUDA's default) refuses a list mixing DTensors and plain tensors; the
+    stage's optimisers get them in separate groups, and the step equals the per-tensor (for-loop) step."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_param_groups_check, args=(f"file://{tmp_path}/init",), nprocs=1, start_method="spawn")
