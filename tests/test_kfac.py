@@ -81,6 +81,23 @@ def test_conv_mse_factors_equal_the_exact_gauss_newton_block() -> None:
     torch.testing.assert_close(M - torch.eye(n, dtype=F64), H, rtol=1e-9, atol=1e-10)
 
 
+def test_conv_reduce_factors_closed_form() -> None:
+    """K-FAC-reduce for conv + MSE: G = (2/C_out) I (sums of one-hot columns), A = mean_n abar abar^T."""
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(2, 3, 2, padding=1), nn.Flatten()).double()
+    x = torch.randn(5, 2, 4, 4, dtype=F64)
+    params = hypergrad.module_params(net)
+    built = KFAC(net, x, loss="mse", sharing="reduce", scale=0.5).build(lambda v: v, params)
+    patches = F.unfold(x, 2, padding=1).transpose(1, 2)  # (N, T, 8)
+    abar = torch.cat([patches, torch.ones_like(patches[..., :1])], dim=-1).mean(1)
+    M = torch.eye(27, dtype=F64) + 0.5 * torch.kron((2.0 / 3) * torch.eye(3, dtype=F64), abar.T @ abar / 5)
+    order = [o * 9 + i for o in range(3) for i in range(8)] + [o * 9 + 8 for o in range(3)]  # W rows, then b
+    r = torch.randn(27, dtype=F64)
+    r_kron = torch.empty(27, dtype=F64)
+    r_kron[order] = r  # tree position j is Kronecker index order[j]
+    torch.testing.assert_close(built.apply(r), torch.linalg.solve(M, r_kron)[order], rtol=1e-10, atol=1e-12)
+
+
 def test_apply_equals_the_dense_inverse_of_the_kronecker_system() -> None:
     """One linear layer, cross-entropy, type-2 factors: A and G in closed form, M by torch.kron."""
     torch.manual_seed(2)
@@ -127,6 +144,7 @@ def mlp_problem(bn: bool = False):
         {"correction": True},
         {"fisher": "mc", "num_samples": 3},
         {"others": "hutchinson", "hutchinson_samples": 4},
+        {"sharing": "reduce", "correction": True},
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "type2",
 )
@@ -219,6 +237,8 @@ def test_bad_inputs_are_refused_with_named_errors() -> None:
         KFAC(net, x, shift=0.0)
     with pytest.raises(ValueError, match="scale"):
         KFAC(net, x, scale=-1.0)
+    with pytest.raises(ValueError, match="sharing"):
+        KFAC(net, x, sharing="mean")
     with pytest.raises(ValueError, match="num_samples"):
         KFAC(net, x, num_samples=0)
     with pytest.raises(TypeError, match="b"):

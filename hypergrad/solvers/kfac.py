@@ -28,6 +28,7 @@ __all__ = ["KFAC", "KFACBuilt"]
 LOSSES = ("cross_entropy", "mse")
 FISHERS = ("type2", "mc", "empirical")
 OTHERS = ("identity", "hutchinson")
+SHARINGS = ("expand", "reduce")
 
 
 @dataclass
@@ -76,7 +77,12 @@ class KFAC(AbstractPreconditioner):
 
     :math:`a_{n,t}` the layer's input at position :math:`t` (``[x; 1]`` with a bias; a conv's
     unfolded patches: KFC's "expand" approximation, Grosse & Martens 2016), :math:`g_{n,t,c}` the
-    gradient of :math:`\langle S_n e_c, z_n\rangle` with respect to the layer's output there. With
+    gradient of :math:`\langle S_n e_c, z_n\rangle` with respect to the layer's output there.
+    ``sharing="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023) merges the positions first,
+    :math:`A_l = \frac1N\sum_n \bar a_n \bar a_n^\top` with :math:`\bar a_n = \frac1T\sum_t a_{n,t}`
+    and :math:`G_l = \frac1N\sum_{n,c} \bar g_{n,c}\bar g_{n,c}^\top` with
+    :math:`\bar g_{n,c} = \sum_t g_{n,t,c}` (the same for :math:`T = 1`); it keeps the
+    correlation between positions that "expand" drops (a global average pool makes it large). With
     :math:`A_l = Q_A \operatorname{diag}(\alpha) Q_A^\top` and
     :math:`G_l = Q_G \operatorname{diag}(\gamma) Q_G^\top`, the block of :math:`M^{-1}` is exact:
 
@@ -121,7 +127,10 @@ class KFAC(AbstractPreconditioner):
         shift: :math:`\sigma > 0` (1 for ``I + H/lam``).
         scale: :math:`s > 0` (``1/lam`` for ``I + H/lam``).
         num_samples: Monte-Carlo columns for ``fisher="mc"`` (>= 1).
-        correction: EK-FAC eigenvalue correction.
+        correction: EK-FAC eigenvalue correction (from the exact per-example gradients
+            :math:`\sum_t g_{n,t,c} a_{n,t}^\top`, whichever ``sharing``).
+        sharing: ``"expand"`` or ``"reduce"``: the approximation over weight-sharing positions
+            (convolution positions; a linear layer's extra input dimensions).
         others: ``"identity"`` or ``"hutchinson"`` for the parameters outside the tracked layers.
         hutchinson_samples: probes for ``others="hutchinson"`` (>= 1).
         buffers: the buffer policy of :func:`~hypergrad.stateless` (use the operator's).
@@ -147,6 +156,8 @@ class KFAC(AbstractPreconditioner):
     References:
         Martens & Grosse (2015), Optimizing neural networks with Kronecker-factored approximate curvature.
         Grosse & Martens (2016), A Kronecker-factored approximate Fisher matrix for convolution layers.
+        Eschenhagen et al. (2023), Kronecker-factored approximate curvature for modern neural network
+        architectures.
         George et al. (2018), Fast approximate natural gradient descent in a Kronecker-factored eigenbasis.
     """
 
@@ -160,6 +171,7 @@ class KFAC(AbstractPreconditioner):
     scale: float = 1.0
     num_samples: int = 1
     correction: bool = False
+    sharing: str = "expand"
     others: str = "identity"
     hutchinson_samples: int = 8
     buffers: str = "batch_stats"
@@ -180,6 +192,7 @@ class KFAC(AbstractPreconditioner):
         check_choice("loss", self.loss, LOSSES, owner="KFAC")
         check_choice("fisher", self.fisher, FISHERS, owner="KFAC")
         check_choice("others", self.others, OTHERS, owner="KFAC")
+        check_choice("sharing", self.sharing, SHARINGS, owner="KFAC")
         check_choice("buffers", self.buffers, BUFFER_POLICIES, owner="KFAC")
         if self.fisher == "empirical" and self.targets is None:
             raise ValueError("KFAC: fisher='empirical' needs `targets` (the Hessian batch's labels or targets).")
@@ -355,9 +368,16 @@ class KFAC(AbstractPreconditioner):
         for lay in layers:
             a = torch.cat(lay.acts, dim=1)  # (N, T, in')
             N, T = a.shape[0], a.shape[1]
-            A = torch.einsum("nti,ntj->ij", a, a) / (N * T)
+            if self.sharing == "reduce":  # positions merged first: mean of inputs, sum of gradients
+                ar = a.mean(1)
+                A = ar.T @ ar / N
+            else:
+                A = torch.einsum("nti,ntj->ij", a, a) / (N * T)
             cols = [torch.cat([g[k] for g in lay.grads], dim=1) for k in range(len(lay.grads[0]))]
-            G = sum(torch.einsum("nti,ntj->ij", g, g) for g in cols) / N
+            if self.sharing == "reduce":
+                G = sum(g.sum(1).T @ g.sum(1) for g in cols) / N
+            else:
+                G = sum(torch.einsum("nti,ntj->ij", g, g) for g in cols) / N
             A64, G64 = A.to(torch.float64), torch.as_tensor(G).to(torch.float64)
             if not (bool(torch.isfinite(A64).all()) and bool(torch.isfinite(G64).all())):
                 finite = False
