@@ -16,7 +16,12 @@ the HVP mode.
 ``--small-cnn``: the float64 stand-in (small ResNet with BatchNorm, ``I + H/damping``), reference by
 MINRES to rtol 1e-11 with its true residual checked (``--dense``: a dense ``torch.linalg.solve`` and
 the spectrum, one HVP per parameter). One solver object per name serves every alternation, so only
-``RecycledLanczos(carry=True)`` takes anything from one alternation to the next.
+``RecycledLanczos(carry=True)`` takes anything from one alternation to the next. The small CNN
+also runs ``PCG`` with :class:`hypergrad.KFAC` (``pcg_kfac*``: the preconditioner reads the model
+and the Hessian batch); its build is not a matvec, so its cost is printed apart, in network passes
+and in units of one HVP's time. ``--spectra D1 D2 ...``: the condition numbers of ``I + H/D``,
+plain and preconditioned by K-FAC, the exact Gauss-Newton matrix, the exact diagonal and the exact
+per-tensor blocks (dense; why a curvature preconditioner helps or not).
 
 Run: ``python benchmarks/bench_recycling.py [--preset small|full] [--damping 500] [--alternations 2]``
 (prints a table), or ``python -m pytest benchmarks/bench_recycling.py`` (one pytest-benchmark
@@ -229,8 +234,10 @@ class SmallCNNSystem:
 
 def curvature_spectra(system: SmallCNNSystem, dampings: list[float]) -> None:
     r"""Why K-FAC helps or not: condition numbers of :math:`I + H/\lambda` preconditioned by
-    :math:`I + C/\lambda` for K-FAC curvatures :math:`C` and the exact Gauss-Newton matrix (dense,
-    one HVP per parameter at the first point; :math:`H` is the same for every damping)."""
+    :math:`I + C/\lambda` for K-FAC curvatures :math:`C` and the exact Gauss-Newton matrix, and by
+    the exact diagonal and the exact per-tensor diagonal blocks of :math:`I + H/\lambda` itself (the
+    best any diagonal or layer-wise preconditioner can do). Dense: one HVP per parameter at the
+    first point; :math:`H` is the same for every damping."""
     A, n = system.dense(), sum(v.numel() for v in system.params.values())
     eye = torch.eye(n, dtype=torch.float64)
     H = (A - eye) * system.lam
@@ -262,17 +269,30 @@ def curvature_spectra(system: SmallCNNSystem, dampings: list[float]) -> None:
         f"eigenvalues: H [{eh[0]:.3g}, {eh[-1]:.3g}], Gauss-Newton [{eg[0]:.2g}, {eg[-1]:.3g}], "
         f"H - Gauss-Newton [{er[0]:.3g}, {er[-1]:.3g}]"
     )
-    print(f"{'damping':>8}{'plain':>12}" + "".join(f"{k:>22}" for k in curv))
+
+    def blocks(m: torch.Tensor) -> torch.Tensor:  # the per-tensor diagonal blocks of m
+        out, start = torch.zeros_like(m), 0
+        for size in sizes:
+            out[start : start + size, start : start + size] = m[start : start + size, start : start + size]
+            start += size
+        return out
+
+    labels = [*curv, "exact diagonal", "exact per-tensor blocks"]
+    print(f"{'damping':>8}{'plain':>12}" + "".join(f"{k:>26}" for k in labels))
     for lam in dampings:
         sys_mat = eye + H / lam
-        row = f"{lam:>8g}"
         e = torch.linalg.eigvalsh(sys_mat)
-        row += f"{float(e.abs().max() / e.abs().min()):>12.4g}"
-        for c in curv.values():
-            L = torch.linalg.cholesky(eye + 0.5 * (c + c.T) / lam)
+        row = f"{lam:>8g}{float(e.abs().max() / e.abs().min()):>12.4g}"
+        precs = [eye + 0.5 * (c + c.T) / lam for c in curv.values()]
+        precs += [torch.diag(torch.diag(sys_mat)), blocks(sys_mat)]  # the best any diagonal / layer-wise M can do
+        for P in precs:
+            L, info = torch.linalg.cholesky_ex(P)
+            if int(info) != 0:
+                row += f"{'n/a (M indefinite)':>26}"
+                continue
             Li = torch.linalg.solve_triangular(L, eye, upper=False)
             e = torch.linalg.eigvalsh(Li @ sys_mat @ Li.T)
-            row += f"{float(e.abs().max() / e.abs().min()):>22.4g}"
+            row += f"{float(e.abs().max() / e.abs().min()):>26.4g}"
         print(row)
 
 
