@@ -232,6 +232,25 @@ class SmallCNNSystem:
         return out
 
 
+class LogRegSystem(SmallCNNSystem):
+    """A regime where the Hessian *is* the Gauss-Newton matrix (float64): multinomial logistic
+    regression, 16 correlated features (mixing matrix with column scales 1 ... 1e-2), 5 classes,
+    random labels, batches of 64; :math:`H` on one batch, right-hand sides on 8 others."""
+
+    def __init__(self, lam: float):
+        torch.manual_seed(0)
+        self.net, self.lam = torch.nn.Linear(16, 5).double(), lam
+        gen = torch.Generator().manual_seed(1)
+        mix = torch.randn(16, 16, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 16, dtype=torch.float64)
+        batches = [
+            (torch.randn(64, 16, generator=gen, dtype=torch.float64) @ mix.T, torch.randint(0, 5, (64,), generator=gen))
+            for _ in range(N_U + 1)
+        ]
+        self.h_batch, self.d_batches = batches[0], batches[1:]
+        self.f = hypergrad.stateless(self.net)
+        self.params = hypergrad.module_params(self.net)
+
+
 def curvature_spectra(system: SmallCNNSystem, dampings: list[float]) -> None:
     r"""Why K-FAC helps or not: condition numbers of :math:`I + H/\lambda` preconditioned by
     :math:`I + C/\lambda` for K-FAC curvatures :math:`C` and the exact Gauss-Newton matrix, and by
@@ -353,10 +372,14 @@ def measure(
     names: list[str] | None = None,
     small_cnn: bool = False,
     dense: bool = False,
+    logreg: bool = False,
 ) -> dict[str, list]:
     """``{solver: [per-alternation dict]}`` over consecutive alternations (matrix changes between)."""
     torch.manual_seed(0)
-    system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
+    system: Any = (
+        LogRegSystem(damping) if logreg else SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
+    )
+    small_cnn = small_cnn or logreg
     factories = {**solvers(), **structured_solvers(system)}
     unknown = [n for n in (names or []) if n not in factories]
     if unknown:
@@ -422,14 +445,21 @@ def main(argv: list[str] | None = None) -> int:
         help="small CNN: condition numbers of I + H/lam for these dampings, plain and preconditioned by "
         "K-FAC / EK-FAC / the exact Gauss-Newton matrix (dense), then exit",
     )
+    ap.add_argument(
+        "--logreg",
+        action="store_true",
+        help="instead: multinomial logistic regression on correlated features (H = Gauss-Newton; lam = --damping)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.spectra is not None:
-        curvature_spectra(SmallCNNSystem(args.damping), args.spectra or [args.damping])
+        system = LogRegSystem(args.damping) if args.logreg else SmallCNNSystem(args.damping)
+        curvature_spectra(system, args.spectra or [args.damping])
         return 0
-    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn, args.dense)
+    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn, args.dense, args.logreg)
+    args.small_cnn = args.small_cnn or args.logreg
     print(
-        f"{'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
+        f"{'logistic regression' if args.logreg else 'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
         f"alternation, rtol={RTOL}, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     cold = table.get("cg_cold")
