@@ -250,3 +250,59 @@ def test_bad_inputs_are_refused_with_named_errors() -> None:
     seq = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2))).double()
     with pytest.raises(ValueError, match="logits"):
         KFAC(seq, x).build(lambda v: v, hypergrad.module_params(seq))
+
+
+class _Twice(nn.Module):
+    """One linear layer applied twice (weight sharing across calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+@pytest.mark.parametrize("kind", ["cnn", "shared"])
+def test_pcg_with_kfac_on_a_small_cnn_and_a_shared_layer(kind: str) -> None:
+    torch.manual_seed(9)
+    if kind == "cnn":
+        net = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Conv2d(3, 4, 3, stride=2, bias=False),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        ).double()
+        x = torch.randn(6, 2, 4, 4, dtype=F64)
+    else:
+        net = _Twice().double()
+        x = torch.randn(6, 3, dtype=F64)
+    y = torch.randint(0, net(x).shape[1], (6,))
+    f, params = hypergrad.stateless(net), hypergrad.module_params(net)
+    loss = lambda p: F.cross_entropy(f(p, x), y)
+    lam = 3.0
+    op = hypergrad.Damped(hypergrad.HessianOperator(loss, params, mode="rev_rev"), lam)
+    Ad = lam * torch.eye(sum(v.numel() for v in params.values()), dtype=F64) + dense_hessian(loss, params)
+    assert float(torch.linalg.eigvalsh(Ad)[0]) > 0
+    pre = KFAC(net, x, shift=lam, sharing="reduce" if kind == "cnn" else "expand", correction=True)
+    sol = PCG(pre, max_steps=300, rtol=1e-10)(op, params)
+    assert sol.converged, sol.status
+    torch.testing.assert_close(flat(sol.x), torch.linalg.solve(Ad, flat(params)), rtol=1e-7, atol=1e-9)
+    built = pre.build(op, params)
+    assert built.layers == (("0", "3", "5") if kind == "cnn" else ("lin", "out"))
+
+
+def test_float32_model_gives_a_float32_preconditioner() -> None:
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(8, 3)
+    params = hypergrad.module_params(net)
+    built = KFAC(net, x).build(lambda v: v, params)
+    out = built.apply(torch.ones(26))
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    ref = (
+        KFAC(net.double(), x.double()).build(lambda v: v, hypergrad.module_params(net)).apply(torch.ones(26, dtype=F64))
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
