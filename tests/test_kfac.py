@@ -306,3 +306,14 @@ def test_float32_model_gives_a_float32_preconditioner() -> None:
         KFAC(net.double(), x.double()).build(lambda v: v, hypergrad.module_params(net)).apply(torch.ones(26, dtype=F64))
     )
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_factors_are_reported_not_applied() -> None:
+    net, x, params, loss = mlp_problem()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    built = KFAC(net, bad).build(lambda v: v, params)
+    assert not built.finite
+    op = hypergrad.Damped(hypergrad.HessianOperator(loss, params, mode="rev_rev"), 1.0)
+    sol = PCG(KFAC(net, bad), max_steps=10, rtol=1e-8)(op, params)
+    assert sol.status is hypergrad.Status.NONFINITE
