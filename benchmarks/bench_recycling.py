@@ -16,7 +16,12 @@ the HVP mode.
 ``--small-cnn``: the float64 stand-in (small ResNet with BatchNorm, ``I + H/damping``), reference by
 MINRES to rtol 1e-11 with its true residual checked (``--dense``: a dense ``torch.linalg.solve`` and
 the spectrum, one HVP per parameter). One solver object per name serves every alternation, so only
-``RecycledLanczos(carry=True)`` takes anything from one alternation to the next.
+``RecycledLanczos(carry=True)`` takes anything from one alternation to the next. The small CNN
+also runs ``PCG`` with :class:`hypergrad.KFAC` (``pcg_kfac*``: the preconditioner reads the model
+and the Hessian batch); its build is not a matvec, so its cost is printed apart, in network passes
+and in units of one HVP's time. ``--spectra D1 D2 ...``: the condition numbers of ``I + H/D``,
+plain and preconditioned by K-FAC, the exact Gauss-Newton matrix, the exact diagonal and the exact
+per-tensor blocks (dense; why a curvature preconditioner helps or not).
 
 Run: ``python benchmarks/bench_recycling.py [--preset small|full] [--damping 500] [--alternations 2]``
 (prints a table), or ``python -m pytest benchmarks/bench_recycling.py`` (one pytest-benchmark
@@ -71,6 +76,61 @@ def solvers(max_steps: int = 200) -> dict[str, Callable[[], hypergrad.AbstractLi
             hypergrad.HutchinsonDiagonal(num_samples=8), max_steps=max_steps, rtol=RTOL
         ),
     }
+
+
+def structured_solvers(system: Any, max_steps: int = 200) -> dict[str, Callable[[], hypergrad.AbstractLinearSolver]]:
+    """PCG with K-FAC preconditioners (they read the model and the Hessian batch; small CNN only).
+
+    The point is read through ``params=lambda: system.params``, so each alternation's operator gets
+    factors at the moved lower parameters; type-2 (exact Gauss-Newton) factors: one forward and one
+    backward pass per class (10); ``mc1``: one sampled label per example, one backward pass.
+    """
+    if not isinstance(system, SmallCNNSystem):
+        return {}
+
+    def kfac(**kw: Any) -> hypergrad.KFAC:
+        x = system.h_batch[0]
+        return hypergrad.KFAC(system.net, x, params=lambda: system.params, shift=1.0, scale=1.0 / system.lam, **kw)
+
+    return {
+        "pcg_kfac": lambda: hypergrad.PCG(kfac(), max_steps=max_steps, rtol=RTOL),
+        "pcg_ekfac": lambda: hypergrad.PCG(kfac(correction=True), max_steps=max_steps, rtol=RTOL),
+        "pcg_kfac_reduce": lambda: hypergrad.PCG(kfac(sharing="reduce"), max_steps=max_steps, rtol=RTOL),
+        "pcg_ekfac_reduce": lambda: hypergrad.PCG(
+            kfac(sharing="reduce", correction=True), max_steps=max_steps, rtol=RTOL
+        ),
+        "pcg_kfac_mc1": lambda: hypergrad.PCG(kfac(fisher="mc"), max_steps=max_steps, rtol=RTOL),
+        "pcg_kfac_hutch8": lambda: hypergrad.PCG(
+            kfac(others="hutchinson", hutchinson_samples=8), max_steps=max_steps, rtol=RTOL
+        ),
+    }
+
+
+def kfac_setup_cost(solver: Any, op: Callable[[Any], Any], b: dict, reps: int = 3) -> dict:
+    """A K-FAC build's cost: its network passes and its time in units of one (steady-state) HVP.
+
+    Built again outside the solver (the solver's own build is not timed separately), median of
+    ``reps``; the HVP time is the median of ``2 * reps`` products after the first (which builds the
+    cached graph and costs more), so the ratio errs on the expensive side.
+    """
+    pre = solver.preconditioner
+    times, built = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        built = pre.build(op, b)
+        times.append(time.perf_counter() - t0)
+    op(b)
+    hvp_t = []
+    for _ in range(2 * reps):
+        t0 = time.perf_counter()
+        op(b)
+        hvp_t.append(time.perf_counter() - t0)
+    t_build, t_hvp = sorted(times)[reps // 2], sorted(hvp_t)[reps]
+    return dict(
+        setup_passes=f"{built.forward_passes}F+{built.backward_passes}B",
+        setup_hvp_equiv=t_build / t_hvp,
+        setup_matvecs=built.num_matvecs,
+    )
 
 
 class System:
@@ -172,6 +232,89 @@ class SmallCNNSystem:
         return out
 
 
+class LogRegSystem(SmallCNNSystem):
+    """A regime where the Hessian *is* the Gauss-Newton matrix (float64): multinomial logistic
+    regression, 16 correlated features (mixing matrix with column scales 1 ... 1e-2), 5 classes,
+    random labels, batches of 64; :math:`H` on one batch, right-hand sides on 8 others."""
+
+    def __init__(self, lam: float):
+        torch.manual_seed(0)
+        self.net, self.lam = torch.nn.Linear(16, 5).double(), lam
+        gen = torch.Generator().manual_seed(1)
+        mix = torch.randn(16, 16, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 16, dtype=torch.float64)
+        batches = [
+            (torch.randn(64, 16, generator=gen, dtype=torch.float64) @ mix.T, torch.randint(0, 5, (64,), generator=gen))
+            for _ in range(N_U + 1)
+        ]
+        self.h_batch, self.d_batches = batches[0], batches[1:]
+        self.f = hypergrad.stateless(self.net)
+        self.params = hypergrad.module_params(self.net)
+
+
+def curvature_spectra(system: SmallCNNSystem, dampings: list[float]) -> None:
+    r"""Why K-FAC helps or not: condition numbers of :math:`I + H/\lambda` preconditioned by
+    :math:`I + C/\lambda` for K-FAC curvatures :math:`C` and the exact Gauss-Newton matrix, and by
+    the exact diagonal and the exact per-tensor diagonal blocks of :math:`I + H/\lambda` itself (the
+    best any diagonal or layer-wise preconditioner can do). Dense: one HVP per parameter at the
+    first point; :math:`H` is the same for every damping."""
+    A, n = system.dense(), sum(v.numel() for v in system.params.values())
+    eye = torch.eye(n, dtype=torch.float64)
+    H = (A - eye) * system.lam
+    keys = list(system.params)
+    sizes = [system.params[k].numel() for k in keys]
+    x = system.h_batch[0]
+
+    def logits(flat: torch.Tensor) -> torch.Tensor:
+        p = {k: t.reshape(system.params[k].shape) for k, t in zip(keys, torch.split(flat, sizes))}
+        return system.f(p, x)
+
+    flat = torch.cat([system.params[k].reshape(-1) for k in keys])
+    J = torch.func.jacrev(logits)(flat)  # (N, C, n)
+    prob = torch.softmax(logits(flat).detach(), dim=1)
+    lam_z = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    ggn = torch.einsum("ncp,ncd,ndq->pq", J, lam_z, J) / x.shape[0]
+    curv = {"exact Gauss-Newton": ggn}
+    for label, kw in [
+        ("K-FAC expand", {}),
+        ("K-FAC reduce", {"sharing": "reduce"}),
+        ("EK-FAC expand", {"correction": True}),
+        ("EK-FAC reduce", {"sharing": "reduce", "correction": True}),
+    ]:
+        pre = hypergrad.KFAC(system.net, x, params=lambda: system.params, shift=1.0, scale=1.0, **kw)
+        built = pre.build(lambda v: v, system.params)
+        curv[label] = torch.linalg.inv(torch.stack([built.apply(e) for e in eye], dim=1)) - eye
+    eh, eg, er = (torch.linalg.eigvalsh(0.5 * (m + m.T)) for m in (H, ggn, H - ggn))
+    print(
+        f"eigenvalues: H [{eh[0]:.3g}, {eh[-1]:.3g}], Gauss-Newton [{eg[0]:.2g}, {eg[-1]:.3g}], "
+        f"H - Gauss-Newton [{er[0]:.3g}, {er[-1]:.3g}]"
+    )
+
+    def blocks(m: torch.Tensor) -> torch.Tensor:  # the per-tensor diagonal blocks of m
+        out, start = torch.zeros_like(m), 0
+        for size in sizes:
+            out[start : start + size, start : start + size] = m[start : start + size, start : start + size]
+            start += size
+        return out
+
+    labels = [*curv, "exact diagonal", "exact per-tensor blocks"]
+    print(f"{'damping':>8}{'plain':>12}" + "".join(f"{k:>26}" for k in labels))
+    for lam in dampings:
+        sys_mat = eye + H / lam
+        e = torch.linalg.eigvalsh(sys_mat)
+        row = f"{lam:>8g}{float(e.abs().max() / e.abs().min()):>12.4g}"
+        precs = [eye + 0.5 * (c + c.T) / lam for c in curv.values()]
+        precs += [torch.diag(torch.diag(sys_mat)), blocks(sys_mat)]  # the best any diagonal / layer-wise M can do
+        for P in precs:
+            L, info = torch.linalg.cholesky_ex(P)
+            if int(info) != 0:
+                row += f"{'n/a (M indefinite)':>26}"
+                continue
+            Li = torch.linalg.solve_triangular(L, eye, upper=False)
+            e = torch.linalg.eigvalsh(Li @ sys_mat @ Li.T)
+            row += f"{float(e.abs().max() / e.abs().min()):>26.4g}"
+        print(row)
+
+
 class _Scaled(hypergrad.LinearOperator):
     """``v -> s A v`` (one HVP per call)."""
 
@@ -216,7 +359,10 @@ def run_alternation(system: System, solver: hypergrad.AbstractLinearSolver, exac
         hvps += sol.num_matvecs
         errs.append(_rel(sol.x, ref))
         statuses.append(sol.status.value)
-    return dict(hvps=hvps, max_rel_err=max(errs), statuses=sorted(set(statuses)), time_s=time.perf_counter() - t0)
+    row = dict(hvps=hvps, max_rel_err=max(errs), statuses=sorted(set(statuses)), time_s=time.perf_counter() - t0)
+    if isinstance(getattr(solver, "preconditioner", None), hypergrad.KFAC):
+        row.update(kfac_setup_cost(solver, op, system.rhs()[0]))
+    return row
 
 
 def measure(
@@ -226,14 +372,22 @@ def measure(
     names: list[str] | None = None,
     small_cnn: bool = False,
     dense: bool = False,
+    logreg: bool = False,
 ) -> dict[str, list]:
     """``{solver: [per-alternation dict]}`` over consecutive alternations (matrix changes between)."""
     torch.manual_seed(0)
-    system: Any = SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
-    table: dict[str, list] = {n: [] for n in (names or solvers())}
+    system: Any = (
+        LogRegSystem(damping) if logreg else SmallCNNSystem(damping) if small_cnn else System(Case(preset), damping)
+    )
+    small_cnn = small_cnn or logreg
+    factories = {**solvers(), **structured_solvers(system)}
+    unknown = [n for n in (names or []) if n not in factories]
+    if unknown:
+        raise ValueError(f"--solvers: unknown {unknown}; choose from {sorted(factories)} (pcg_kfac*: --small-cnn only)")
+    table: dict[str, list] = {n: [] for n in (names or factories)}
     # one solver object per name for all alternations: each alternation is a new operator object, so
     # only a solver that carries its basis on purpose (``carry=True``) keeps anything across them
-    objects = {n: solvers()[n]() for n in table}
+    objects = {n: factories[n]() for n in table}
     for _ in range(alternations):
         if small_cnn and dense:
             exact = system.exact()
@@ -283,11 +437,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dense", action="store_true", help="small CNN: dense reference and spectrum (one HVP per parameter)"
     )
+    ap.add_argument(
+        "--spectra",
+        type=float,
+        nargs="*",
+        default=None,
+        help="small CNN: condition numbers of I + H/lam for these dampings, plain and preconditioned by "
+        "K-FAC / EK-FAC / the exact Gauss-Newton matrix (dense), then exit",
+    )
+    ap.add_argument(
+        "--logreg",
+        action="store_true",
+        help="instead: multinomial logistic regression on correlated features (H = Gauss-Newton; lam = --damping)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn, args.dense)
+    if args.spectra is not None:
+        system = LogRegSystem(args.damping) if args.logreg else SmallCNNSystem(args.damping)
+        curvature_spectra(system, args.spectra or [args.damping])
+        return 0
+    table = measure(args.preset, args.damping, args.alternations, args.solvers, args.small_cnn, args.dense, args.logreg)
+    args.small_cnn = args.small_cnn or args.logreg
     print(
-        f"{'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
+        f"{'logistic regression' if args.logreg else 'small CNN' if args.small_cnn else 'BiSSL upper-step'} systems (I + H/lam_e), lam_e={(0.0 if args.small_cnn else LAM) + args.damping:g}, N_U={N_U} right-hand sides per "
         f"alternation, rtol={RTOL}, preset {args.preset}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     cold = table.get("cg_cold")
@@ -302,6 +474,15 @@ def main(argv: list[str] | None = None) -> int:
             ratio = cold[i]["hvps"] / r["hvps"] if cold else float("nan")
             cells += f"{r['hvps']:>10d}{ratio:>9.2f}{r['max_rel_err']:>10.1e}"
         print(f"{name:<24}{cells}  {sorted({s for r in rows for s in r['statuses']})}")
+    for name, rows in table.items():
+        if "setup_hvp_equiv" in rows[0]:
+            equiv = "  ".join(
+                f"a{i}: {r['setup_passes']} = {r['setup_hvp_equiv']:.2f} HVP-times, "
+                f"{r['hvps'] + r['setup_hvp_equiv']:.1f} HVP-equivalents in all "
+                f"({cold[i]['hvps'] / (r['hvps'] + r['setup_hvp_equiv']) if cold else float('nan'):.2f}x fewer)"
+                for i, r in enumerate(rows)
+            )
+            print(f"{name} K-FAC setup (not in the HVP column: {rows[0]['setup_matvecs']} matvecs there): {equiv}")
     return 0
 
 

@@ -70,6 +70,7 @@ from .records import SolveFailedWarning as SolveFailedWarning
 from .records import SolveInfo as SolveInfo
 from .records import StepCallback as StepCallback
 from .records import StepRecord as StepRecord
+from .solvers import KFAC as KFAC
 from .solvers import AbstractLinearSolver as AbstractLinearSolver
 from .solvers import AbstractPreconditioner as AbstractPreconditioner
 from .solvers import CompiledCG as CompiledCG
@@ -140,6 +141,7 @@ __all__ = [
     "AbstractPreconditioner",
     "HutchinsonDiagonal",
     "Nystrom",
+    "KFAC",
     "SolverSpec",
     "SystemInfo",
     "registered_solvers",

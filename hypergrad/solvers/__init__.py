@@ -20,6 +20,7 @@ from ._registry import registered_solvers as registered_solvers
 from .compiled_cg import CompiledCG as CompiledCG
 from .compiled_cg import CompileFallbackWarning as CompileFallbackWarning
 from .dense import materialize as materialize
+from .kfac import KFAC as KFAC
 from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
 from .preconditioners import HutchinsonDiagonal as HutchinsonDiagonal
 from .preconditioners import Nystrom as Nystrom
@@ -40,6 +41,7 @@ __all__ = [
     "AbstractPreconditioner",
     "HutchinsonDiagonal",
     "Nystrom",
+    "KFAC",
     "SolverSpec",
     "SystemInfo",
     "registered_solvers",
