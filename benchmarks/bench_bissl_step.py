@@ -366,7 +366,10 @@ def main_alternation(preset: str, device: str, reps: int, variants: list[str]) -
         f"\nOne alternation, N_U={N_U}, CG {CG_STEPS} steps, preset {preset} {SIZES[preset]}, device {device}, "
         f"threads {torch.get_num_threads()}, torch {torch.__version__}, best of {1 + reps}, damping {DAMPING}"
     )
-    print(f"{'variant':<20}{'time s':>8}{'t/t_ref':>9}{'HVPs':>6}{'peak MB':>9}{'mem/mem_ref':>12}{'mean err':>10}")
+    print(
+        f"{'variant':<28}{'time s':>8}{'t/t_ref':>9}{'HVPs':>6}{'HVPs/step':>10}{'peak MB':>9}{'mem/mem_ref':>12}"
+        f"{'mean err':>10}"
+    )
     t_ref = m_ref = None
     for name, fn in runs.items():
         fn = synced(fn, device)
@@ -379,7 +382,7 @@ def main_alternation(preset: str, device: str, reps: int, variants: list[str]) -
         t_ref, m_ref = t_ref or t, m_ref or max(mem, 1)
         errs = [rel_error(g, e) for g, e in zip(grads, conv)]
         print(
-            f"{name:<20}{t:>8.2f}{t / t_ref:>9.2f}{hvps:>6d}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}"
+            f"{name:<28}{t:>8.2f}{t / t_ref:>9.2f}{hvps:>6d}{hvps / N_U:>10.2f}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}"
             f"{sum(errs) / len(errs):>10.1e}",
             flush=True,
         )
@@ -436,6 +439,60 @@ def main_hvp_memory(preset: str, device: str, modes: list[str]) -> None:
         mem = peak_memory_bytes(fn, device)
         m_ref = m_ref or max(mem, 1)
         print(f"{name:<34}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}", flush=True)
+    _hvp_memory_parts(ssl, x1, x2, params, device)
+
+
+def _hvp_memory_parts(ssl: nn.Module, x1: torch.Tensor, x2: torch.Tensor, params: list, device: str) -> None:
+    """Where a cached reverse graph's extra memory goes: the parts of one HVP, measured one by one.
+
+    ``forward graph``: the pretext loss with its graph kept; ``gradient graph``: plus the
+    ``create_graph`` backward (what ``rev_rev_cached`` keeps); ``saved by the forward`` / ``by the
+    first backward``: the tensors each pass saves for the next (saved-tensor hooks, unique storages;
+    the first backward's that are not already the forward's); ``graph + retained product``: the
+    gradient graph built and one double backward with ``retain_graph=True`` (a cached product);
+    ``graph + one-off product``: the same without ``retain_graph``, which frees the first backward's
+    tensors as it goes (the reference's HVP). Their difference is what keeping the graph costs.
+    """
+
+    def loss() -> torch.Tensor:
+        return hypergrad_ntxent(ssl.projector(ssl.backbone(x1)), ssl.projector(ssl.backbone(x2)))
+
+    v = [torch.ones_like(p) for p in params]
+
+    def product(retain: bool) -> Callable[[], None]:
+        def run() -> None:
+            g = torch.autograd.grad(loss(), params, create_graph=True)
+            torch.autograd.grad(g, params, grad_outputs=v, retain_graph=retain)
+
+        return run
+
+    storages: set[int] = set()
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in storages:
+            storages.add(ptr)
+            saved[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = loss()
+    forward_saved, saved[0] = saved[0], 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.autograd.grad(value, params, create_graph=True)
+    del value
+    rows = {
+        "forward graph (kept)": peak_memory_bytes(loss, device),
+        "gradient graph (kept)": peak_memory_bytes(
+            lambda: torch.autograd.grad(loss(), params, create_graph=True), device
+        ),
+        "saved by the forward": forward_saved,
+        "saved by the first backward": saved[0],
+    }
+    rows["graph + retained product"] = peak_memory_bytes(product(True), device)
+    rows["graph + one-off product"] = peak_memory_bytes(product(False), device)
+    print(f"\nParts of one HVP (MB): {', '.join(f'{k} {b / 2**20:.1f}' for k, b in rows.items())}", flush=True)
 
 
 def main_hvp_time(preset: str, device: str, reps: int = 5) -> None:
