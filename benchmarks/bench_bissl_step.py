@@ -350,36 +350,45 @@ MEMORY_VARIANTS: dict[str, dict[str, Any]] = {  # name: Proximal settings (None:
 }
 
 
-def main_alternation(preset: str, device: str, reps: int, variants: list[str]) -> None:
+def main_alternation(preset: str, device: str, reps: int, variants: list[str], clock: str = "wall") -> None:
     """One alternation (N_U upper steps, fresh 5-step CG each) vs the reference-style code: time and peak memory ratios.
 
-    Side by side in one process: each variant is timed ``1 + reps`` times (best kept),
-    then run once more under the memory probe (CPU: the profiler's allocation events, i.e. tensor
+    Side by side in one process: each variant is timed ``1 + reps`` times, round robin over the
+    variants (best kept), then run once more under the memory probe (CPU: the profiler's allocation events, i.e. tensor
     memory above what existed before the call; CUDA: ``max_memory_allocated`` after a reset).
-    Errors: against the alternation solved to rtol 1e-6 on one reused operator.
+    Errors: against the alternation solved to rtol 1e-6 on one reused operator. ``clock="cpu"``
+    times with ``time.process_time`` (this process's CPU time: on a shared, loaded CPU machine the
+    wall clock also counts the time other processes hold the cores; with one torch thread the CPU
+    time is the work done; CPU devices only).
     """
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     case = Case(preset, device)
     conv = alternation(case, reuse_operator=True, solver=hypergrad.CG(max_steps=200, rtol=1e-6))()[0]
     runs: dict[str, Callable[[], tuple[list[dict], int]]] = {"reference_cg5": reference_alternation(case)}
     runs.update({k: alternation(case, **MEMORY_VARIANTS[k]) for k in variants})
     print(
         f"\nOne alternation, N_U={N_U}, CG {CG_STEPS} steps, preset {preset} {SIZES[preset]}, device {device}, "
-        f"threads {torch.get_num_threads()}, torch {torch.__version__}, best of {1 + reps}, damping {DAMPING}"
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, best of {1 + reps} ({clock} clock), damping {DAMPING}"
     )
-    print(f"{'variant':<20}{'time s':>8}{'t/t_ref':>9}{'HVPs':>6}{'peak MB':>9}{'mem/mem_ref':>12}{'mean err':>10}")
+    print(
+        f"{'variant':<28}{'time s':>8}{'t/t_ref':>9}{'HVPs':>6}{'HVPs/step':>10}{'peak MB':>9}{'mem/mem_ref':>12}"
+        f"{'mean err':>10}"
+    )
+    best = {name: float("inf") for name in runs}
+    out: dict[str, tuple[list[dict], int]] = {}
+    for _ in range(1 + reps):  # round robin, so a change of the machine's load hits every variant alike
+        for name, fn in runs.items():
+            t0 = timer()
+            out[name] = synced(fn, device)()
+            best[name] = min(best[name], timer() - t0)  # the first run (warm-up) counts only if fastest
     t_ref = m_ref = None
     for name, fn in runs.items():
-        fn = synced(fn, device)
-        t = float("inf")
-        for _ in range(1 + reps):  # the first run (warm-up) counts only if it is the fastest
-            t0 = time.perf_counter()
-            grads, hvps = fn()
-            t = min(t, time.perf_counter() - t0)
-        mem = peak_memory_bytes(fn, device)
+        t, (grads, hvps) = best[name], out[name]
+        mem = peak_memory_bytes(synced(fn, device), device)
         t_ref, m_ref = t_ref or t, m_ref or max(mem, 1)
         errs = [rel_error(g, e) for g, e in zip(grads, conv)]
         print(
-            f"{name:<20}{t:>8.2f}{t / t_ref:>9.2f}{hvps:>6d}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}"
+            f"{name:<28}{t:>8.2f}{t / t_ref:>9.2f}{hvps:>6d}{hvps / N_U:>10.2f}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}"
             f"{sum(errs) / len(errs):>10.1e}",
             flush=True,
         )
@@ -436,6 +445,60 @@ def main_hvp_memory(preset: str, device: str, modes: list[str]) -> None:
         mem = peak_memory_bytes(fn, device)
         m_ref = m_ref or max(mem, 1)
         print(f"{name:<34}{mem / 2**20:>9.1f}{mem / m_ref:>12.2f}", flush=True)
+    _hvp_memory_parts(ssl, x1, x2, params, device)
+
+
+def _hvp_memory_parts(ssl: nn.Module, x1: torch.Tensor, x2: torch.Tensor, params: list, device: str) -> None:
+    """Where a cached reverse graph's extra memory goes: the parts of one HVP, measured one by one.
+
+    ``forward graph``: the pretext loss with its graph kept; ``gradient graph``: plus the
+    ``create_graph`` backward (what ``rev_rev_cached`` keeps); ``saved by the forward`` / ``by the
+    first backward``: the tensors each pass saves for the next (saved-tensor hooks, unique storages;
+    the first backward's that are not already the forward's); ``graph + retained product``: the
+    gradient graph built and one double backward with ``retain_graph=True`` (a cached product);
+    ``graph + one-off product``: the same without ``retain_graph``, which frees the first backward's
+    tensors as it goes (the reference's HVP). Their difference is what keeping the graph costs.
+    """
+
+    def loss() -> torch.Tensor:
+        return hypergrad_ntxent(ssl.projector(ssl.backbone(x1)), ssl.projector(ssl.backbone(x2)))
+
+    v = [torch.ones_like(p) for p in params]
+
+    def product(retain: bool) -> Callable[[], None]:
+        def run() -> None:
+            g = torch.autograd.grad(loss(), params, create_graph=True)
+            torch.autograd.grad(g, params, grad_outputs=v, retain_graph=retain)
+
+        return run
+
+    storages: set[int] = set()
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in storages:
+            storages.add(ptr)
+            saved[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = loss()
+    forward_saved, saved[0] = saved[0], 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.autograd.grad(value, params, create_graph=True)
+    del value
+    rows = {
+        "forward graph (kept)": peak_memory_bytes(loss, device),
+        "gradient graph (kept)": peak_memory_bytes(
+            lambda: torch.autograd.grad(loss(), params, create_graph=True), device
+        ),
+        "saved by the forward": forward_saved,
+        "saved by the first backward": saved[0],
+    }
+    rows["graph + retained product"] = peak_memory_bytes(product(True), device)
+    rows["graph + one-off product"] = peak_memory_bytes(product(False), device)
+    print(f"\nParts of one HVP (MB): {', '.join(f'{k} {b / 2**20:.1f}' for k, b in rows.items())}", flush=True)
 
 
 def main_hvp_time(preset: str, device: str, reps: int = 5) -> None:
@@ -548,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="*", default=list(MEMORY_VARIANTS), choices=list(MEMORY_VARIANTS))
     ap.add_argument("--reps", type=int, default=1, help="timed runs after the first (--alternation)")
     ap.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="--alternation: wall time or this process's CPU time"
+    )
+    ap.add_argument(
         "--hvp-memory", nargs="*", default=None, help="only the HVP peak memory of these modes vs reference"
     )
     ap.add_argument("--damping", type=float, default=DAMPING, help="BiSSL damping (positive definite system)")
@@ -563,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.alternation:
         DAMPING = args.damping
-        main_alternation(args.preset, args.device, args.reps, args.variants)
+        main_alternation(args.preset, args.device, args.reps, args.variants, args.clock)
         return 0
     if args.recycled:
         main_recycled(args.preset, args.device)

@@ -17,7 +17,12 @@ HVP modes (``mode=``):
   that lack forward-mode rules.
 * ``"rev_rev_cached"``: reverse-over-reverse with the gradient graph built once, when the operator
   is constructed, and reused by every call: one backward pass per HVP, no forward re-run, at the
-  price of keeping the graph alive. The fastest exact mode measured (``docs/benchmarks.md``).
+  price of keeping the graph alive. The fastest exact mode measured (``docs/benchmarks.md``). Its
+  peak is that of ``"rev_rev"`` plus up to the tensors the first backward saves for the second
+  (about one more copy of the activations): during each product the double backward fills a
+  gradient buffer for every saved activation before it can use any, which a one-off double
+  backward offsets by freeing the first backward's tensors as it goes, and a kept graph cannot
+  (1.2-1.3x on the BiSSL ResNet; ``tests/test_operator_memory.py`` bounds it).
 * ``"finite_diff"``: central differences of gradients, :math:`(\nabla f(\theta+\epsilon v) -
   \nabla f(\theta-\epsilon v)) / 2\epsilon`: two gradients, no second-order AD at all, about
   :math:`\epsilon_{\text{mach}}^{2/3}` relative accuracy.
@@ -446,7 +451,10 @@ def _reverse_graph(
     refused, it is ``torch.func.vjp(grad(fn))``. ``retain=False``
     (one product only, mode ``"rev_rev"``) lets the double backward free the graph as it goes, so
     its peak memory is that of a hand-written double backward; the cached graph (``retain=True``)
-    must stay whole, and peaked 1.3x higher on the BiSSL ResNet (``docs/benchmarks.md``).
+    must stay whole while the double backward's gradient buffers for the forward activations fill
+    up (none is consumed before the whole first-backward part has run), so it peaks higher by up
+    to what the first backward saved: 1.2-1.3x on the BiSSL ResNet (``docs/benchmarks.md``,
+    2026-11-28).
     """
     keys = list(params)
     try:

@@ -89,3 +89,41 @@ def test_no_identity_or_version_keys_in_the_problem_package() -> None:
 
     text = "\n".join(p.read_text() for p in pathlib.Path(pkg.__file__).parent.glob("*.py"))
     assert "_version" not in text and "id(batch" not in text and "id(hessian" not in text
+
+
+@pytest.mark.parametrize("change", ["inner_step", "new_hessian_batch", "outer_step"])
+def test_a_stale_cached_operator_is_freed_when_the_linearisation_changes(change) -> None:
+    """The cached operator (its graph) and the solver's matvec around it are released at once, not at the
+    next hypergradient: tokens only grow, so nothing could serve from them again, and a BiSSL alternation
+    runs its lower steps in between."""
+    import gc
+    import weakref
+
+    pre, down = bissl_batches()
+    cls = hypergrad.Implicit if change == "outer_step" else hypergrad.Proximal  # Implicit: outer-dependent H
+    if cls is hypergrad.Implicit:
+        inner_loss = lambda lo, up, b: (
+            ((lo.projector(torch.tanh(lo.backbone(b))) - b[:, :2].sin()) ** 2).mean()
+            + (sum(((p - q) ** 2).sum() for p, q in zip(lo.backbone.parameters(), up.backbone.parameters())))
+        )
+        problem, _, _ = bissl_problem(_method(True, cls), inner_loss=inner_loss)
+    else:
+        problem, _, _ = bissl_problem(_method(True, cls))
+    problem.inner_step(pre)
+    problem.new_hessian_batch(pre)
+    assert [problem.hypergradient(down).operator_reused for _ in range(2)] == [False, True]
+    state = problem.method_state
+    op = weakref.ref(state.operator)
+    assert state.operator.mode == "rev_rev_cached"  # what "auto" picks: the operator holds a gradient graph
+    graph = weakref.ref(next(iter(state.operator._grad_value.values())))  # a tensor only the operator holds
+    assert state.solver_memo.get("operator") is state.operator
+    if change == "inner_step":
+        problem.inner_step(pre)
+    elif change == "new_hessian_batch":
+        problem.new_hessian_batch(pre)
+    else:
+        problem.outer_step()
+    gc.collect()
+    assert state.operator is None and state.operator_token is None and not state.solver_memo
+    assert op() is None and graph() is None
+    assert not problem.hypergradient(down).operator_reused  # and the next hypergradient builds a new one

@@ -73,6 +73,16 @@ class Linearisation:
     def _operator_token(self) -> int:
         return self._linearisation
 
+    def _linearisation_changed(self) -> None:
+        """An applied step moved the linearisation point: a new token, and the cached operator freed now.
+
+        Tokens only grow, so the old operator can never be served again; dropping it here (not at
+        the next hypergradient) frees its graph for the steps in between (a BiSSL alternation's
+        lower steps).
+        """
+        self._linearisation += 1
+        _drop_operator(self.method_state)
+
     def _forget_linearisation(self) -> None:
         """After a load: no default or declared Hessian batch, no cached operator, a new token."""
         self._last_inner_batch, self._declared_batch, self._has_declared = NO_BATCH, None, False
@@ -81,5 +91,9 @@ class Linearisation:
 
 
 def _drop_operator(state: Any) -> None:
+    """Forget the cached operator *and* the solver's matvec kept around it (which holds it, graph included)."""
     if getattr(state, "operator", None) is not None:
         object.__setattr__(state, "operator", None)
+        object.__setattr__(state, "operator_token", None)
+    if getattr(state, "solver_memo", None):
+        object.__setattr__(state, "solver_memo", {})

@@ -84,7 +84,7 @@ def inner(problem: Any, batch: Any, record: StepRecord) -> None:
         else:
             problem.inner_steps += 1
             problem._last_inner_batch = batch
-            problem._linearisation += 1  # new inner parameters: a cached operator is stale
+            problem._linearisation_changed()  # new inner parameters: a cached operator is stale (freed)
     except BaseException:
         snap.restore()
         raise
@@ -198,7 +198,7 @@ def outer(problem: Any, record: StepRecord) -> None:
         if reason is None:
             problem.outer_steps += 1
             if problem.method.hessian_depends_on_outer:
-                problem._linearisation += 1
+                problem._linearisation_changed()
             return
         problem.outer_skipped += 1
         if problem.policy.on_nonfinite == "raise":
