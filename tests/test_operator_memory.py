@@ -17,25 +17,16 @@ from typing import Any, Callable
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import hypergrad
+from benchmarks.measure import peak_memory_bytes
 
 SCALARS = 256  # bytes: slack for a few scalar tensors, far below one parameter vector or activation
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of the CPU allocator's running total while ``fn()`` runs, from the profiler's memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        if str(e.device_type()) == "DeviceType.CPU":
-            current += e.nbytes()
-            peak = max(peak, current)
-    return peak
+    """Peak of the CPU allocator's running total while ``fn()`` runs (the profiler's memory events)."""
+    return peak_memory_bytes(fn, "cpu")
 
 
 class Net(nn.Module):
