@@ -21,7 +21,7 @@ from .._checks import check_choice, check_int, check_positive
 from .._typing import MatVec, TreeOrTensor
 from ..modules import BUFFER_POLICIES, module_params, stateless
 from ._lanczos import flat_matvec
-from .preconditioners import AbstractPreconditioner, BuiltPreconditioner
+from .preconditioners import AbstractPreconditioner, BuiltPreconditioner, hutchinson_estimate
 
 __all__ = ["KFAC", "KFACBuilt"]
 
@@ -403,14 +403,8 @@ class KFAC(AbstractPreconditioner):
         ones = torch.full((n,), self.shift, dtype=ref.dtype, device=ref.device)
         if self.others == "identity" or not bool(mask.any()):
             return ones, 0
-        mv = flat_matvec(matvec, dict(b))
-        gen = torch.Generator().manual_seed(self.seed)
-        d = torch.zeros(n, dtype=ref.dtype, device=ref.device)
-        for _ in range(self.hutchinson_samples):
-            z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype=ref.dtype, device=ref.device)
-            z = torch.where(mask, z, torch.zeros_like(z))  # probes on the diagonal part only
-            d = d + z * mv(z)
-        d = d / self.hutchinson_samples
+        # probes on the diagonal part only
+        d = hutchinson_estimate(flat_matvec(matvec, dict(b)), ones, self.hutchinson_samples, self.seed, mask)
         floor = 1e-3 * float(d[mask].abs().mean()) if bool(torch.isfinite(d).all()) else 0.0
         d = torch.clamp(d, min=floor if floor > 0 else self.shift)
         return torch.where(mask, d, ones), self.hutchinson_samples

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -74,6 +74,21 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def hutchinson_estimate(
+    mv: Callable[[Tensor], Tensor], like: Tensor, num_samples: int, seed: int, mask: Optional[Tensor] = None
+) -> Tensor:
+    r"""The Hutchinson estimate :math:`\frac1s\sum_i z_i \odot A z_i`, Rademacher probes :math:`z_i`
+    shaped like ``like`` (``mask``: probes zero outside it, so only that part of the diagonal is estimated)."""
+    gen = _generator(seed)
+    d = torch.zeros_like(like)
+    for _ in range(num_samples):
+        z = (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(dtype=like.dtype, device=like.device)
+        if mask is not None:
+            z = torch.where(mask, z, torch.zeros_like(z))
+        d = d + z * mv(z)
+    return d / num_samples
+
+
 @dataclass(frozen=True)
 class HutchinsonDiagonal(AbstractPreconditioner):
     r"""Jacobi preconditioning with a Hutchinson estimate of the diagonal.
@@ -114,13 +129,7 @@ class HutchinsonDiagonal(AbstractPreconditioner):
     def build(self, matvec: MatVec, b: TreeOrTensor) -> BuiltPreconditioner:
         ravel, _ = flattener(b)
         mv = flat_matvec(matvec, b)
-        bf = ravel(b)
-        gen = _generator(self.seed)
-        d = torch.zeros_like(bf)
-        for _ in range(self.num_samples):
-            z = (torch.randint(0, 2, bf.shape, generator=gen) * 2 - 1).to(dtype=bf.dtype, device=bf.device)
-            d = d + z * mv(z)
-        d = d / self.num_samples
+        d = hutchinson_estimate(mv, ravel(b), self.num_samples, self.seed)
         finite = bool(torch.isfinite(d).all())
         if not finite:
             d = torch.ones_like(d)
