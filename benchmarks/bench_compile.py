@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -107,6 +107,7 @@ def smallest_budget(case: Any, max_k: int = 256) -> int | None:
 
 def _peer_rows(case: Any, k: int, reps: int) -> list[dict]:
     rows: list[dict] = []
+    fn: Any = None
     try:
         import jax
 
@@ -114,7 +115,11 @@ def _peer_rows(case: Any, k: int, reps: int) -> list[dict]:
     except ImportError as err:
         rows.append(dict(row="jaxopt_cg", note=f"not installed ({err})"))
     else:
-        fn, hp = jaxopt_peer._compiled(case, "solve_cg")
+        try:
+            fn, hp = jaxopt_peer._compiled(case, "solve_cg")
+        except NotImplementedError as err:  # a row saying why, not a crash that loses the whole table
+            rows.append(dict(row="jaxopt_cg", note=f"not run: {err}"))
+    if fn is not None:
         maxiter = jax.numpy.asarray(k)
 
         def jit_run() -> Any:
@@ -125,9 +130,11 @@ def _peer_rows(case: Any, k: int, reps: int) -> list[dict]:
                 return jax.block_until_ready(fn(hp, maxiter))
 
         to_grad = jaxopt_peer._build(case, "solve_cg", k, k).to_grad
+        where = f"JAX on {jax.default_backend()}"
         for label, call, r in (("jaxopt_cg[jit]", jit_run, reps), ("jaxopt_cg[no jit]", eager_run, max(1, reps // 5))):
             first, med = _median(call, r)
-            rows.append(dict(row=label, first_s=first, t_ms=1e3 * med, err=rel_error(to_grad(call()), case.exact)))
+            err = rel_error(to_grad(call()), case.exact)
+            rows.append(dict(row=label, first_s=first, t_ms=1e3 * med, err=err, note=where))
     try:
         from benchmarks.peers import torchopt_peer
     except ImportError as err:
@@ -156,13 +163,13 @@ def _peer_rows(case: Any, k: int, reps: int) -> list[dict]:
     return rows
 
 
-def measure(preset: str, reps: int, backend: str, problems: tuple[str, ...] = PROBLEMS) -> list[dict]:
-    rows = []
+def measure(preset: str, reps: int, backend: str, problems: tuple[str, ...] = PROBLEMS) -> Iterator[dict]:
+    """The table's rows, one problem at a time (each problem's rows as soon as they are measured)."""
     for problem in problems:
         case = build_problem(problem, preset, DEVICE)
         k = smallest_budget(case)
         if k is None:
-            rows.append(dict(problem=problem, row="-", note="CG did not reach 1e-6 within 256 steps"))
+            yield dict(problem=problem, row="-", note="CG did not reach 1e-6 within 256 steps")
             continue
         table = []
         compiled = [(f"CompiledCG[fwd_rev, {backend}]", hypergrad.CompiledCG(max_steps=k, backend=backend))]
@@ -208,8 +215,7 @@ def measure(preset: str, reps: int, backend: str, problems: tuple[str, ...] = PR
             if "t_ms" in r:
                 r["over_floor"] = r["t_ms"] / floor
                 r["hypergrad_best_over_this"] = best / r["t_ms"]
-        rows += table
-    return rows
+        yield from table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
-"""JAXopt: implicit differentiation with ``jaxopt.implicit_diff.custom_root`` (JAX on the CPU).
+"""JAXopt: implicit differentiation with ``jaxopt.implicit_diff.custom_root``.
 
-The same data is copied to JAX float64 arrays and the losses are re-written in ``jax.numpy``
+JAX runs on its own default backend (``jax.default_backend()``: its GPU where jaxlib has CUDA,
+else the CPU), whatever device the torch problem lives on. The same data is copied to JAX float64 arrays and the losses are re-written in ``jax.numpy``
 (quadratic and ridge problems only); the values are checked against the torch losses when the run
 is built. The decorated solver returns the precomputed :math:`\\theta^*`; ``jax.grad`` of the outer
 objective through it is jit-compiled once per problem and solver with the iteration budget as a traced argument
@@ -69,8 +70,8 @@ def _compiled(case: ProblemCase, solver_name: str) -> tuple[Any, dict]:
     key = (id(case), solver_name)
     if key in _COMPILED:
         return _COMPILED[key]
-    if case.kind != "implicit" or case.device.type != "cpu":
-        raise NotImplementedError("jaxopt adapter: implicit toy problems on the CPU only")
+    if case.kind != "implicit":
+        raise NotImplementedError(f"jaxopt adapter: implicit toy problems only, not {case.kind!r} ones")
     inner, outer = _losses(case)
     theta = {k: _np(v) for k, v in case.params.items()}
     hp = {k: _np(v) for k, v in case.hparams.items()}
@@ -102,7 +103,7 @@ def _build(case: ProblemCase, solver_name: str, k: int, num_hvps: int) -> PeerRu
         return jax.block_until_ready(fn(hp, maxiter))
 
     def to_grad(out: dict) -> dict:
-        return {key: torch.tensor(np.array(v), dtype=torch.float64) for key, v in out.items()}
+        return {key: torch.tensor(np.array(v), dtype=torch.float64, device=case.device) for key, v in out.items()}
 
     return PeerRun(run, to_grad, num_hvps)
 
