@@ -27,7 +27,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -81,13 +81,15 @@ def _probe(case: Any) -> dict:
     return {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in case.params.items()}
 
 
-def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, ...] = ()) -> list[dict]:
+def measure_model(
+    name: str, preset: str, reps: int, compile_modes: tuple[str, ...] = (), eager_modes: tuple[str, ...] = MODES
+) -> Iterator[dict]:
+    """The rows of one model, each as soon as it is measured: ``eager_modes``, then ``compile_modes``."""
     case = build_model(name, preset, DEVICE)
     v = _probe(case)
     t_grad = _median_time(_gradient(case), reps)
     ref = hypergrad.hvp(case.fn, case.params, v, mode="rev_rev")
-    rows = []
-    for mode in MODES:
+    for mode in eager_modes:
         synchronize(torch.device(DEVICE))
         t0 = time.perf_counter()
         op = build(case.fn, case.params, mode)
@@ -96,7 +98,7 @@ def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, .
         t_hvp = _median_time(lambda: op(v), reps)
         err = rel_error(op(v), ref)
         mem = peak_memory_bytes(lambda: _build_and_apply(case, mode, v, 5), DEVICE)
-        rows.append(
+        yield (
             dict(
                 model=name,
                 mode=mode,
@@ -110,23 +112,22 @@ def measure_model(name: str, preset: str, reps: int, compile_modes: tuple[str, .
             )
         )
     if compile_modes:
-        rows += compiled_rows(name, preset, reps, compile_modes)
-    return rows
+        yield from compiled_rows(name, preset, reps, compile_modes)
 
 
-def compiled_rows(name: str, preset: str, reps: int, modes: tuple[str, ...], timeout: float = 1800) -> list[dict]:
+def compiled_rows(name: str, preset: str, reps: int, modes: tuple[str, ...], timeout: float = 1800) -> Iterator[dict]:
     """The compiled gradient and HVP closures of ``modes``, each in its own process.
 
     A compiler bug can take the process down (the inductor-compiled gradient of the ResNet aborted
     with a heap corruption here), so each compilation runs in a child process: a crash or a timeout
     becomes a row saying so. Each child times the eager gradient too (``HVP/grad`` is over its own
     process's eager gradient); ``HVP/c.grad`` is the compiled HVP's time over the compiled
-    gradient's time (absolute times from two processes).
+    gradient's time (absolute times from two processes). Rows come out as each child finishes.
     """
     import json
     import subprocess
 
-    rows = []
+    grad_c_ms = float("nan")  # the compiled gradient, absolute
     for item in ("gradient", *modes):
         cmd = [
             sys.executable,
@@ -144,17 +145,18 @@ def compiled_rows(name: str, preset: str, reps: int, modes: tuple[str, ...], tim
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             if found:
-                rows.append(json.loads(found[-1]))
+                row = json.loads(found[-1])
+                if item == "gradient":
+                    grad_c_ms = row.get("compiled_ms", float("nan"))
+                else:
+                    row["hvp_over_compiled_grad"] = row.get("compiled_ms", float("nan")) / grad_c_ms
+                yield row
                 continue
             tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
             failure = f"process died (exit {proc.returncode}): {tail[0][:160]}"
         except subprocess.TimeoutExpired:
             failure = f"timed out after {timeout:.0f} s"
-        rows.append(dict(model=name, mode=item, compiled=True, num_params=0, compile_failed=failure))
-    grad_c_ms = rows[0].get("compiled_ms", float("nan"))  # the compiled gradient, absolute
-    for r in rows[1:]:
-        r["hvp_over_compiled_grad"] = r.get("compiled_ms", float("nan")) / grad_c_ms
-    return rows
+        yield dict(model=name, mode=item, compiled=True, num_params=0, compile_failed=failure)
 
 
 def _child_row(name: str, item: str, preset: str, reps: int) -> dict:
@@ -263,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=MODES,
         help="modes compiled for the --compile models (default: rev_rev fwd_rev rev_rev_cached)",
     )
+    ap.add_argument(
+        "--eager-modes",
+        nargs="*",
+        default=list(MODES),
+        choices=MODES,
+        help="modes timed eagerly for every model (default: all)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (times wait for the device)")
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in args.models:
         modes = tuple(args.compile_modes) if name in args.compile else ()
-        for r in measure_model(name, args.preset, args.reps, modes):
+        for r in measure_model(name, args.preset, args.reps, modes, tuple(args.eager_modes)):
             note = r.get("compile_failed", "") or (f"compile {r['compile_s']:.0f} s" if "compile_s" in r else "")
             note = "; ".join(x for x in (note, r.get("graphs", "")) if x)
             if "grad_ms" in r:
