@@ -206,7 +206,9 @@ def load_checkpoint(
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is empty, truncated, not a checkpoint, corrupted (checksum
             mismatch), of another ``kind``, from a newer format, or unverified with ``unverified="raise"``.
-        TypeError: the file holds something other than a dict.
+        TypeError: the file holds something other than a dict; ``weights_only`` is not a bool or
+            ``map_location`` not a device, dict or callable.
+        ValueError: ``map_location`` names no device, a CUDA device this process lacks, or ``"meta"``.
 
     Example:
         >>> import tempfile, os, torch, hypergrad
@@ -221,6 +223,9 @@ def load_checkpoint(
         raise TypeError(f"`expected_kind` must be None or a str, got {type(expected_kind).__name__}.")
     if unverified not in ("warn", "allow", "raise"):
         raise ValueError(f"`unverified` must be one of ['warn', 'allow', 'raise'], got {unverified!r}.")
+    if not isinstance(weights_only, bool):
+        raise TypeError(f"`weights_only` must be True or False, got {weights_only!r}.")
+    _check_map_location(map_location)
     src = Path(path)
     if src.is_dir():
         raise CheckpointError(f"checkpoint {str(src)!r} is a directory; pass the checkpoint file inside it.", src)
@@ -250,6 +255,41 @@ def load_checkpoint(
     return state
 
 
+def _check_map_location(map_location: Any) -> None:
+    """What :func:`torch.load` accepts (else its error would read like a damaged file)."""
+    if isinstance(map_location, torch.device):
+        return _check_device(map_location)
+    if map_location is None or isinstance(map_location, dict) or callable(map_location):
+        return
+    if not isinstance(map_location, str):
+        raise TypeError(
+            f"`map_location` must be None, a device string such as 'cpu' or 'cuda:0', a torch.device, a dict or "
+            f"a callable, got {map_location!r} ({type(map_location).__name__})."
+        )
+    try:
+        device = torch.device(map_location)
+    except RuntimeError:
+        raise ValueError(
+            f"`map_location` {map_location!r} is not a device; pass e.g. 'cpu', 'cuda' or 'cuda:0'."
+        ) from None
+    _check_device(device)
+
+
+def _check_device(device: torch.device) -> None:
+    """A device the tensors can be loaded onto and verified on (not ``meta``, an existing CUDA device)."""
+    if device.type == "meta":
+        raise ValueError(
+            "`map_location` 'meta' would load tensors without data, which cannot be verified against their "
+            "checksums; load onto 'cpu' (or a GPU) and move the tensors afterwards."
+        )
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(
+            f"`map_location` {str(device)!r} names a CUDA device this process does not have "
+            f"(torch.cuda.device_count() = {torch.cuda.device_count()}); pass map_location='cpu' or an existing "
+            "device. The checkpoint file itself was not read."
+        )
+
+
 def _explain_unreadable(src: Path, err: Exception) -> str:
     size = src.stat().st_size
     with open(src, "rb") as f:
@@ -266,6 +306,11 @@ def _explain_unreadable(src: Path, err: Exception) -> str:
                 "A checkpoint from "
                 "hypergrad.save_checkpoint holds only tensors and plain types; if you wrote this file yourself "
                 "and trust it, pass weights_only=False."
+            )
+        if "deserialize object on" in str(err):  # a map_location dict or callable naming a missing device
+            return (
+                f"{where} could not be placed on the device `map_location` asks for ({_first_line(err)[:160]}); "
+                "the file itself may be fine: pass a map_location this process has, e.g. 'cpu'."
             )
         return f"{where} is a damaged torch archive ({type(err).__name__}: {_first_line(err)}). {fix}"
     if head.startswith(b"PK"):

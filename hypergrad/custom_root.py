@@ -215,7 +215,7 @@ class _RootFunction(torch.autograd.Function):
 
         result = root_vjp(operator, fn.solver, rhs, cross)
         fn.last_solution = result.solution
-        apply_failure_policy(result.solution, fn.on_failure, fn.solver, stacklevel=2)
+        apply_failure_policy(result.solution, fn.on_failure, fn.solver, stacklevel=2, grad=result.grad)
         out: list[Optional[Tensor]] = [None] * len(ctx.args)
         for i in wants:
             out[i] = result.grad[str(i)]

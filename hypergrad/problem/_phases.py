@@ -115,7 +115,7 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
     """The method's hypergradient into the outer ``.grad``; a skip clears them and skips the next outer step."""
     start = time.perf_counter()
     explicit = hessian_batch is not None
-    hb = hessian_batch if explicit else problem._hessian_batch()
+    hb = hessian_batch if explicit else problem._hessian_batch(record.reason)
     theta = {k: p.detach() for k, p in problem._inner_params.items()}
     lam = {k: p.detach() for k, p in problem._outer_params.items()}
     # an explicit batch is a linearisation of its own: never served from, nor stored as, a reusable operator
