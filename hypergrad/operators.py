@@ -64,7 +64,7 @@ import abc
 import gc
 import logging
 import warnings
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -473,7 +473,9 @@ def _reverse_graph(
         # instead of contributing a silent zero Hessian (torch wraps its output in a DelayedError
         # only when a grad_output requires grad). Entries unused or linear still give zeros.
         seed = torch.ones((), dtype=loss.dtype, device=loss.device, requires_grad=True)
-        grads = torch.autograd.grad(loss, leaves, grad_outputs=seed, create_graph=True, allow_unused=True)
+        grads: Sequence[Optional[Tensor]] = (None,) * len(leaves)  # `fn` constant in `params`: a zero Hessian
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, leaves, grad_outputs=seed, create_graph=True, allow_unused=True)
     _refuse_once_differentiable(grads)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
@@ -483,7 +485,7 @@ def _reverse_graph(
         if live:
             with torch.enable_grad():
                 out = torch.autograd.grad(
-                    [grads[i] for i in live],
+                    [cast(Tensor, grads[i]) for i in live],
                     leaves,
                     grad_outputs=[v[keys[i]] for i in live],
                     retain_graph=retain,

@@ -186,3 +186,82 @@ def test_missing_cuda_device_is_not_a_damaged_file(saved) -> None:
 def test_weights_only_must_be_bool(saved) -> None:
     with pytest.raises(TypeError, match=r"`weights_only` must be True or False, got 'yes'"):
         hypergrad.load_checkpoint(saved, weights_only="yes")
+
+
+# --- BilevelProblem: parameters frozen after construction ----------------------------------------------------
+
+
+def test_inner_parameters_frozen_after_construction_are_named() -> None:
+    problem, w = _problem()
+    w.weight.requires_grad_(False)  # was: a raw "One of the differentiated Tensors does not require grad"
+    with pytest.raises(ValueError, match=r"`inner` parameters \['weight'\] were frozen \(requires_grad=False\)"):
+        problem.step([None], None)
+    with pytest.raises(ValueError, match=r"`inner` parameters \['weight'\]"):
+        problem.inner_step(None)
+
+
+def test_outer_parameters_frozen_after_construction_are_not_stepped() -> None:
+    problem, w = _problem()
+    problem.inner_step(None)
+    lam = problem.outer.module.weight
+    before = lam.detach().clone()
+    lam.requires_grad_(False)  # was: the outer step updated the frozen tensor anyway
+    with pytest.raises(ValueError, match=r"`outer` parameters \['weight'\] were frozen"):
+        problem.step([None], None)
+    with pytest.raises(ValueError, match=r"`outer` parameters \['weight'\] were frozen"):
+        problem.outer_step(None)
+    assert torch.equal(lam, before)
+
+
+# --- operators, trees, preconditioners, Dense: smaller findings -----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["rev_rev", "rev_rev_cached", "auto"])
+def test_hvp_of_a_function_constant_in_params_is_zero_in_every_mode(mode: str, recwarn) -> None:
+    params = {"w": torch.tensor([1.0, 2.0], dtype=F64)}
+    out = hypergrad.hvp(lambda p: torch.tensor(3.0, dtype=F64), params, {"w": torch.ones(2, dtype=F64)}, mode=mode)
+    torch.testing.assert_close(out["w"], torch.zeros(2, dtype=F64))
+    assert not [w for w in recwarn if issubclass(w.category, hypergrad.HVPFallbackWarning)]
+
+
+@pytest.mark.parametrize("cls", [Nystrom, hypergrad.HutchinsonDiagonal])
+@pytest.mark.parametrize("seed", [None, 1.5, "0", -1])
+def test_preconditioner_seed_is_checked_at_construction(cls, seed) -> None:
+    with pytest.raises(
+        ValueError, match=rf"{cls.__name__}: `seed` must be an integer >= 0, got {re.escape(repr(seed))}"
+    ):
+        cls(seed=seed)
+
+
+@pytest.mark.parametrize("dtype", ["float64", torch.int64])
+def test_tree_cast_refuses_a_non_floating_dtype(dtype) -> None:
+    with pytest.raises(
+        TypeError, match=rf"tree_cast: `dtype` must be a floating torch.dtype .* got {re.escape(repr(dtype))}"
+    ):
+        hypergrad.tree_cast({"w": torch.full((2,), 1.7)}, dtype)
+
+
+def test_dense_solves_an_empty_system() -> None:
+    b = {"w": torch.zeros(0, 3, dtype=F64)}
+    sol = Dense()(lambda v: {"w": 2 * v["w"]}, b)
+    assert sol.status is hypergrad.Status.SUCCESS and sol.x["w"].shape == (0, 3)
+
+
+def test_load_state_dict_refuses_a_non_finite_warm_start() -> None:
+    # was: loaded, then every later hypergradient was skipped as a "non-finite solve", forever
+    w, lam = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
+    problem = hypergrad.BilevelProblem(
+        hypergrad.Level(w, torch.optim.SGD(w.parameters(), lr=0.4)),
+        hypergrad.Level(lam, torch.optim.SGD(lam.parameters(), lr=0.25)),
+        lambda i, o, x: ((i.weight - o.weight) ** 2).sum(),
+        lambda i, o, x: ((i.weight - 2.0) ** 2).sum(),
+        hypergrad.Implicit(solver=CG(max_steps=3), warm_start=True),
+    )
+    problem.step([None], None)
+    state = problem.state_dict()
+    assert state["warm_start"] is not None
+    state["warm_start"]["weight"][0, 1] = float("nan")
+    before = lam.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"warm_start\['weight'\] has non-finite values"):
+        problem.load_state_dict(state)
+    assert torch.equal(lam.weight, before)
