@@ -265,3 +265,46 @@ def test_load_state_dict_refuses_a_non_finite_warm_start() -> None:
     with pytest.raises(ValueError, match=r"warm_start\['weight'\] has non-finite values"):
         problem.load_state_dict(state)
     assert torch.equal(lam.weight, before)
+
+
+# --- stateless: a forward that writes a buffer in place changed the module (plain autograd) or failed (torch.func)
+
+
+class _Counting(torch.nn.Module):
+    """A linear map whose forward counts its calls in a buffer (like spectral norm's power iteration)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1, bias=False).double()
+        self.register_buffer("calls", torch.zeros((), dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("mode", ["rev_rev_cached", "fwd_rev"])
+def test_stateless_never_writes_the_modules_buffers(mode: str) -> None:
+    torch.manual_seed(0)
+    m, x = _Counting(), torch.randn(4, 3, dtype=F64)
+    f = hypergrad.stateless(m)
+    params = hypergrad.module_params(m)
+    loss = lambda p: (f(p, x) ** 2).sum()
+    out = hypergrad.hvp(loss, params, {"lin.weight": torch.ones(1, 3, dtype=F64)}, mode=mode)
+    torch.testing.assert_close(out["lin.weight"], 2 * (x.T @ x @ torch.ones(3, 1, dtype=F64)).T)  # H = 2 X^T X
+    assert m.calls.item() == 0
+
+
+def test_problem_hypergradient_leaves_a_written_buffer_alone() -> None:
+    torch.manual_seed(0)
+    w, lam = _Counting(), torch.nn.Linear(3, 1, bias=False).double()
+    problem = hypergrad.BilevelProblem(
+        hypergrad.Level(w, torch.optim.SGD(w.parameters(), lr=0.1)),
+        hypergrad.Level(lam, torch.optim.SGD(lam.parameters(), lr=0.1)),
+        lambda i, o, x: ((i(x) - o(x)) ** 2).mean() + 0.1 * (i.lin.weight**2).sum(),
+        lambda i, o, x: ((i(x) - 1.0) ** 2).mean(),
+        hypergrad.Implicit(solver=CG(max_steps=3), hvp_mode="fwd_rev"),  # was: torch.func refused the write
+    )
+    x = torch.randn(4, 3, dtype=F64)
+    record = problem.step([x], x)
+    assert record.outer_steps == 1 and w.calls.item() == 1  # the inner step's own forward only
