@@ -159,7 +159,8 @@ class ImplicitFunction:
         if set(tree) != set(x) or any(tree[k].shape != x[k].shape for k in x):
             raise ValueError(
                 f"{self._name}: `optimality(x, *args)` must return a tree shaped like the solution x "
-                f"(keys {list(x)}, shapes {[tuple(v.shape) for v in x.values()]}), got keys {list(tree)}."
+                f"(keys {list(x)}, shapes {[tuple(v.shape) for v in x.values()]}), got keys {list(tree)}, "
+                f"shapes {[tuple(v.shape) for v in tree.values()]}."
             )
         if any(v.requires_grad for v in tree.values()):
             raise TypeError(

@@ -308,3 +308,10 @@ def test_problem_hypergradient_leaves_a_written_buffer_alone() -> None:
     x = torch.randn(4, 3, dtype=F64)
     record = problem.step([x], x)
     assert record.outer_steps == 1 and w.calls.item() == 1  # the inner step's own forward only
+
+
+def test_custom_root_shape_error_shows_the_shapes_it_got() -> None:
+    # was: "... (keys ['x'], shapes [(2,)]), got keys ['x']." (the same keys: the shape was the problem)
+    f = hypergrad.custom_root(lambda x, a: (x - a).sum(), solver=Dense())(lambda a: a.detach().clone())
+    with pytest.raises(ValueError, match=re.escape("got keys ['x'], shapes [()]")):
+        f(torch.ones(2, dtype=F64, requires_grad=True))
