@@ -169,6 +169,8 @@ def implicit_grad(
     damping = check_positive("damping", damping, allow_zero=True)
     policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
+    if not isinstance(validate, bool):
+        raise TypeError(f"`validate` must be True or False, got {validate!r}.")
 
     gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
     if validate:

@@ -193,17 +193,16 @@ def _check_direction(name: str, v: Any, params: TensorTree, *, owner: str) -> No
 
 def _check_params_real(params: TensorTree, *, owner: str, name: str = "params") -> None:
     """``params`` is a non-empty dict of floating-point tensors (on one device, not meta tensors)."""
-    if isinstance(params, Mapping) and not any(isinstance(t, Tensor) and t.is_meta for t in params.values()):
-        try:
-            check_tree(name, params, finite=False)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{owner}: {err}") from None
-    meta = [k for k, t in params.items() if isinstance(t, Tensor) and t.is_meta]
+    meta = [k for k, t in params.items() if isinstance(t, Tensor) and t.is_meta] if isinstance(params, Mapping) else []
     if meta:
         raise ValueError(
-            f"{owner}: `params` {meta[:5]} are meta tensors (no data); materialise the module on a real device "
+            f"{owner}: `{name}` {meta[:5]} are meta tensors (no data); materialise the module on a real device "
             "(module.to_empty(device=...) then load the weights) before differentiating."
         )
+    try:  # also a tensor or a list where a dict belongs (a TypeError naming the argument, not an AttributeError)
+        check_tree(name, params, finite=False)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{owner}: {err}") from None
 
 
 def _check_no_inference_mode(owner: str) -> None:
@@ -756,6 +755,8 @@ class FixedPointOperator(LinearOperator):
         _check_no_inference_mode("FixedPointOperator")
         if not isinstance(symmetric, bool):
             raise TypeError(f"FixedPointOperator: `symmetric` must be True or False, got {symmetric!r}.")
+        _check_params_real(params, owner="FixedPointOperator")
+        _check_params_real(hparams, owner="FixedPointOperator", name="hparams")
         self.symmetric = symmetric
         self.params, self.hparams = _detach(params), _detach(hparams)
         with second_order():

@@ -315,3 +315,46 @@ def test_custom_root_shape_error_shows_the_shapes_it_got() -> None:
     f = hypergrad.custom_root(lambda x, a: (x - a).sum(), solver=Dense())(lambda a: a.detach().clone())
     with pytest.raises(ValueError, match=re.escape("got keys ['x'], shapes [()]")):
         f(torch.ones(2, dtype=F64, requires_grad=True))
+
+
+@pytest.mark.parametrize(
+    ("build", "exc", "regex"),
+    [  # was: AttributeError 'Tensor' object has no attribute 'items'; tree_map's `tree`; raw torch errors
+        (
+            lambda: hypergrad.HessianOperator(lambda p: (p**2).sum(), torch.ones(2)),
+            TypeError,
+            "`params` must be a dict",
+        ),
+        (
+            lambda: hypergrad.FixedPointOperator(lambda p, h: p, [torch.ones(2)], {"b": torch.ones(1)}),
+            TypeError,
+            "`params` must be a dict",
+        ),
+        (
+            lambda: hypergrad.FixedPointOperator(lambda p, h: p, {"w": torch.ones(2)}, torch.ones(1)),
+            TypeError,
+            "`hparams` must be a dict",
+        ),
+        (
+            lambda: hypergrad.FixedPointOperator(
+                lambda p, h: p, {"w": torch.ones(2, dtype=torch.long)}, {"b": torch.ones(1)}
+            ),
+            TypeError,
+            r"`params\['w'\]` has dtype torch.int64",
+        ),
+        (
+            lambda: hypergrad.FixedPointOperator(lambda p, h: p, {}, {"b": torch.ones(1)}),
+            ValueError,
+            "`params` is empty",
+        ),
+    ],
+)
+def test_operators_check_their_trees(build, exc, regex) -> None:
+    with pytest.raises(exc, match=regex):
+        build()
+
+
+def test_implicit_grad_validate_must_be_bool() -> None:
+    params, hparams = _point()  # was: validate="no" ran the validation (a truthy string)
+    with pytest.raises(TypeError, match=r"`validate` must be True or False, got 'no'"):
+        hypergrad.implicit_grad(_G, _F, params, hparams, solver=CG(max_steps=3), validate="no")
