@@ -92,7 +92,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], *, kind
         The destination as a :class:`pathlib.Path`.
 
     Raises:
-        TypeError: ``state`` is not a dict, ``path`` not a path, ``kind`` not a string.
+        TypeError: ``state`` is not a dict (or holds an object that cannot be pickled), ``path`` not a
+            path, ``kind`` not a string.
         ValueError: ``path`` is a directory, ``kind`` is empty, ``state`` has the reserved key.
         OSError: the disk (or quota) is full (errno ``ENOSPC``; the previous checkpoint is kept and no
             temporary file is left), or another I/O error.
@@ -138,6 +139,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], *, kind
         if os.path.exists(tmp):
             os.unlink(tmp)
         _raise_if_disk_full(err, dest)
+        if isinstance(err, (pickle.PicklingError, AttributeError, TypeError)) and "pickle" in str(err).lower():
+            raise TypeError(
+                f"`state` holds an object that cannot be saved ({_first_line(err)}); keep tensors and plain types "
+                "(numbers, strings, lists, dicts) in it, e.g. problem.state_dict() and your epoch or config. "
+                "Nothing was written."
+            ) from err
         raise
     _fsync_dir(dest.parent)
     return dest

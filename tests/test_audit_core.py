@@ -358,3 +358,10 @@ def test_implicit_grad_validate_must_be_bool() -> None:
     params, hparams = _point()  # was: validate="no" ran the validation (a truthy string)
     with pytest.raises(TypeError, match=r"`validate` must be True or False, got 'no'"):
         hypergrad.implicit_grad(_G, _F, params, hparams, solver=CG(max_steps=3), validate="no")
+
+
+def test_save_checkpoint_of_an_unpicklable_state_names_state(saved) -> None:
+    # was: a raw AttributeError / TypeError from pickle deep in torch.save
+    with pytest.raises(TypeError, match=r"`state` holds an object that cannot be saved .*Nothing was written"):
+        hypergrad.save_checkpoint({"w": torch.zeros(2), "fn": lambda: 1}, saved)
+    torch.testing.assert_close(hypergrad.load_checkpoint(saved)["w"], torch.ones(2))  # the old file is kept
