@@ -506,10 +506,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or "torch" not in state:
         got = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {sorted(map(str, state))[:5]}"
         raise TypeError(f"`state` must be the dict returned by hypergrad.get_rng_state(), got {got}.")
+    entry = "torch"
+    try:  # every entry is tried on a scratch generator first: a malformed one sets nothing
+        torch.Generator().set_state(state["torch"])
+        entry = "python"
+        py = state["python"]
+        py_state = (py[0], tuple(py[1]), py[2])
+        random.Random().setstate(py_state)
+        entry = "numpy"
+        n = state["numpy"]
+        np_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        np.random.RandomState().set_state(np_state)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise TypeError(
+            f"`state[{entry!r}]` is not a generator state from hypergrad.get_rng_state() "
+            f"({type(err).__name__}: {_first_line(err)[:120]}); no generator was changed."
+        ) from None
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(py_state)
+    np.random.set_state(np_state)

@@ -365,3 +365,13 @@ def test_save_checkpoint_of_an_unpicklable_state_names_state(saved) -> None:
     with pytest.raises(TypeError, match=r"`state` holds an object that cannot be saved .*Nothing was written"):
         hypergrad.save_checkpoint({"w": torch.zeros(2), "fn": lambda: 1}, saved)
     torch.testing.assert_close(hypergrad.load_checkpoint(saved)["w"], torch.ones(2))  # the old file is kept
+
+
+def test_set_rng_state_with_a_malformed_entry_changes_nothing() -> None:
+    bad = dict(hypergrad.get_rng_state())
+    bad["python"] = (1, 2)
+    torch.manual_seed(123)  # the torch state now differs from bad["torch"]
+    before = torch.get_rng_state()
+    with pytest.raises(TypeError, match=r"`state\['python'\]` is not a generator state .*no generator was changed"):
+        hypergrad.set_rng_state(bad)
+    assert torch.equal(torch.get_rng_state(), before)  # was: torch's generator set, then a raw TypeError
