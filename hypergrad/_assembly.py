@@ -29,14 +29,15 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Literal, NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 from ._checks import check_choice
 from ._typing import TensorTree
 from .operators import Damped, HessianOperator, HVPMode, Mapped, mixed_hvp
-from .records import SolveFailedWarning
+from .records import NonFiniteError, SolveFailedWarning
 from .solvers import AbstractLinearSolver, Solution, SolverError, Status
-from .tree import tree_scale
+from .tree import tree_all_finite, tree_scale
 
 __all__ = [
     "HypergradResult",
@@ -91,12 +92,19 @@ def check_failure_policy(on_failure: Any, throw: Any, *, owner: Optional[str] = 
 
 
 def apply_failure_policy(
-    solution: Solution, on_failure: FunctionalFailurePolicy, solver: Any, *, stacklevel: int = 3
+    solution: Solution,
+    on_failure: FunctionalFailurePolicy,
+    solver: Any,
+    *,
+    stacklevel: int = 3,
+    grad: Optional[dict[str, Tensor]] = None,
 ) -> None:
     """The functional API's policy for a solve: nothing on success, else warn, raise or (opt-in) nothing.
 
     A non-finite solution is never returned under ``"warn"``: it raises like ``"raise"`` (only
-    ``"apply"`` hands it back, for inspection).
+    ``"apply"`` hands it back, for inspection). That holds for any failed status whose ``x`` is not
+    finite (e.g. :class:`~hypergrad.Dense` on a singular matrix returns NaN with ``"singular"``), and
+    for a non-finite hypergradient ``grad`` after a finite solve (an infinite mixed derivative).
 
     Args:
         solution: the solve's result.
@@ -105,19 +113,30 @@ def apply_failure_policy(
             ``solution.failed``).
         solver: the solver, named in messages.
         stacklevel: of the warning (3: the caller of the public function calling this).
+        grad: the assembled hypergradient; unless ``"apply"``, a non-finite entry raises
+            :class:`~hypergrad.NonFiniteError` (``None``: not checked).
     """
-    if not solution.failed or on_failure == "apply":
+    if on_failure == "apply":
         return
-    if on_failure == "raise" or solution.status is Status.NONFINITE:
-        raise SolverError(solution, solver)
-    warnings.warn(
-        f"{type(solver).__name__} failed with status {solution.status.value!r} after {solution.num_steps} steps "
-        f"(residual norm {solution.residual_norm}); the hypergradient from this solve is returned anyway. "
-        f"{solution.status.message} Pass on_failure='raise' to refuse it, or on_failure='apply' to accept "
-        "failed solves quietly.",
-        SolveFailedWarning,
-        stacklevel=stacklevel,
-    )
+    if solution.failed:
+        if on_failure == "raise" or solution.status is Status.NONFINITE or not bool(tree_all_finite(solution.x)):
+            raise SolverError(solution, solver)
+        warnings.warn(
+            f"{type(solver).__name__} failed with status {solution.status.value!r} after {solution.num_steps} steps "
+            f"(residual norm {solution.residual_norm}); the hypergradient from this solve is returned anyway. "
+            f"{solution.status.message} Pass on_failure='raise' to refuse it, or on_failure='apply' to accept "
+            "failed solves quietly.",
+            SolveFailedWarning,
+            stacklevel=stacklevel,
+        )
+    bad = [k for k, g in (grad or {}).items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise NonFiniteError(
+            f"the hypergradient is non-finite (NaN or Inf) in {bad} although the linear solve's solution is finite "
+            f"(status {solution.status.value!r}): a mixed second derivative of the inner problem (or optimality "
+            "condition) is infinite at this point (e.g. sqrt or log of a hyper-parameter at 0). Move the point off "
+            "the singularity, or pass on_failure='apply' to receive it anyway."
+        )
 
 
 def root_vjp(

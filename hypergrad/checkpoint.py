@@ -92,7 +92,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], *, kind
         The destination as a :class:`pathlib.Path`.
 
     Raises:
-        TypeError: ``state`` is not a dict, ``path`` not a path, ``kind`` not a string.
+        TypeError: ``state`` is not a dict (or holds an object that cannot be pickled), ``path`` not a
+            path, ``kind`` not a string.
         ValueError: ``path`` is a directory, ``kind`` is empty, ``state`` has the reserved key.
         OSError: the disk (or quota) is full (errno ``ENOSPC``; the previous checkpoint is kept and no
             temporary file is left), or another I/O error.
@@ -138,6 +139,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], *, kind
         if os.path.exists(tmp):
             os.unlink(tmp)
         _raise_if_disk_full(err, dest)
+        if isinstance(err, (pickle.PicklingError, AttributeError, TypeError)) and "pickle" in str(err).lower():
+            raise TypeError(
+                f"`state` holds an object that cannot be saved ({_first_line(err)}); keep tensors and plain types "
+                "(numbers, strings, lists, dicts) in it, e.g. problem.state_dict() and your epoch or config. "
+                "Nothing was written."
+            ) from err
         raise
     _fsync_dir(dest.parent)
     return dest
@@ -206,7 +213,9 @@ def load_checkpoint(
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is empty, truncated, not a checkpoint, corrupted (checksum
             mismatch), of another ``kind``, from a newer format, or unverified with ``unverified="raise"``.
-        TypeError: the file holds something other than a dict.
+        TypeError: the file holds something other than a dict; ``weights_only`` is not a bool or
+            ``map_location`` not a device, dict or callable.
+        ValueError: ``map_location`` names no device, a CUDA device this process lacks, or ``"meta"``.
 
     Example:
         >>> import tempfile, os, torch, hypergrad
@@ -221,6 +230,9 @@ def load_checkpoint(
         raise TypeError(f"`expected_kind` must be None or a str, got {type(expected_kind).__name__}.")
     if unverified not in ("warn", "allow", "raise"):
         raise ValueError(f"`unverified` must be one of ['warn', 'allow', 'raise'], got {unverified!r}.")
+    if not isinstance(weights_only, bool):
+        raise TypeError(f"`weights_only` must be True or False, got {weights_only!r}.")
+    _check_map_location(map_location)
     src = Path(path)
     if src.is_dir():
         raise CheckpointError(f"checkpoint {str(src)!r} is a directory; pass the checkpoint file inside it.", src)
@@ -250,6 +262,41 @@ def load_checkpoint(
     return state
 
 
+def _check_map_location(map_location: Any) -> None:
+    """What :func:`torch.load` accepts (else its error would read like a damaged file)."""
+    if isinstance(map_location, torch.device):
+        return _check_device(map_location)
+    if map_location is None or isinstance(map_location, dict) or callable(map_location):
+        return
+    if not isinstance(map_location, str):
+        raise TypeError(
+            f"`map_location` must be None, a device string such as 'cpu' or 'cuda:0', a torch.device, a dict or "
+            f"a callable, got {map_location!r} ({type(map_location).__name__})."
+        )
+    try:
+        device = torch.device(map_location)
+    except RuntimeError:
+        raise ValueError(
+            f"`map_location` {map_location!r} is not a device; pass e.g. 'cpu', 'cuda' or 'cuda:0'."
+        ) from None
+    _check_device(device)
+
+
+def _check_device(device: torch.device) -> None:
+    """A device the tensors can be loaded onto and verified on (not ``meta``, an existing CUDA device)."""
+    if device.type == "meta":
+        raise ValueError(
+            "`map_location` 'meta' would load tensors without data, which cannot be verified against their "
+            "checksums; load onto 'cpu' (or a GPU) and move the tensors afterwards."
+        )
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(
+            f"`map_location` {str(device)!r} names a CUDA device this process does not have "
+            f"(torch.cuda.device_count() = {torch.cuda.device_count()}); pass map_location='cpu' or an existing "
+            "device. The checkpoint file itself was not read."
+        )
+
+
 def _explain_unreadable(src: Path, err: Exception) -> str:
     size = src.stat().st_size
     with open(src, "rb") as f:
@@ -266,6 +313,11 @@ def _explain_unreadable(src: Path, err: Exception) -> str:
                 "A checkpoint from "
                 "hypergrad.save_checkpoint holds only tensors and plain types; if you wrote this file yourself "
                 "and trust it, pass weights_only=False."
+            )
+        if "deserialize object on" in str(err):  # a map_location dict or callable naming a missing device
+            return (
+                f"{where} could not be placed on the device `map_location` asks for ({_first_line(err)[:160]}); "
+                "the file itself may be fine: pass a map_location this process has, e.g. 'cpu'."
             )
         return f"{where} is a damaged torch archive ({type(err).__name__}: {_first_line(err)}). {fix}"
     if head.startswith(b"PK"):
@@ -454,10 +506,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or "torch" not in state:
         got = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {sorted(map(str, state))[:5]}"
         raise TypeError(f"`state` must be the dict returned by hypergrad.get_rng_state(), got {got}.")
+    entry = "torch"
+    try:  # every entry is tried on a scratch generator first: a malformed one sets nothing
+        torch.Generator().set_state(state["torch"])
+        entry = "python"
+        py = state["python"]
+        py_state = (py[0], tuple(py[1]), py[2])
+        random.Random().setstate(py_state)
+        entry = "numpy"
+        n = state["numpy"]
+        np_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        np.random.RandomState().set_state(np_state)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise TypeError(
+            f"`state[{entry!r}]` is not a generator state from hypergrad.get_rng_state() "
+            f"({type(err).__name__}: {_first_line(err)[:120]}); no generator was changed."
+        ) from None
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(py_state)
+    np.random.set_state(np_state)

@@ -159,7 +159,8 @@ class ImplicitFunction:
         if set(tree) != set(x) or any(tree[k].shape != x[k].shape for k in x):
             raise ValueError(
                 f"{self._name}: `optimality(x, *args)` must return a tree shaped like the solution x "
-                f"(keys {list(x)}, shapes {[tuple(v.shape) for v in x.values()]}), got keys {list(tree)}."
+                f"(keys {list(x)}, shapes {[tuple(v.shape) for v in x.values()]}), got keys {list(tree)}, "
+                f"shapes {[tuple(v.shape) for v in tree.values()]}."
             )
         if any(v.requires_grad for v in tree.values()):
             raise TypeError(
@@ -215,7 +216,7 @@ class _RootFunction(torch.autograd.Function):
 
         result = root_vjp(operator, fn.solver, rhs, cross)
         fn.last_solution = result.solution
-        apply_failure_policy(result.solution, fn.on_failure, fn.solver, stacklevel=2)
+        apply_failure_policy(result.solution, fn.on_failure, fn.solver, stacklevel=2, grad=result.grad)
         out: list[Optional[Tensor]] = [None] * len(ctx.args)
         for i in wants:
             out[i] = result.grad[str(i)]

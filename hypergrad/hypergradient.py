@@ -73,6 +73,14 @@ class UnrolledResult(NamedTuple):
 
 def _outer_grads(outer_loss: BilevelLoss, params: dict, hparams: dict) -> tuple[dict, dict]:
     _, gp, gh = loss_grads("outer_loss", outer_loss, params, hparams)
+    for name, grads in (("params", gp), ("hparams", gh)):
+        bad = [k for k, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+        if bad:
+            raise ValueError(
+                f"the gradient of `outer_loss` with respect to `{name}` {bad} is non-finite (NaN or Inf) although "
+                "the loss is finite (e.g. sqrt, log or a power at 0); the hypergradient would be meaningless. "
+                "Move the point off the singularity or smooth the loss (e.g. sqrt(x + eps))."
+            )
     return fill_zeros(gp, params), gh
 
 
@@ -132,7 +140,7 @@ def implicit_grad(
             missed, a fixed budget missing its ``rtol``, ...) does: ``"warn"`` (default) returns
             the result with a :class:`~hypergrad.SolveFailedWarning`; ``"raise"`` raises
             :class:`~hypergrad.SolverError`; ``"apply"`` returns it quietly (inspect
-            ``result.solution``). A non-finite solution raises unless ``"apply"``.
+            ``result.solution``). A non-finite solution or hypergradient raises unless ``"apply"``.
         throw: ``True`` is the same as ``on_failure="raise"`` (kept for compatibility).
         validate: check that each loss depends on what it should (one extra gradient of
             :math:`G`); errors name the offending argument and key.
@@ -161,6 +169,8 @@ def implicit_grad(
     damping = check_positive("damping", damping, allow_zero=True)
     policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
+    if not isinstance(validate, bool):
+        raise TypeError(f"`validate` must be True or False, got {validate!r}.")
 
     gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
     if validate:
@@ -187,7 +197,7 @@ def implicit_grad(
         damping=damping,
         x0=x0,
     )
-    apply_failure_policy(result.solution, policy, solver)
+    apply_failure_policy(result.solution, policy, solver, grad=result.grad)
     return result
 
 
@@ -249,7 +259,7 @@ def proximal_grad(
     policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
     result = proximal_assembly(inner_loss, params, outer_grad, lam=lam, solver=solver, hvp_mode=hvp_mode, x0=x0)
-    apply_failure_policy(result.solution, policy, solver)
+    apply_failure_policy(result.solution, policy, solver, grad=result.grad)
     return result
 
 
@@ -313,7 +323,7 @@ def fixed_point_grad(
     result = root_vjp(
         operator, solver, gF_theta, lambda v: dict(operator.hparam_vjp(v)), direct=fill_zeros(gF_lam, hparams), x0=x0
     )
-    apply_failure_policy(result.solution, policy, solver)
+    apply_failure_policy(result.solution, policy, solver, grad=result.grad)
     return result
 
 

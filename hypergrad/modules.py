@@ -90,8 +90,9 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
     ``params`` may hold any subset of the module's parameters (the rest are taken from the
     module, detached); a key that names no parameter or buffer of the module (a misspelling) is a
     ``ValueError``, never silently ignored. Buffers follow the policy in this module's docstring.
-    The module's parameters and buffers are never written, so ``f`` is safe under
-    ``torch.func.grad``, ``jvp``, ``vjp`` and ``vmap``; with ``buffers="running_stats"`` the
+    The module's parameters and buffers are never written (buffers are passed as copies, so a
+    forward that updates one in place, e.g. spectral norm's power iteration, updates the copy), so
+    ``f`` is safe under ``torch.func.grad``, ``jvp``, ``vjp`` and ``vmap``; with ``buffers="running_stats"`` the
     normalisation layers' ``.training`` flag is switched off during the call and restored after.
 
     Args:
@@ -170,8 +171,8 @@ def stateless(module: nn.Module, *, buffers: BufferPolicy = "batch_stats") -> Ca
         for name, b in module.named_buffers():
             if buffers == "batch_stats" and is_running(name):
                 state[name] = torch.zeros_like(b) if name in scratch else None
-            else:
-                state[name] = b.detach()
+            else:  # a copy: a forward that writes a buffer in place (spectral norm, a counter) writes the copy
+                state[name] = b.detach().clone()
         state.update(params)
         if buffers == "running_stats" and norm_prefixes:
             return _eval_norm_layers(module, norm_prefixes, state, args, kwargs)

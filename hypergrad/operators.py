@@ -64,7 +64,7 @@ import abc
 import gc
 import logging
 import warnings
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -193,17 +193,16 @@ def _check_direction(name: str, v: Any, params: TensorTree, *, owner: str) -> No
 
 def _check_params_real(params: TensorTree, *, owner: str, name: str = "params") -> None:
     """``params`` is a non-empty dict of floating-point tensors (on one device, not meta tensors)."""
-    if isinstance(params, Mapping) and not any(isinstance(t, Tensor) and t.is_meta for t in params.values()):
-        try:
-            check_tree(name, params, finite=False)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{owner}: {err}") from None
-    meta = [k for k, t in params.items() if isinstance(t, Tensor) and t.is_meta]
+    meta = [k for k, t in params.items() if isinstance(t, Tensor) and t.is_meta] if isinstance(params, Mapping) else []
     if meta:
         raise ValueError(
-            f"{owner}: `params` {meta[:5]} are meta tensors (no data); materialise the module on a real device "
+            f"{owner}: `{name}` {meta[:5]} are meta tensors (no data); materialise the module on a real device "
             "(module.to_empty(device=...) then load the weights) before differentiating."
         )
+    try:  # also a tensor or a list where a dict belongs (a TypeError naming the argument, not an AttributeError)
+        check_tree(name, params, finite=False)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{owner}: {err}") from None
 
 
 def _check_no_inference_mode(owner: str) -> None:
@@ -473,7 +472,9 @@ def _reverse_graph(
         # instead of contributing a silent zero Hessian (torch wraps its output in a DelayedError
         # only when a grad_output requires grad). Entries unused or linear still give zeros.
         seed = torch.ones((), dtype=loss.dtype, device=loss.device, requires_grad=True)
-        grads = torch.autograd.grad(loss, leaves, grad_outputs=seed, create_graph=True, allow_unused=True)
+        grads: Sequence[Optional[Tensor]] = (None,) * len(leaves)  # `fn` constant in `params`: a zero Hessian
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, leaves, grad_outputs=seed, create_graph=True, allow_unused=True)
     _refuse_once_differentiable(grads)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
@@ -483,7 +484,7 @@ def _reverse_graph(
         if live:
             with torch.enable_grad():
                 out = torch.autograd.grad(
-                    [grads[i] for i in live],
+                    [cast(Tensor, grads[i]) for i in live],
                     leaves,
                     grad_outputs=[v[keys[i]] for i in live],
                     retain_graph=retain,
@@ -754,6 +755,8 @@ class FixedPointOperator(LinearOperator):
         _check_no_inference_mode("FixedPointOperator")
         if not isinstance(symmetric, bool):
             raise TypeError(f"FixedPointOperator: `symmetric` must be True or False, got {symmetric!r}.")
+        _check_params_real(params, owner="FixedPointOperator")
+        _check_params_real(hparams, owner="FixedPointOperator", name="hparams")
         self.symmetric = symmetric
         self.params, self.hparams = _detach(params), _detach(hparams)
         with second_order():

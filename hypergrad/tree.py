@@ -252,7 +252,7 @@ def tree_cast(a: TreeOrTensor, dtype: torch.dtype) -> TreeOrTensor:
 
     Args:
         a: a tree (or tensor).
-        dtype: the target floating dtype, e.g. ``torch.float64``.
+        dtype: the target floating dtype, e.g. ``torch.float64`` (anything else is a ``TypeError``).
 
     Returns:
         A new tree keyed like ``a``.
@@ -263,6 +263,11 @@ def tree_cast(a: TreeOrTensor, dtype: torch.dtype) -> TreeOrTensor:
         >>> t["w"].dtype, t["n"].dtype
         (torch.float64, torch.int64)
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"tree_cast: `dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}"
+            + (" (an integer dtype would truncate every value)." if isinstance(dtype, torch.dtype) else ".")
+        )
     return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, a)
 
 

@@ -12,7 +12,7 @@ cached operator. No object identity or tensor version counter is ever looked at.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ._validate import check_batch
 
@@ -60,13 +60,15 @@ class Linearisation:
         self._linearisation += 1
         _drop_operator(self.method_state)  # free the old graph now
 
-    def _hessian_batch(self) -> Any:
+    def _hessian_batch(self, skipped: Optional[str] = None) -> Any:
+        """The default Hessian batch; ``skipped`` (why this call's inner steps were skipped) goes into the error."""
         if self._has_declared:
             return self._declared_batch
         if self._last_inner_batch is NO_BATCH:
+            why = f" (this call's inner steps were skipped: {skipped})" if skipped else ""
             raise ValueError(
-                "no inner step has been applied yet, so there is no default Hessian batch; pass `hessian_batch=` "
-                "or call problem.new_hessian_batch(batch)."
+                f"no inner step has been applied yet{why}, so there is no default Hessian batch; pass "
+                "`hessian_batch=` or call problem.new_hessian_batch(batch)."
             )
         return self._last_inner_batch
 

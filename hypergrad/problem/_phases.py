@@ -22,7 +22,7 @@ from ..solvers import SolverError
 from ..tree import tree_norm
 from ._policy import mark_skipped
 from ._transaction import Snapshot
-from ._validate import check_loss, clear_batchnorm_errors
+from ._validate import check_loss, check_trainable, clear_batchnorm_errors
 
 LossFn = Callable[[nn.Module, nn.Module, Any], Tensor]
 
@@ -60,6 +60,7 @@ def inner(problem: Any, batch: Any, record: StepRecord) -> None:
     """One inner optimiser step on ``batch``; on a non-finite loss or gradient nothing is kept."""
     start = time.perf_counter()
     params = problem._inner_params
+    check_trainable("inner", params)
     snap = Snapshot(
         problem,
         BOOKKEEPING,
@@ -115,7 +116,7 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
     """The method's hypergradient into the outer ``.grad``; a skip clears them and skips the next outer step."""
     start = time.perf_counter()
     explicit = hessian_batch is not None
-    hb = hessian_batch if explicit else problem._hessian_batch()
+    hb = hessian_batch if explicit else problem._hessian_batch(record.reason)
     theta = {k: p.detach() for k, p in problem._inner_params.items()}
     lam = {k: p.detach() for k, p in problem._outer_params.items()}
     # an explicit batch is a linearisation of its own: never served from, nor stored as, a reusable operator
@@ -182,6 +183,7 @@ def _skip_outer(problem: Any, reason: str) -> None:
 def outer(problem: Any, record: StepRecord) -> None:
     """One outer optimiser (and scheduler) step with ``.grad``; skipped after a skipped hypergradient."""
     start = time.perf_counter()
+    check_trainable("outer", problem._outer_params)
     snap = Snapshot(problem, BOOKKEEPING, grads=problem._outer_params.values())
     try:
         if problem._pending_skip is not None:

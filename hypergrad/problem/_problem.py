@@ -23,7 +23,7 @@ from ._linearisation import NO_BATCH, Linearisation
 from ._phases import LossFn
 from ._policy import NONFINITE_POLICIES, NonFinitePolicy, StepPolicy, method_failure_policy
 from ._state import StateDict
-from ._validate import check_batch, check_bool, check_inner_batches, check_modules
+from ._validate import check_batch, check_bool, check_inner_batches, check_modules, check_trainable
 from .reduction import AbstractReduction, LocalReduction, reduction_for
 
 
@@ -196,6 +196,8 @@ class BilevelProblem(StateDict, Linearisation):
             See the class docstring (a loop of ``step`` calls tuning :math:`\\lambda`).
         """
         batches = check_inner_batches(inner_batches)
+        check_trainable("inner", self._inner_params)
+        check_trainable("outer", self._outer_params)
         check_batch("outer_batch", outer_batch)
         check_batch("hessian_batch", hessian_batch)
         record = StepRecord("step")

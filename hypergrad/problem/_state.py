@@ -259,6 +259,8 @@ def _warm_start(problem: Any, x0: Any) -> list[str]:
         elif not isinstance(v, Tensor) or v.shape != params[k].shape:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             out.append(f"warm_start[{k!r}] has shape {shape}, the parameter {tuple(params[k].shape)}")
+        elif not bool(torch.isfinite(v).all()):  # it would make every warm-started solve non-finite (skipped)
+            out.append(f"warm_start[{k!r}] has non-finite values (NaN or Inf)")
     return out
 
 

@@ -36,6 +36,17 @@ def _checked(batches: Iterable[Any]) -> Iterator[Any]:
         yield batch
 
 
+def check_trainable(level: str, params: Mapping[str, Tensor]) -> None:
+    """The level's trained parameters still require grad (``Level`` checks it at construction only)."""
+    frozen = [k for k, p in params.items() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"`{level}` parameters {frozen[:5]} were frozen (requires_grad=False) after the BilevelProblem was built, "
+            "but its optimizer still holds them, so they would be stepped anyway (or their gradient would fail). "
+            "Unfreeze them, or build the Level and the BilevelProblem again without them."
+        )
+
+
 def check_batch(name: str, batch: Any) -> None:
     """Refuse batches holding meta tensors (they have no data; every loss value would be invalid)."""
     meta = _find_meta(batch, name, 0)

@@ -12,6 +12,7 @@ import abc
 import dataclasses
 import enum
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -333,7 +334,14 @@ class AbstractLinearSolver(abc.ABC):
         """Solve ``A x = b``; ``b``, ``x0`` and the first output of ``matvec`` are validated."""
 
     def _judge(self, solution: Solution, matvec: MatVec, b: TreeOrTensor) -> Solution:
-        """Fill ``b_norm``; judge a fixed budget by its residual when ``budget_rtol > 0``."""
+        """Fill ``b_norm``; judge a fixed budget by its residual when ``budget_rtol > 0``.
+
+        A solution whose residual norm is not finite is :attr:`Status.NONFINITE`, whatever the solver
+        reported: a right-hand side with an Inf makes every tolerance ``rtol * ||b||`` infinite, so a
+        tolerance check alone would call ``x = 0`` a success.
+        """
+        if solution.residual_norm is not None and not math.isfinite(solution.residual_norm):
+            solution = dataclasses.replace(solution, status=Status.NONFINITE)
         judge = self.budget_rtol > 0 and solution.status is Status.FIXED_BUDGET
         residual = solution.residual_norm
         if judge and residual is None:  # e.g. Identity: one matvec to measure it

@@ -39,6 +39,8 @@ def materialize(matvec: MatVec, like: TreeOrTensor) -> Tensor:
     flat, unravel = tree_ravel(like)
     n = flat.numel()
     eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+    if n == 0:  # no unknowns: the empty matrix (vmap and stack refuse an empty batch)
+        return eye
 
     def column(e: Tensor) -> Tensor:
         return tree_ravel(matvec(unravel(e)))[0]

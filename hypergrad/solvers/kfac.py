@@ -202,6 +202,7 @@ class KFAC(AbstractPreconditioner):
         check_positive("scale", self.scale, owner="KFAC")
         check_int("num_samples", self.num_samples, owner="KFAC")
         check_int("hutchinson_samples", self.hutchinson_samples, owner="KFAC")
+        check_int("seed", self.seed, minimum=0, owner="KFAC")
         if not isinstance(self.correction, bool):
             raise TypeError(f"KFAC: `correction` must be a bool, got {self.correction!r}.")
 

@@ -125,6 +125,7 @@ class HutchinsonDiagonal(AbstractPreconditioner):
     def __post_init__(self) -> None:
         check_int("num_samples", self.num_samples, owner="HutchinsonDiagonal")
         check_positive("min_ratio", self.min_ratio, owner="HutchinsonDiagonal")
+        check_int("seed", self.seed, minimum=0, owner="HutchinsonDiagonal")
 
     def build(self, matvec: MatVec, b: TreeOrTensor) -> BuiltPreconditioner:
         ravel, _ = flattener(b)
@@ -190,6 +191,7 @@ class Nystrom(AbstractPreconditioner):
     def __post_init__(self) -> None:
         check_int("rank", self.rank, owner="Nystrom")
         check_choice("sketch", self.sketch, ("lanczos", "random"), owner="Nystrom")
+        check_int("seed", self.seed, minimum=0, owner="Nystrom")
 
     def build(self, matvec: MatVec, b: TreeOrTensor) -> BuiltPreconditioner:
         ravel, _ = flattener(b)
