@@ -129,7 +129,9 @@ def apply_failure_policy(
             SolveFailedWarning,
             stacklevel=stacklevel,
         )
-    bad = [k for k, g in (grad or {}).items() if not bool(torch.isfinite(g).all())]
+    if grad is None or bool(tree_all_finite(grad)):  # one host sync in the usual case
+        return
+    bad = [k for k, g in grad.items() if not bool(torch.isfinite(g).all())]
     if bad:
         raise NonFiniteError(
             f"the hypergradient is non-finite (NaN or Inf) in {bad} although the linear solve's solution is finite "

@@ -46,7 +46,7 @@ from ._typing import BilevelLoss, FixedPointMap, TensorTree
 from .operators import HVP_MODES, FixedPointOperator, HVPMode, _check_no_inference_mode
 from .solvers import AbstractLinearSolver
 from .solvers._base import check_solver
-from .tree import tree_check_like
+from .tree import tree_all_finite, tree_check_like
 
 __all__ = ["HypergradResult", "UnrolledResult", "implicit_grad", "proximal_grad", "fixed_point_grad", "unrolled_grad"]
 
@@ -74,7 +74,10 @@ class UnrolledResult(NamedTuple):
 def _outer_grads(outer_loss: BilevelLoss, params: dict, hparams: dict) -> tuple[dict, dict]:
     _, gp, gh = loss_grads("outer_loss", outer_loss, params, hparams)
     for name, grads in (("params", gp), ("hparams", gh)):
-        bad = [k for k, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+        present = {k: g for k, g in grads.items() if g is not None}
+        if bool(tree_all_finite(present)):  # one host sync in the usual case
+            continue
+        bad = [k for k, g in present.items() if not bool(torch.isfinite(g).all())]
         if bad:
             raise ValueError(
                 f"the gradient of `outer_loss` with respect to `{name}` {bad} is non-finite (NaN or Inf) although "
