@@ -149,6 +149,18 @@ def test_step_after_skipped_inner_steps_names_the_skip() -> None:
     assert problem.inner_skipped == 2 and problem.inner_steps == 0
 
 
+@pytest.mark.parametrize("which", ["inner", "outer"])
+def test_a_step_that_overflows_the_parameters_raises_at_once(which) -> None:
+    # was: the parameters became inf/nan with a finite gradient; every later step was skipped instead
+    problem, w = _problem()
+    level = problem.inner if which == "inner" else problem.outer
+    for group in level.optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(hypergrad.NonFiniteError, match=rf"the {which} optimiser step made the {which} parameters"):
+        problem.step([None, None], None)
+    assert not all(bool(torch.isfinite(p).all()) for p in level.module.parameters())  # what the message says
+
+
 # --- checkpoints: a bad map_location was reported as a damaged file to delete --------------------------------
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fsdp.clip import grad_norm64, sharded_clip_grad_norm_
+from ..fsdp.operator import _norm64
 from ..level import Level
 from ..methods._base import _wide
 from ..records import NonFiniteError, SolveInfo, StepRecord
@@ -216,9 +217,13 @@ def outer(problem: Any, record: StepRecord) -> None:
 def apply(level: Level, which: str, reason: str | None) -> str | None:
     """Check, clip and apply the gradients in ``.grad`` (then clear them); returns a skip reason.
 
-    The optimiser and the scheduler are stepped only when the gradient is finite.
+    The optimiser and the scheduler are stepped only when the gradient is finite. A step that
+    turns finite parameters non-finite (it overflowed: e.g. an infinite learning rate) cannot be
+    undone without a copy of every parameter and optimiser state, so it raises
+    :class:`~hypergrad.NonFiniteError` at once instead of leaving later steps to skip silently.
     """
     params = [p for p in level.trained_parameters().values() if p.grad is not None]
+    norm = float("nan")
     if reason is None and params:
         norm = grad_norm64(params)
         if not _finite(norm):
@@ -230,6 +235,15 @@ def apply(level: Level, which: str, reason: str | None) -> str | None:
         level.optimizer.step()
         if level.scheduler is not None:
             level.scheduler.step()
+        after = _norm64({str(i): p.detach() for i, p in enumerate(params)})  # one all_reduce under FSDP2
+        if not _finite(after):
+            level.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"the {which} optimiser step made the {which} parameters non-finite (their norm is {after}) although "
+                f"the gradient was finite (norm {norm}): the step overflowed (a learning rate or step size too large, "
+                "or an optimiser state that overflowed). The parameters cannot be restored: reload the last "
+                f"checkpoint and lower the {which} learning rate."
+            )
     level.optimizer.zero_grad(set_to_none=True)
     return reason
 
