@@ -316,6 +316,7 @@ def _add_finetune_command(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument(
         "--backbone", default=None, help="backbone checkpoint (default: the stage's output under <out-dir>)"
     )
+    sp.add_argument("--no-resume", action="store_true", help="start afresh even if trials or runs were saved")
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1, help="1: random search; 0: use --lr/--wd")
     sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
     sp.add_argument(
@@ -520,7 +521,7 @@ def _cmd_finetune(args: Any) -> int:
         else os.path.join(cfg.run_dir, args.backbone_origin, args.dset.replace("@", "_at"), "lower_backbone.pt")
     )
     if dist_utils.is_main_process():
-        r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo))
+        r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo), resume=not args.no_resume)
         print(
             f"{args.dset} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over "
             f"{len(r['test_top1'])} runs (lr {r['lr']:.4g}, wd {r['weight_decay']:.4g})"
