@@ -131,3 +131,40 @@ def test_toy_bad_values_are_refused_before_the_run(capsys, flags, message):
         parse_args(["--no-progress", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and message in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_text_pretrain_and_stage_refuse_other_settings(tmp_path, capsys):
+    base = ["--modality", "text", "--preset", "tiny", "--out-dir", str(tmp_path)]
+    assert bissl_main(["pretrain", *base]) == 0
+    capsys.readouterr()
+    # was: the saved 15-step model was returned as the --pretrain-steps 7 model
+    msg = _one_line(capsys, bissl_main(["pretrain", *base, "--pretrain-steps", "7"]))
+    assert "pretrain.steps: 15 -> 7" in msg and "--no-resume" in msg
+    stage = ["bissl", *base, "--d-dset", "reuters_r8"]
+    assert bissl_main(stage) == 0
+    capsys.readouterr()
+    # was: the finished stage checkpoint was resumed and saved as the --lam 0.5 stage
+    msg = _one_line(capsys, bissl_main([*stage, "--lam", "0.5"]))
+    assert "bissl.method.lam: 0.001 -> 0.5" in msg
+    assert bissl_main(["pretrain", *base, "--no-resume"]) == 0  # a new pretrained model: the stage is stale
+    capsys.readouterr()
+    assert "pretrained:" in _one_line(capsys, bissl_main(stage))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--inner-lr", "nan"], "--inner-lr must be a finite number > 0, got nan"),
+        (["--damping", "nan"], "--damping must be a finite number >= 0, got nan"),
+        # was: "no inner step has been applied yet, so there is no default Hessian batch" (a traceback)
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    ],
+)
+def test_hyper_cleaning_bad_values_are_refused(capsys, flags, message):
+    from applications.toy.hyper_cleaning import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and message in err[-1]
