@@ -168,3 +168,19 @@ def test_hyper_cleaning_bad_values_are_refused(capsys, flags, message):
         parse_args(flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and message in err[-1]
+
+
+@pytest.mark.parametrize("modality", [[], ["--modality", "text"]])
+def test_device_and_folder_mistakes_are_exit_2_in_both_modalities(tmp_path, capsys, modality):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["bissl", *modality, "--preset", "tiny", "--out-dir", str(tmp_path / "out")]
+    cases = [(["--log-dir", str(afile)], "--log-dir"), (["--device", "nonsense"], "is not a device")]
+    if not torch.backends.mps.is_available():  # was: exit code 1, torch's "not linked with support for mps"
+        cases.append((["--device", "mps"], "--device mps: MPS is not available"))
+    if not torch.cuda.is_available():  # text was: exit code 1, torch's "Found no NVIDIA driver"
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
+    for flags, message in cases:
+        assert message in _one_line(capsys, bissl_main([*base, *flags])), flags
+    # text was: "--model-path '<file>/text-tiny/pretrain/model' is not a local folder"
+    assert "is a file, not a folder" in _one_line(capsys, bissl_main([*base[:-1], str(afile)]))

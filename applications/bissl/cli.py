@@ -472,10 +472,11 @@ def check_environment(cfg: PipelineConfig) -> PipelineConfig:
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible on this machine; pass --device cpu.")
     if cfg.device not in ("cpu",) and not str(cfg.device).startswith(("cuda", "mps")):
         raise ValueError(f"--device {cfg.device!r} is not a device; pass cpu, cuda or cuda:N.")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ValueError(
-            f"--out-dir {cfg.out_dir!r} is a file, not a folder; pass a folder (it is created if missing)."
-        )
+    if str(cfg.device).startswith("mps") and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {cfg.device}: MPS is not available on this machine; pass --device cpu.")
+    for flag, folder in (("--out-dir", cfg.out_dir), ("--log-dir", cfg.log_dir)):
+        if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder!r} is a file, not a folder; pass a folder (it is created if missing).")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return cfg
