@@ -184,3 +184,18 @@ def test_device_and_folder_mistakes_are_exit_2_in_both_modalities(tmp_path, caps
         assert message in _one_line(capsys, bissl_main([*base, *flags])), flags
     # text was: "--model-path '<file>/text-tiny/pretrain/model' is not a local folder"
     assert "is a file, not a folder" in _one_line(capsys, bissl_main([*base[:-1], str(afile)]))
+
+
+@pytest.mark.parametrize("modality", [[], ["--modality", "text"]])
+def test_empty_task_list_is_refused(tmp_path, capsys, modality):
+    # was: `run --tasks ,` pretrained, then wrote an empty results table with exit code 0
+    argv = ["run", *modality, "--preset", "tiny", "--out-dir", str(tmp_path), "--tasks", ","]
+    assert "--tasks ',' names no task" in _one_line(capsys, bissl_main(argv))
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "text-tiny").exists()
+
+
+def test_bad_ablation_grid_value_fails_before_any_stage(tmp_path, capsys):
+    argv = ["ablate", "--preset", "tiny", "--out-dir", str(tmp_path), "--grid", "lam=abc"]
+    # was: pretraining and the baseline fine-tuning ran first, then the same error
+    assert "--grid: lam='abc'" in _one_line(capsys, bissl_main(argv))
+    assert not (tmp_path / "tiny" / "pretrain").exists()

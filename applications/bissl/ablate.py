@@ -100,10 +100,11 @@ def run_ablation(
     """Run every variant for ``cfg.downstream[0]``; write and return the Markdown table."""
     task = cfg.downstream[0]
     cfg = dataclasses.replace(cfg, bissl=dataclasses.replace(cfg.bissl, downstream=task))
+    todo = variants(cfg, grid)  # a bad --grid value fails here, before any stage runs
     pre = pretrain(cfg, resume=resume, progress=False)
     base = finetune(cfg, task, "pretext", pre, resume=resume)
     rows = []
-    for name, vc in variants(cfg, grid):
+    for name, vc in todo:
         safe = name.replace("/", "_").replace("=", "_")
         vdir = os.path.join(cfg.run_dir, "ablate", safe)
         vc = dataclasses.replace(vc, log_dir=os.path.join(vdir, "logs"))

@@ -458,8 +458,10 @@ def config_from_args(args: Any) -> PipelineConfig:
     solver = solver_from_args(args, cfg.bissl.method.solver)
     if solver is not cfg.bissl.method.solver:
         apply_overrides(cfg, {"bissl__method__solver": solver})
-    if getattr(args, "tasks", None):
+    if getattr(args, "tasks", None) is not None:
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if not cfg.downstream:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks digits,fashion_mnist@20.")
     if getattr(args, "arms", None):
         cfg.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
         cfg.__post_init__()

@@ -201,8 +201,10 @@ def config_from_args(args: Any) -> TextConfig:
     solver = solver_from_args(args, cfg.bissl.method.solver)
     if solver is not cfg.bissl.method.solver:
         apply_overrides(cfg, {"bissl__method__solver": solver})
-    if getattr(args, "tasks", None):
+    if getattr(args, "tasks", None) is not None:
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if not cfg.downstream:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks reuters_r8,election_tweets.")
     image_cli.check_environment(cfg)  # type: ignore[arg-type]  # same device/out_dir/log_dir/threads fields
     return cfg
 
