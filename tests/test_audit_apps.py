@@ -69,6 +69,12 @@ def test_finetune_refuses_stale_state_and_no_resume_redoes_it(tmp_path, capsys):
     state_path.write_text(json.dumps(state))
     assert _finetune(tmp_path, "--no-resume") == 0
     assert 123.0 not in json.loads(state_path.read_text())["runs"]
+    capsys.readouterr()
+    # a folder as --backbone: the checkpoint reader's message (not an OS error from hashing it)
+    assert "is a directory, not a checkpoint file" in _one_line(capsys, _finetune(tmp_path, "--backbone", "/"))
+    # was: torch's "Invalid learning rate: -1.0" after the output folder was made
+    msg = _one_line(capsys, _finetune(tmp_path, "--use-hpo", "0", "--lr", "-1"))
+    assert "FinetuneConfig: `lr` must be a finite number > 0, got -1.0" in msg
 
 
 def test_run_no_resume_redoes_fine_tuning(tmp_path, capsys):

@@ -199,6 +199,7 @@ def finetune(
             f"{'pretrain' if origin == 'pretext' else 'bissl'} stage first (or pass its path; the control arm is "
             "`bissl --arm control`)."
         )
+    backbone, _ = load_backbone(cfg, backbone_path)  # a bad file is refused before anything is written
     ft: FinetuneConfig = cfg.finetune
     name = task.replace("@", "_at")
     out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", name, origin)
@@ -230,7 +231,6 @@ def finetune(
     def save() -> None:
         run.write_json("state.json", state)
 
-    backbone, _ = load_backbone(cfg, backbone_path)
     bstate = {k: v.clone() for k, v in backbone.state_dict().items()}
     m = cfg.model
     n_cls = task_classes(task, cfg.data_root)
