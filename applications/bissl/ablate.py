@@ -100,17 +100,18 @@ def run_ablation(
     """Run every variant for ``cfg.downstream[0]``; write and return the Markdown table."""
     task = cfg.downstream[0]
     cfg = dataclasses.replace(cfg, bissl=dataclasses.replace(cfg.bissl, downstream=task))
+    todo = variants(cfg, grid)  # a bad --grid value fails here, before any stage runs
     pre = pretrain(cfg, resume=resume, progress=False)
-    base = finetune(cfg, task, "pretext", pre)
+    base = finetune(cfg, task, "pretext", pre, resume=resume)
     rows = []
-    for name, vc in variants(cfg, grid):
+    for name, vc in todo:
         safe = name.replace("/", "_").replace("=", "_")
         vdir = os.path.join(cfg.run_dir, "ablate", safe)
         vc = dataclasses.replace(vc, log_dir=os.path.join(vdir, "logs"))
         path = run_bissl(vc, pre, os.path.join(vdir, "stage"), resume=resume)
         with open(os.path.join(vdir, "stage", "summary.json")) as f:
             summ = json.load(f)
-        r = finetune(vc, task, "bissl", path, out_dir=os.path.join(vdir, "finetune"))
+        r = finetune(vc, task, "bissl", path, out_dir=os.path.join(vdir, "finetune"), resume=resume)
         ps = paired_stats(r["test_top1"], base["test_top1"])
         rows.append({"variant": name, **_describe(vc), "result": r, "paired": ps, "stage": summ})
         echo(f"[ablate] {name}: {r['mean']:.2f} ± {r['std']:.2f} (gap {ps['gap']:+.2f})")

@@ -4,10 +4,16 @@ Every failure is a :class:`ValueError` / :class:`FileNotFoundError` with one lin
 file, says what is wrong and how to fix it (the CLI prints it as an argparse-style error): a
 missing, empty, truncated or foreign file; the BiSSL stage's output passed where the pretext
 checkpoint is expected; a backbone of another architecture or width than the configuration.
+
+:func:`run_settings` / :func:`check_same_settings` guard resumption: a stage records the settings
+it ran with next to its progress, and a re-run with other settings (or from another input file) is
+refused instead of mixing old and new results.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -15,7 +21,7 @@ from torch import nn
 
 from hypergrad import load_checkpoint
 
-__all__ = ["read_checkpoint", "load_into", "pretext_checkpoint"]
+__all__ = ["read_checkpoint", "load_into", "pretext_checkpoint", "file_digest", "run_settings", "check_same_settings"]
 
 
 def read_checkpoint(path: str, what: str, hint: str = "") -> Any:
@@ -77,3 +83,54 @@ def pretext_checkpoint(path: str) -> dict[str, Any]:
             "pass the pretrain stage's pretrained.pt."
         )
     return state
+
+
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of the SHA-256 of the file at ``path``: which input a stage's progress was computed from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_settings(**parts: Any) -> dict[str, Any]:
+    """``parts`` as plain JSON values (tuples -> lists, other objects -> their ``str``), for comparison.
+
+    Example:
+        >>> run_settings(model={"width": 4, "dims": (1, 2)}, seed=0)
+        {'model': {'width': 4, 'dims': [1, 2]}, 'seed': 0}
+    """
+    return json.loads(json.dumps(parts, default=str))
+
+
+def check_same_settings(saved: Any, current: dict[str, Any], path: str) -> None:
+    """Refuse to resume ``path`` when the settings it recorded differ from ``current`` (one line, the changes).
+
+    ``saved`` is ``None`` for progress written before settings were recorded (accepted as is).
+
+    Example:
+        >>> check_same_settings({"seed": 0}, {"seed": 0}, "ckpt.pt")
+        >>> check_same_settings({"seed": 0}, {"seed": 1}, "ckpt.pt")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'ckpt.pt' was written with other settings (seed: 0 -> 1); pass --no-resume to redo it with these settings, or use another --out-dir.
+    """
+    if saved is None:
+        return
+    changed: list[str] = []
+
+    def walk(a: Any, b: Any, name: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{name}.{k}" if name else str(k))
+        elif a != b:
+            changed.append(f"{name}: {a!r} -> {b!r}")
+
+    walk(saved, current, "")
+    if changed:
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ValueError(
+            f"{path!r} was written with other settings ({'; '.join(changed[:3])}{more}); pass --no-resume to "
+            "redo it with these settings, or use another --out-dir."
+        )

@@ -316,6 +316,7 @@ def _add_finetune_command(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument(
         "--backbone", default=None, help="backbone checkpoint (default: the stage's output under <out-dir>)"
     )
+    sp.add_argument("--no-resume", action="store_true", help="start afresh even if trials or runs were saved")
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1, help="1: random search; 0: use --lr/--wd")
     sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
     sp.add_argument(
@@ -457,8 +458,10 @@ def config_from_args(args: Any) -> PipelineConfig:
     solver = solver_from_args(args, cfg.bissl.method.solver)
     if solver is not cfg.bissl.method.solver:
         apply_overrides(cfg, {"bissl__method__solver": solver})
-    if getattr(args, "tasks", None):
+    if getattr(args, "tasks", None) is not None:
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if not cfg.downstream:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks digits,fashion_mnist@20.")
     if getattr(args, "arms", None):
         cfg.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
         cfg.__post_init__()
@@ -471,10 +474,11 @@ def check_environment(cfg: PipelineConfig) -> PipelineConfig:
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible on this machine; pass --device cpu.")
     if cfg.device not in ("cpu",) and not str(cfg.device).startswith(("cuda", "mps")):
         raise ValueError(f"--device {cfg.device!r} is not a device; pass cpu, cuda or cuda:N.")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ValueError(
-            f"--out-dir {cfg.out_dir!r} is a file, not a folder; pass a folder (it is created if missing)."
-        )
+    if str(cfg.device).startswith("mps") and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {cfg.device}: MPS is not available on this machine; pass --device cpu.")
+    for flag, folder in (("--out-dir", cfg.out_dir), ("--log-dir", cfg.log_dir)):
+        if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder!r} is a file, not a folder; pass a folder (it is created if missing).")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return cfg
@@ -520,7 +524,7 @@ def _cmd_finetune(args: Any) -> int:
         else os.path.join(cfg.run_dir, args.backbone_origin, args.dset.replace("@", "_at"), "lower_backbone.pt")
     )
     if dist_utils.is_main_process():
-        r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo))
+        r = finetune(cfg, args.dset, args.backbone_origin, path, use_hpo=bool(args.use_hpo), resume=not args.no_resume)
         print(
             f"{args.dset} / {args.backbone_origin}: top-1 {r['mean']:.2f} ± {r['std']:.2f} over "
             f"{len(r['test_top1'])} runs (lr {r['lr']:.4g}, wd {r['weight_decay']:.4g})"

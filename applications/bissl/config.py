@@ -366,6 +366,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "num_runs"):
             _pos("FinetuneConfig", name, getattr(self, name), integer=True)
         _pos("FinetuneConfig", "hpo_trials", self.hpo_trials, integer=True, allow_zero=True)
+        _pos("FinetuneConfig", "lr", self.lr)  # --lr / --wd (used with --use-hpo 0)
+        _pos("FinetuneConfig", "weight_decay", self.weight_decay, allow_zero=True)
         for name in ("lr_range", "wd_range"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:

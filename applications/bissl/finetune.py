@@ -12,7 +12,9 @@ held-out validation part; then ``num_runs`` runs with seeds ``0..R-1`` are train
 training set at the chosen values and their test top-1 is reported as mean :math:`\pm` std.
 The backbone comes from the pretext stage (``origin="pretext"``, the baseline) or from the BiSSL
 stage (``origin="bissl"``, its lower backbone :math:`\theta_P`). Progress is saved after every
-trial and run to ``state.json``, so an interrupted job resumes where it stopped.
+trial and run to ``state.json``, so an interrupted job resumes where it stopped; the file records
+the settings and the backbone file it was computed with, and a re-run with others is refused
+(``resume=False`` starts afresh).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .augment import eval_transform, train_transform
-from .checkpoints import load_into, read_checkpoint
+from .checkpoints import check_same_settings, file_digest, load_into, read_checkpoint, run_settings
 from .config import FinetuneConfig, PipelineConfig
 from .models import LinearHead, build_backbone
 from .splits import task_split
@@ -169,6 +171,7 @@ def finetune(
     *,
     use_hpo: bool = True,
     logger: Callable[[dict], None] | None = None,
+    resume: bool = True,
 ) -> dict:
     """Run the fine-tuning protocol for one task and one backbone origin.
 
@@ -182,6 +185,8 @@ def finetune(
         logger: called with a dict of metrics after every trial and run (besides the CSV / JSONL /
             TensorBoard files under ``<logs>/finetune/<task>/<origin>``: HPO trials are steps
             ``0..T-1``, seeded runs steps ``T..T+R-1``).
+        resume: continue from ``state.json`` when it exists (written with the same settings and
+            backbone, else :class:`ValueError`); ``False`` starts afresh.
 
     Returns:
         ``{"task", "origin", "lr", "weight_decay", "trials", "test_top1", "mean", "std"}``.
@@ -194,19 +199,38 @@ def finetune(
             f"{'pretrain' if origin == 'pretext' else 'bissl'} stage first (or pass its path; the control arm is "
             "`bissl --arm control`)."
         )
+    backbone, _ = load_backbone(cfg, backbone_path)  # a bad file is refused before anything is written
     ft: FinetuneConfig = cfg.finetune
     name = task.replace("@", "_at")
     out_dir = out_dir or os.path.join(cfg.run_dir, "finetune", name, origin)
     # fine-tuning runs on the main process only: no barriers
     run = StageRun(
-        out_dir, log_dir=os.path.join(cfg.logs, "finetune", name, origin), tensorboard=True, synchronized=False
+        out_dir,
+        log_dir=os.path.join(cfg.logs, "finetune", name, origin),
+        tensorboard=True,
+        resume=resume,
+        synchronized=False,
     )
-    state = run.read_json("state.json") or {"trials": [], "runs": []}
+    # what the saved trials and runs depend on (more --num-runs extends them: seeds 0..R-1)
+    fine = {k: v for k, v in cfg.to_dict()["finetune"].items() if k != "num_runs"}
+    settings = run_settings(
+        task=task,
+        origin=origin,
+        use_hpo=use_hpo,
+        finetune=fine,
+        model=cfg.to_dict()["model"],
+        seed=cfg.seed,
+        max_train_samples=cfg.max_train_samples,
+        max_test_samples=cfg.max_test_samples,
+        backbone=file_digest(backbone_path),
+    )
+    state = run.read_json("state.json") or {"trials": [], "runs": [], "settings": settings}
+    check_same_settings(state.get("settings"), settings, run.path("state.json"))
+    state["settings"] = settings
 
     def save() -> None:
         run.write_json("state.json", state)
 
-    backbone, _ = load_backbone(cfg, backbone_path)
     bstate = {k: v.clone() for k, v in backbone.state_dict().items()}
     m = cfg.model
     n_cls = task_classes(task, cfg.data_root)
@@ -265,7 +289,7 @@ def finetune(
         if logger is not None:
             logger({"phase": "run", "seed": seed, "test_top1": acc, "lr": lr, "weight_decay": wd})
     run.close()
-    accs = state["runs"]
+    accs = state["runs"][: ft.num_runs]  # a smaller --num-runs than before reports that many
     result = {
         "task": task,
         "origin": origin,

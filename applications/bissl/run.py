@@ -94,7 +94,7 @@ def run_pipeline(
         for origin in (a for a in ("pretext", "control", "bissl") if a in cfg.arms):
             t0 = time.perf_counter()
             if main:
-                r = finetune(tcfg, task, origin, paths[origin])
+                r = finetune(tcfg, task, origin, paths[origin], resume=resume)
                 results.append(r)
                 say(
                     f"[run] fine-tune {task}/{origin}: {r['mean']:.2f} ± {r['std']:.2f} "

@@ -38,7 +38,8 @@ The **control arm** (``arm="control"``) runs the same lower steps (same batches,
 schedule) without the upper level and without the proximal term: continued pretraining, the
 compute-matched control of the replication.
 
-The stage checkpoints after every alternation (``hypergrad.save_checkpoint``) and resumes from it,
+The stage checkpoints after every alternation (``hypergrad.save_checkpoint``) and resumes from it
+(refused when the configuration or the pretext checkpoint differ from those the checkpoint records),
 logs to CSV / JSONL / TensorBoard (``hypergrad.MetricsLogger``) and saves the **lower** backbone
 :math:`\theta_P` - the one fine-tuned afterwards - to ``<out>/lower_backbone.pt``.
 """
@@ -63,7 +64,7 @@ from hypergrad.distributed import all_reduce_mean, world_size
 from . import distributed as dist_utils
 from .augment import eval_transform, train_transform
 from .bilevel import PretextBatch, build_problem, inner_loss
-from .checkpoints import load_into, pretext_checkpoint, read_checkpoint
+from .checkpoints import check_same_settings, file_digest, load_into, pretext_checkpoint, read_checkpoint, run_settings
 from .config import PipelineConfig, upper_hparams
 from .data import TwoViewDataset
 from .diagnostics import (
@@ -316,8 +317,17 @@ def run_bissl(
 
     ckpt_path = run.checkpoint_path
     start, history = 0, []
+    # what the saved progress depends on: a re-run with other settings or another pretext checkpoint
+    # is refused (never continued from, or reported as, the old run's state)
+    full = cfg.to_dict()
+    settings = run_settings(
+        arm=arm,
+        **{k: full[k] for k in ("model", "pretrain", "bissl", "seed", "max_train_samples")},
+        pretrained=file_digest(pretrained_path),
+    )
     if run.resumable:
         st = read_checkpoint(ckpt_path, "stage checkpoint", "Pass --no-resume to start the stage afresh.")
+        check_same_settings(st.get("settings") if isinstance(st, dict) else None, settings, ckpt_path)
         try:
             problem.load_state_dict(st["problem"])
             if "rng" in st:  # saved next to the problem's state (hypergrad keeps no RNG in state_dict)
@@ -393,6 +403,7 @@ def run_bissl(
                 "lam": lam,
                 "damping": damping,
                 "rng": get_rng_state(),
+                "settings": settings,
             }
         )
     run.close()

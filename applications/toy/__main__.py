@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 
@@ -37,6 +39,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--outer-steps must be >= 1, got {args.outer_steps}")
     if args.unroll_steps < 1:
         parser.error(f"--unroll-steps must be >= 1, got {args.unroll_steps}")
+    for flag, value in (("--ridge-lr", args.ridge_lr), ("--logistic-lr", args.logistic_lr)):
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a finite number > 0, got {value}; pass e.g. 1.0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; pass cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible on this machine; pass --device cpu")
+    if args.csv is not None:  # checked before the run, not after it
+        folder = os.path.dirname(os.path.abspath(args.csv))
+        if os.path.isdir(args.csv) or not os.path.isdir(folder):
+            parser.error(f"--csv {args.csv!r}: pass a file path in an existing folder")
     return args
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -272,6 +273,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if not 0.0 <= args.noise < 1.0:
         p.error(f"--noise must be in [0, 1), got {args.noise}")
+    for name, low in (("inner_lr", "> 0"), ("outer_lr", "> 0"), ("damping", ">= 0"), ("weight_decay", ">= 0")):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number {low}, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device; pass cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible on this machine; pass --device cpu")
     return args
 
 

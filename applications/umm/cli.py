@@ -8,7 +8,12 @@ Every :class:`~applications.umm.config.UMMConfig` field is an option (``--n-pret
   of ``<run-dir>/pretrain``; BiSSL ``pretrained.pt`` files work too) into ``<run-dir>/diagnose``.
 * ``finetune [--checkpoint PATH]``: the method comparison over ``--seeds`` seeds (default: the
   last pretraining checkpoint) into ``<run-dir>/finetune``.
-* ``run``: all three, then ``<run-dir>/summary.json`` with the wall-clock times.
+* ``run``: all three, then ``<run-dir>/summary_run.json`` with the wall-clock times (each command
+  writes its ``summary_<command>.json``).
+
+User mistakes (bad values, missing files, a device that is not there) end with one
+``argparse``-style line on stderr and exit code 2; ``--debug`` (before the command) shows the
+traceback instead; a failure at run time exits with code 1 and its reason.
 
 Under ``torchrun --nproc-per-node N python -m applications.umm ...`` the batches are split over
 ranks (DDP for pretraining, gradient averaging by :class:`hypergrad.BilevelProblem` for
@@ -22,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -69,6 +75,7 @@ def _add_config(sp: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the four commands."""
     parser = argparse.ArgumentParser(prog="python -m applications.umm", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("pretrain", "SimCLR pretraining with periodic checkpoints"),
                         ("diagnose", "layer-wise memorisation diagnostic"),
@@ -105,9 +112,46 @@ def _last_checkpoint(cfg: UMMConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the exit code (2: a user mistake, one line on stderr; 1: a run-time failure)."""
+    from applications.bissl.cli import USER_ERRORS
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return _run(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename!r}"
+    return text
+
+
+def _check_device(cfg: UMMConfig) -> None:
+    """Refuse a device this machine does not have (before any work)."""
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        raise ValueError(f"--device {cfg.device!r} is not a device; pass cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible on this machine; pass --device cpu.")
+
+
+def _run(args: Any) -> int:
     cfg = config_from_args(args)
+    _check_device(cfg)
     resume, progress = not args.no_resume, not args.no_progress
     times: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -139,7 +139,14 @@ def load_pretrained(path: str, cfg: UMMConfig, device: str | torch.device = "cpu
         raise FileNotFoundError(
             f"`checkpoint` {path!r} does not exist; run `python -m applications.umm pretrain` first."
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, not a torch file at all
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"`checkpoint` {path!r} is not a readable checkpoint (truncated, corrupted or not a torch file: "
+            f"{type(err).__name__}: {first}); pass a file written by `pretrain`."
+        ) from err
     if (
         not isinstance(ckpt, dict)
         or not isinstance(ckpt.get("backbone"), dict)

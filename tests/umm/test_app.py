@@ -55,7 +55,7 @@ def test_finetune_resume_skips_finished_runs(tiny_run: str) -> None:
     assert main(["finetune", "--preset", "tiny", "--run-dir", tiny_run, "--no-progress"]) == 0
     assert open(path).read() == before  # nothing re-run, nothing appended
     with pytest.raises(ValueError, match="other settings"):
-        main(["finetune", "--preset", "tiny", "--run-dir", tiny_run, "--lam", "2.0", "--no-progress"])
+        main(["--debug", "finetune", "--preset", "tiny", "--run-dir", tiny_run, "--lam", "2.0", "--no-progress"])
 
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_run: str) -> None:
@@ -77,7 +77,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_run: str) -> None:
 
 def test_pretrain_resume_refuses_other_settings(tiny_run: str) -> None:
     with pytest.raises(ValueError, match="other settings"):
-        main(["pretrain", "--preset", "tiny", "--run-dir", tiny_run, "--lr", "0.5", "--no-progress"])
+        main(["--debug", "pretrain", "--preset", "tiny", "--run-dir", tiny_run, "--lr", "0.5", "--no-progress"])
 
 
 def test_config_and_split_errors() -> None:

@@ -17,8 +17,6 @@ import os
 import sys
 from typing import Any
 
-import torch
-
 from .. import cli as image_cli
 from .. import distributed as dist_utils
 from ..argtypes import finite_float, nonnegative_int, positive_int
@@ -187,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: Any) -> TextConfig:
-    """The text preset with every given flag applied (sections re-validated)."""
+    """The text preset with every given flag applied (sections re-validated, device and folders checked)."""
     cfg = get_text_preset(args.preset)
     values: dict[str, Any] = {}
     for dest, value in vars(args).items():
@@ -203,10 +201,11 @@ def config_from_args(args: Any) -> TextConfig:
     solver = solver_from_args(args, cfg.bissl.method.solver)
     if solver is not cfg.bissl.method.solver:
         apply_overrides(cfg, {"bissl__method__solver": solver})
-    if getattr(args, "tasks", None):
+    if getattr(args, "tasks", None) is not None:
         cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+        if not cfg.downstream:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks reuters_r8,election_tweets.")
+    image_cli.check_environment(cfg)  # type: ignore[arg-type]  # same device/out_dir/log_dir/threads fields
     return cfg
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from hypergrad.distributed import world_size
 
 from .. import distributed as dist_utils
+from ..checkpoints import check_same_settings, run_settings
 from ..optim import warmup_cosine
 from .config import TextConfig
 from .corpora import shakespeare_text
@@ -81,11 +82,17 @@ def pretrain_text(cfg: TextConfig, *, resume: bool = True, echo=print) -> str:
     """Next-token pretraining (AdamW, warm-up + cosine, clip 1.0); returns the saved model folder.
 
     The folder (``<run_dir>/pretrain/model``) holds the model (``save_pretrained``), its tokenizer
-    and ``pretrain.json`` with the bits per character before and after.
+    and ``pretrain.json`` with the bits per character before and after and the settings; with
+    ``resume`` an existing model is returned when its settings are these, else :class:`ValueError`.
     """
     out = os.path.join(cfg.run_dir, "pretrain", "model")
     info_path = os.path.join(out, "pretrain.json")
+    full = cfg.to_dict()  # what the saved model depends on (the LoRA variants share it)
+    model = {k: v for k, v in full["model"].items() if k not in ("lora_rank", "lora_alpha")}
+    settings = run_settings(model=model, pretrain=full["pretrain"], seed=cfg.seed)
     if resume and os.path.exists(info_path):
+        with open(info_path) as f:
+            check_same_settings(json.load(f).get("settings"), settings, info_path)  # never a stale model
         return out
     p, dev = cfg.pretrain, device_of(cfg)
     model, lm, tok = load_lm(cfg)
@@ -114,6 +121,7 @@ def pretrain_text(cfg: TextConfig, *, resume: bool = True, echo=print) -> str:
         model.save_pretrained(out)
         tok.save(out)
         info = {"bpc_init": bpc0, "bpc": bpc1, "steps": p.steps, "time_s": time.perf_counter() - t0}
+        info["settings"] = settings
         with open(info_path, "w") as f:
             json.dump(info, f, indent=1)
     dist_utils.barrier()

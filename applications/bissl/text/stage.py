@@ -41,6 +41,7 @@ from hypergrad.distributed import world_size
 
 from .. import distributed as dist_utils
 from ..bilevel import PretextBatch, build_problem
+from ..checkpoints import check_same_settings, file_digest, run_settings
 from ..config import BiSSLConfig
 from ..fsdp import check_fsdp, exact_method, fsdp_mesh, full_state_dict, param_groups, warn_kinked_fd
 from ..models import LinearHead
@@ -232,8 +233,18 @@ def bissl_text(
         upper_sched=upper_sched,
         dense_inner=twin,
     )
+    # what the saved progress depends on: other settings or another pretrained model are refused
+    full, pre_info = cfg.to_dict(), os.path.join(model_dir, "pretrain.json")
+    fine = {k: full["finetune"][k] for k in ("seed", "val_fraction")}  # the split of the upper level
+    settings = run_settings(
+        task=task,
+        fine_split=fine,
+        **{k: full[k] for k in ("model", "pretrain", "bissl", "seed", "max_train_samples")},
+        pretrained=file_digest(pre_info) if os.path.exists(pre_info) else os.path.abspath(model_dir),
+    )
     if run.resumable:
         st = load_checkpoint(run.checkpoint_path, expected_kind=CHECKPOINT_KIND)
+        check_same_settings(st.get("settings"), settings, run.checkpoint_path)
         problem.load_state_dict(st["problem"])
         start, info = st["alternation"], st["info"]
     elif not b.fsdp:
@@ -281,7 +292,8 @@ def bissl_text(
                 echo(f"[bissl {task}] alternation {alt + 1}/{b.alternations} " + json.dumps(row))
         if not b.fsdp:  # no stage checkpoint under --fsdp (see the refusal of resume above)
             run.save(
-                lambda: {"alternation": alt + 1, "problem": problem.state_dict(), "info": info}, kind=CHECKPOINT_KIND
+                lambda: {"alternation": alt + 1, "problem": problem.state_dict(), "info": info, "settings": settings},
+                kind=CHECKPOINT_KIND,
             )
     info["bpc_after"] = bits_per_token(lower, eval_ids, L)
     info["stage_time_s"] = time.perf_counter() - t_stage
