@@ -127,7 +127,7 @@ def test_infinite_mixed_derivative_is_refused_and_returned_under_apply() -> None
 # --- BilevelProblem: a first step whose inner steps were all skipped blamed a missing Hessian batch ----------
 
 
-def _problem() -> tuple[hypergrad.BilevelProblem, torch.nn.Linear]:
+def _problem(warm_start: bool = False) -> tuple[hypergrad.BilevelProblem, torch.nn.Linear]:
     torch.manual_seed(0)
     w, lam = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
     problem = hypergrad.BilevelProblem(
@@ -135,7 +135,7 @@ def _problem() -> tuple[hypergrad.BilevelProblem, torch.nn.Linear]:
         hypergrad.Level(lam, torch.optim.SGD(lam.parameters(), lr=0.25)),
         lambda i, o, x: ((i.weight - o.weight) ** 2).sum(),
         lambda i, o, x: ((i.weight - 2.0) ** 2).sum(),
-        hypergrad.Implicit(solver=CG(max_steps=3)),
+        hypergrad.Implicit(solver=CG(max_steps=3), warm_start=warm_start),
     )
     return problem, w
 
@@ -261,14 +261,8 @@ def test_dense_solves_an_empty_system() -> None:
 
 def test_load_state_dict_refuses_a_non_finite_warm_start() -> None:
     # was: loaded, then every later hypergradient was skipped as a "non-finite solve", forever
-    w, lam = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
-    problem = hypergrad.BilevelProblem(
-        hypergrad.Level(w, torch.optim.SGD(w.parameters(), lr=0.4)),
-        hypergrad.Level(lam, torch.optim.SGD(lam.parameters(), lr=0.25)),
-        lambda i, o, x: ((i.weight - o.weight) ** 2).sum(),
-        lambda i, o, x: ((i.weight - 2.0) ** 2).sum(),
-        hypergrad.Implicit(solver=CG(max_steps=3), warm_start=True),
-    )
+    problem, _ = _problem(warm_start=True)
+    lam = problem.outer.module
     problem.step([None], None)
     state = problem.state_dict()
     assert state["warm_start"] is not None

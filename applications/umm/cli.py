@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from typing import Any
 
@@ -112,31 +111,17 @@ def _last_checkpoint(cfg: UMMConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2: a user mistake, one line on stderr; 1: a run-time failure)."""
-    from applications.bissl.cli import USER_ERRORS
+    """Entry point; returns the exit code (2: a user mistake, one line on stderr; 1: a run-time failure).
+
+    The BiSSL CLI's error convention (``applications.bissl.cli.run_command``): ``--debug`` re-raises
+    with the traceback.
+    """
+    from applications.bissl.cli import run_command
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = f"{parser.prog} {args.command}"
-    try:
-        return _run(args)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
-        text = f"{text}: {err.filename!r}"
-    return text
+    args.func = _run
+    return run_command(parser, args)
 
 
 def _check_device(cfg: UMMConfig) -> None:
