@@ -12,6 +12,7 @@ import torch
 
 from hypergrad.testing import LogisticProblem, QuadraticProblem, RidgeProblem
 
+from ._cli import parse_device
 from .demo import check_hypergradients, format_table, run_hpo, write_csv
 
 
@@ -42,12 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--ridge-lr", args.ridge_lr), ("--logistic-lr", args.logistic_lr)):
         if not (math.isfinite(value) and value > 0):
             parser.error(f"{flag} must be a finite number > 0, got {value}; pass e.g. 1.0")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a device; pass cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is visible on this machine; pass --device cpu")
+    parse_device(parser, args.device)
     if args.csv is not None:  # checked before the run, not after it
         folder = os.path.dirname(os.path.abspath(args.csv))
         if os.path.isdir(args.csv) or not os.path.isdir(folder):

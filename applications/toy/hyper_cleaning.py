@@ -44,6 +44,8 @@ from tqdm import tqdm
 
 import hypergrad
 
+from ._cli import parse_device
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -277,12 +279,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         value = getattr(args, name)
         if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
             p.error(f"--{name.replace('_', '-')} must be a finite number {low}, got {value}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device; pass cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA GPU is visible on this machine; pass --device cpu")
+    parse_device(p, args.device)
     return args
 
 
