@@ -23,7 +23,7 @@ from ..solvers import SolverError
 from ..tree import tree_norm
 from ._policy import mark_skipped
 from ._transaction import Snapshot
-from ._validate import check_loss, check_trainable, clear_batchnorm_errors
+from ._validate import check_loss, clear_batchnorm_errors
 
 LossFn = Callable[[nn.Module, nn.Module, Any], Tensor]
 
@@ -61,7 +61,6 @@ def inner(problem: Any, batch: Any, record: StepRecord) -> None:
     """One inner optimiser step on ``batch``; on a non-finite loss or gradient nothing is kept."""
     start = time.perf_counter()
     params = problem._inner_params
-    check_trainable("inner", params)
     snap = Snapshot(
         problem,
         BOOKKEEPING,
@@ -184,7 +183,6 @@ def _skip_outer(problem: Any, reason: str) -> None:
 def outer(problem: Any, record: StepRecord) -> None:
     """One outer optimiser (and scheduler) step with ``.grad``; skipped after a skipped hypergradient."""
     start = time.perf_counter()
-    check_trainable("outer", problem._outer_params)
     snap = Snapshot(problem, BOOKKEEPING, grads=problem._outer_params.values())
     try:
         if problem._pending_skip is not None:

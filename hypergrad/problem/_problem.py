@@ -196,7 +196,7 @@ class BilevelProblem(StateDict, Linearisation):
             See the class docstring (a loop of ``step`` calls tuning :math:`\\lambda`).
         """
         batches = check_inner_batches(inner_batches)
-        check_trainable("inner", self._inner_params)
+        check_trainable("inner", self._inner_params)  # here, not per phase: nothing runs before the refusal
         check_trainable("outer", self._outer_params)
         check_batch("outer_batch", outer_batch)
         check_batch("hessian_batch", hessian_batch)
@@ -232,6 +232,7 @@ class BilevelProblem(StateDict, Linearisation):
             and ``outer_step``).
         """
         check_batch("batch", batch)
+        check_trainable("inner", self._inner_params)
         record = StepRecord("inner")
         _phases.inner(self, batch, record)
         return self._emit(record)
@@ -308,6 +309,7 @@ class BilevelProblem(StateDict, Linearisation):
             )
         check_batch("outer_batch", outer_batch)
         check_batch("hessian_batch", hessian_batch)
+        check_trainable("outer", self._outer_params)  # before the hypergradient, not after it
         record = StepRecord("outer")
         if outer_batch is not None:
             _phases.hypergradient(self, outer_batch, hessian_batch, record, accumulate=False)
