@@ -169,3 +169,30 @@ def loss_grads(
 def fill_zeros(grads: dict[str, Tensor | None], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Replace ``None`` gradients (a tree the loss does not depend on) by zeros shaped like ``like``."""
     return {k: (g if g is not None else torch.zeros_like(like[k])) for k, g in grads.items()}
+
+
+def check_rtol(name: str, value: Any, *, owner: Optional[str] = None) -> float:
+    """A relative tolerance: a finite number in ``[0, 1)`` (0 disables it).
+
+    A relative tolerance of 1 or more is met by ``x = 0`` before any product
+    (:math:`\\|b - A\\,0\\| = \\|b\\|`), so such a solve would report success with a zero solution.
+    """
+    check_positive(name, value, allow_zero=True, owner=owner)
+    if value >= 1:
+        raise ValueError(
+            f"{_prefix(owner)}`{name}` must be in [0, 1), got {value!r}: a relative tolerance of 1 or more is met "
+            f"by x = 0 without a single product (||b - A 0|| = ||b||), so every solve would 'succeed' with a zero "
+            f"solution. Use e.g. {name}=1e-4 (or 0 to disable it)."
+        )
+    return float(value)
+
+
+def check_invertible(name: str, value: Any, *, owner: Optional[str] = None) -> float:
+    """A finite number ``> 0`` whose reciprocal is finite too (``1/value`` does not overflow)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or not math.isfinite(1.0 / value):
+        raise ValueError(
+            f"{_prefix(owner)}`{name}` must be a positive, finite number not so small that 1/{name} overflows "
+            f"(at least {1.0 / 1.7976931348623157e308:.3g}), got {value!r}; e.g. {name}=1e-3."
+        )
+    return float(value)

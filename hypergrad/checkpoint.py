@@ -215,7 +215,8 @@ def load_checkpoint(
             mismatch), of another ``kind``, from a newer format, or unverified with ``unverified="raise"``.
         TypeError: the file holds something other than a dict; ``weights_only`` is not a bool or
             ``map_location`` not a device, dict or callable.
-        ValueError: ``map_location`` names no device, a CUDA device this process lacks, or ``"meta"``.
+        ValueError: ``map_location`` names no device, a device this process lacks (CUDA, MPS, XPU, ...), or
+            ``"meta"``.
 
     Example:
         >>> import tempfile, os, torch, hypergrad
@@ -283,16 +284,25 @@ def _check_map_location(map_location: Any) -> None:
 
 
 def _check_device(device: torch.device) -> None:
-    """A device the tensors can be loaded onto and verified on (not ``meta``, an existing CUDA device)."""
+    """A device the tensors can be loaded onto and verified on: not ``meta``; ``cpu`` or an existing device of its
+    backend (CUDA, MPS, XPU, ...: ``torch.<type>.is_available()`` and the index below its ``device_count()``)."""
     if device.type == "meta":
         raise ValueError(
             "`map_location` 'meta' would load tensors without data, which cannot be verified against their "
             "checksums; load onto 'cpu' (or a GPU) and move the tensors afterwards."
         )
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    is_available = getattr(backend, "is_available", None)
+    available = bool(is_available()) if callable(is_available) else False
+    device_count = getattr(backend, "device_count", None)
+    count = int(device_count()) if available and callable(device_count) else (1 if available else 0)
+    if not available or (device.index or 0) >= count:
+        kind = device.type.upper() if device.type in ("cuda", "xpu", "mps", "hpu", "mtia") else repr(device.type)
         raise ValueError(
-            f"`map_location` {str(device)!r} names a CUDA device this process does not have "
-            f"(torch.cuda.device_count() = {torch.cuda.device_count()}); pass map_location='cpu' or an existing "
+            f"`map_location` {str(device)!r} names a {kind} device this process does not have "
+            f"(torch.{device.type}.device_count() = {count}); pass map_location='cpu' or an existing "
             "device. The checkpoint file itself was not read."
         )
 

@@ -34,6 +34,7 @@ from ._checks import (
     check_callable,
     check_choice,
     check_int,
+    check_invertible,
     check_positive,
     check_same_device,
     check_scalar_loss,
@@ -101,6 +102,33 @@ def _check_pair(
 def _check_x0(x0: TensorTree | None, params: dict) -> None:
     if x0 is not None:
         tree_check_like("x0", x0, params, "params")
+
+
+def _unreached_hparams(fn_name: str, fn: FixedPointMap, params: dict, hparams: dict, keys: list[str]) -> list[str]:
+    """The ``keys`` of ``hparams`` that one call ``fn(params, hparams)`` does not depend on (no autograd path)."""
+    if not keys:
+        return []
+    h = {k: v.detach().requires_grad_(k in keys) for k, v in hparams.items()}
+    with torch.enable_grad():
+        out = fn({k: v.detach() for k, v in params.items()}, h)
+        if not isinstance(out, dict):
+            raise TypeError(f"`{fn_name}` must return a dict of tensors keyed like `params`, got {type(out).__name__}.")
+        outs = [v for v in out.values() if isinstance(v, Tensor) and v.requires_grad]
+        if not outs:
+            return list(keys)
+        grads = torch.autograd.grad(
+            outs, [h[k] for k in keys], grad_outputs=[torch.ones_like(v) for v in outs], allow_unused=True
+        )
+    return [k for k, g in zip(keys, grads) if g is None]
+
+
+def _refuse_unreached(fn_name: str, unused: list[str]) -> None:
+    """The error :func:`implicit_grad` raises for hyper-parameters that reach neither function."""
+    if unused:
+        raise ValueError(
+            f"hparams {unused} affect neither `{fn_name}` nor `outer_loss`; their hypergradient "
+            "is identically zero. Remove them from `hparams` or use them in a loss."
+        )
 
 
 def implicit_grad(
@@ -256,7 +284,7 @@ def proximal_grad(
     tree_check_like("outer_grad", outer_grad, params, "params")
     outer_grad = check_tree("outer_grad", outer_grad)
     tree_check_like("outer_grad", outer_grad, params, "params", dtype=True)  # float, but the dtype of params?
-    lam = check_positive("lam", lam)
+    lam = check_invertible("lam", lam)
     solver = check_solver(solver)
     check_choice("hvp_mode", hvp_mode, HVP_MODES)
     policy = check_failure_policy(on_failure, throw)
@@ -322,6 +350,9 @@ def fixed_point_grad(
     policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
     gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
+    _refuse_unreached(
+        "phi", _unreached_hparams("phi", phi, params, hparams, [k for k, g in gF_lam.items() if g is None])
+    )
     operator = FixedPointOperator(phi, params, hparams, symmetric=symmetric)
     result = root_vjp(
         operator, solver, gF_theta, lambda v: dict(operator.hparam_vjp(v)), direct=fill_zeros(gF_lam, hparams), x0=x0
@@ -390,6 +421,11 @@ def unrolled_grad(
         return check_scalar_loss("outer_loss", outer_loss(th, lam)), th
 
     g, final = grad(run, has_aux=True)(hparams)
+    zero = [k for k, v in g.items() if not bool(v.any())]  # maybe unused: check for a path (no cost otherwise)
+    if zero:
+        _, _, gF_lam = loss_grads("outer_loss", outer_loss, final, hparams)
+        maybe = [k for k in zero if gF_lam[k] is None]
+        _refuse_unreached("inner_step", _unreached_hparams("inner_step", inner_step, params, hparams, maybe))
     return UnrolledResult(dict(g), {k: v.detach() for k, v in final.items()})
 
 

@@ -569,7 +569,7 @@ def test_budget_rtol_leaves_tolerance_statuses_alone() -> None:
     assert sol.status is Status.MAX_STEPS_REACHED and "budget_rtol" not in sol.stats
     neg = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=F64))
     assert (
-        CG(max_steps=5, budget_rtol=10.0)(lambda v: neg @ v, torch.ones(3, dtype=F64)).status
+        CG(max_steps=5, budget_rtol=0.99)(lambda v: neg @ v, torch.ones(3, dtype=F64)).status
         is Status.NEGATIVE_CURVATURE
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from applications.bissl.checkpoints import read_checkpoint
 from applications.bissl.models import Projector, build_backbone
 
 from .config import UMMConfig
@@ -132,21 +133,17 @@ def load_pretrained(path: str, cfg: UMMConfig, device: str | torch.device = "cpu
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not such a checkpoint, or was written for another architecture
+        ValueError: the file is not such a checkpoint, fails its checksums (corrupted or edited after
+            saving), or was written for another architecture
             (the message lists the differing fields or the first mismatching tensors).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"`checkpoint` {path!r} does not exist; run `python -m applications.umm pretrain` first."
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, not a torch file at all
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"`checkpoint` {path!r} is not a readable checkpoint (truncated, corrupted or not a torch file: "
-            f"{type(err).__name__}: {first}); pass a file written by `pretrain`."
-        ) from err
+    # hypergrad.load_checkpoint underneath: every tensor's checksum is verified, so a corrupted or
+    # edited-after-saving file is refused (ValueError naming the checksum) instead of loaded quietly.
+    ckpt = read_checkpoint(path, "`checkpoint`", "Pass a file written by `pretrain`.")
     if (
         not isinstance(ckpt, dict)
         or not isinstance(ckpt.get("backbone"), dict)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._assembly import proximal_assembly
-from .._checks import check_positive
+from .._checks import check_invertible
 from .._typing import TensorTree
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
@@ -71,8 +71,14 @@ class Proximal(_LinearSolveMethod):
     hessian_depends_on_outer = False
 
     def __post_init__(self) -> None:
-        check_positive("lam", self.lam, owner="Proximal")
-        if not isinstance(self.coupling, Mapping) or not self.coupling:
+        check_invertible("lam", self.lam, owner="Proximal")
+        if not isinstance(self.coupling, Mapping):
+            raise TypeError(
+                f"Proximal: `coupling` must be a dict {{inner_name: outer_name}}, got {type(self.coupling).__name__} "
+                f"{self.coupling!r}; e.g. coupling={{'backbone': 'backbone'}} (exact names or module prefixes) or "
+                "{'': ''} to couple all parameters by name."
+            )
+        if not self.coupling:
             raise ValueError(
                 f"Proximal: `coupling` must be a non-empty dict {{inner_name: outer_name}}, got {self.coupling!r}; "
                 "e.g. coupling={'backbone': 'backbone'} or {'': ''} to couple all parameters by name."

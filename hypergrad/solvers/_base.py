@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_positive
+from .._checks import check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_check_like, tree_norm, tree_sub, tree_zeros_like
 
@@ -269,7 +269,7 @@ class AbstractLinearSolver(abc.ABC):
     symmetric_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_positive("budget_rtol", self.budget_rtol, allow_zero=True, owner=type(self).__name__)
+        check_rtol("budget_rtol", self.budget_rtol, owner=type(self).__name__)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

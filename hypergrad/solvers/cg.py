@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_axpy, tree_vdot
 from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance, curvature_step_status
@@ -66,7 +66,7 @@ class CG(AbstractLinearSolver):
 
     def __post_init__(self) -> None:
         check_int("max_steps", self.max_steps, owner="CG")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="CG")
+        check_rtol("rtol", self.rtol, owner="CG")
         check_positive("atol", self.atol, allow_zero=True, owner="CG")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:

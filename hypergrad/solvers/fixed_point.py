@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution
 from ._richardson import richardson
@@ -50,7 +50,7 @@ class FixedPoint(AbstractLinearSolver):
 
     def __post_init__(self) -> None:
         check_int("max_steps", self.max_steps, owner="FixedPoint")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="FixedPoint")
+        check_rtol("rtol", self.rtol, owner="FixedPoint")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         return richardson(matvec, b, x0, alpha=1.0, max_steps=self.max_steps, rtol=self.rtol, atol=0.0)

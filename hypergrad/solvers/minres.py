@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_axpy, tree_scale, tree_vdot, tree_zeros_like
 from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance
@@ -64,7 +64,7 @@ class MINRES(AbstractLinearSolver):
 
     def __post_init__(self) -> None:
         check_int("max_steps", self.max_steps, owner="MINRES")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="MINRES")
+        check_rtol("rtol", self.rtol, owner="MINRES")
         check_positive("atol", self.atol, allow_zero=True, owner="MINRES")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution
 from ._richardson import richardson
@@ -56,7 +56,7 @@ class Neumann(AbstractLinearSolver):
         check_positive("alpha", self.alpha, allow_zero=True, owner="Neumann")
         if self.alpha == 0:
             raise ValueError("Neumann: `alpha` must be > 0, got 0. A typical choice is 1 / lambda_max(A).")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="Neumann")
+        check_rtol("rtol", self.rtol, owner="Neumann")
         check_positive("atol", self.atol, allow_zero=True, owner="Neumann")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:

@@ -8,7 +8,7 @@ from typing import Callable, cast
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution, Status, _tolerance, curvature_step_status
 from ._lanczos import flat_matvec, flattener
@@ -79,7 +79,7 @@ class PCG(AbstractLinearSolver):
                 f"or hypergrad.HutchinsonDiagonal(), got {type(self.preconditioner).__name__}."
             )
         check_int("max_steps", self.max_steps, owner="PCG")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="PCG")
+        check_rtol("rtol", self.rtol, owner="PCG")
         check_positive("atol", self.atol, allow_zero=True, owner="PCG")
 
     def reset(self) -> None:

@@ -8,7 +8,7 @@ from typing import Optional, cast
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ._base import AbstractLinearSolver, Solution, Status, _tolerance
 from ._lanczos import (
@@ -110,7 +110,7 @@ class RecycledLanczos(AbstractLinearSolver):
     def __post_init__(self) -> None:
         check_int("basis_size", self.basis_size, owner="RecycledLanczos")
         check_int("max_steps", self.max_steps, owner="RecycledLanczos")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="RecycledLanczos")
+        check_rtol("rtol", self.rtol, owner="RecycledLanczos")
         check_positive("atol", self.atol, allow_zero=True, owner="RecycledLanczos")
         check_positive("ritz_tol", self.ritz_tol, allow_zero=True, owner="RecycledLanczos")
         if not isinstance(self.carry, bool):

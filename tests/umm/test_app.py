@@ -13,6 +13,7 @@ from applications.umm.config import METHODS, UMMConfig, get_preset
 from applications.umm.diagnose import METRICS, resolve_checkpoints
 from applications.umm.model import TAPS, load_pretrained, split_backbone
 from applications.umm.probes import knn_accuracy, linear_probe
+from hypergrad import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +63,29 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_run: str) -> None:
     path = resolve_checkpoints([os.path.join(tiny_run, "pretrain")])[-1]
     with pytest.raises(ValueError, match=r"`checkpoint`.*another architecture.*width: 4 \(file\) vs 8"):
         load_pretrained(path, get_preset("tiny").replace(width=8))
-    state = torch.load(path, weights_only=True)
+    state = load_checkpoint(path)
     del state["model"], state["config"]  # no recorded architecture: the state-dict shapes decide
     other = os.path.join(tiny_run, "bare.pt")
-    torch.save(state, other)
+    save_checkpoint(state, other)  # the proper save path: valid checksums, so the architecture check fires
     with pytest.raises(ValueError, match=r"`checkpoint`.*does not fit"):
         load_pretrained(other, get_preset("tiny").replace(proj_dims=8))
     with pytest.raises(FileNotFoundError, match="`checkpoint`"):
         load_pretrained(os.path.join(tiny_run, "missing.pt"), get_preset("tiny"))
-    torch.save({"weights": torch.zeros(1)}, other)
+    save_checkpoint({"weights": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="no 'backbone'"):
         load_pretrained(other, get_preset("tiny"))
+
+
+def test_checkpoint_edited_after_saving_is_refused(tiny_run: str) -> None:
+    """A pretraining checkpoint whose weights changed after saving fails its checksum and is never loaded."""
+    path = resolve_checkpoints([os.path.join(tiny_run, "pretrain")])[-1]
+    raw = torch.load(path, weights_only=True)  # bypasses the verification: an edit on disk
+    key = next(iter(raw["backbone"]))
+    raw["backbone"][key] = raw["backbone"][key] + 1.0
+    edited = os.path.join(tiny_run, "edited.pt")
+    torch.save(raw, edited)
+    with pytest.raises(ValueError, match=r"`checkpoint`.*edited\.pt.*(checksum|corrupted)"):
+        load_pretrained(edited, get_preset("tiny"))
 
 
 def test_pretrain_resume_refuses_other_settings(tiny_run: str) -> None:
