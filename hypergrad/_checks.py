@@ -189,10 +189,10 @@ def check_rtol(name: str, value: Any, *, owner: Optional[str] = None) -> float:
 
 def check_invertible(name: str, value: Any, *, owner: Optional[str] = None) -> float:
     """A finite number ``> 0`` whose reciprocal is finite too (``1/value`` does not overflow)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok or not math.isfinite(1.0 / value):
+    value = check_positive(name, value, owner=owner)
+    if not math.isfinite(1.0 / value):
         raise ValueError(
-            f"{_prefix(owner)}`{name}` must be a positive, finite number not so small that 1/{name} overflows "
+            f"{_prefix(owner)}`{name}` must be a finite number > 0 and not so small that 1/{name} overflows "
             f"(at least {1.0 / 1.7976931348623157e308:.3g}), got {value!r}; e.g. {name}=1e-3."
         )
-    return float(value)
+    return value

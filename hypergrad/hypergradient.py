@@ -350,10 +350,10 @@ def fixed_point_grad(
     policy = check_failure_policy(on_failure, throw)
     _check_x0(x0, params)
     gF_theta, gF_lam = _outer_grads(outer_loss, params, hparams)
+    operator = FixedPointOperator(phi, params, hparams, symmetric=symmetric)
     _refuse_unreached(
         "phi", _unreached_hparams("phi", phi, params, hparams, [k for k, g in gF_lam.items() if g is None])
     )
-    operator = FixedPointOperator(phi, params, hparams, symmetric=symmetric)
     result = root_vjp(
         operator, solver, gF_theta, lambda v: dict(operator.hparam_vjp(v)), direct=fill_zeros(gF_lam, hparams), x0=x0
     )

@@ -114,15 +114,17 @@ def test_proximal_coupling_of_another_type_is_a_type_error(coupling: Any) -> Non
         hypergrad.Proximal(coupling={})
 
 
-@pytest.mark.parametrize("lam", [1e-320, 5e-324, 0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("lam", [1e-320, 5e-324])
 def test_proximal_lam_whose_inverse_overflows_is_refused_naming_lam(lam: float) -> None:
     inner = lambda p: 0.5 * (p["w"] ** 2).sum()
     w = {"w": torch.zeros(2, dtype=F64)}
-    with pytest.raises(ValueError, match=rf"^`lam` must be a positive, finite number .*1/lam overflows.*got "
+    with pytest.raises(ValueError, match=rf"^`lam` must be a finite number > 0 and not so small that 1/lam overflows.*got "
                        rf"{re.escape(repr(lam))}") as info:  # fmt: skip
         hypergrad.proximal_grad(inner, w, {"w": torch.ones(2, dtype=F64)}, lam=lam, solver=hypergrad.Dense())
     assert "scale" not in str(info.value) and "Damped" not in str(info.value)
-    with pytest.raises(ValueError, match=r"^Proximal: `lam` must be a positive, finite number .*1/lam overflows"):
+    with pytest.raises(
+        ValueError, match=r"^Proximal: `lam` must be a finite number > 0 and not so small that 1/lam overflows"
+    ):
         hypergrad.Proximal(lam=lam, coupling={"": ""})
 
 
