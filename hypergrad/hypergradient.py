@@ -331,6 +331,10 @@ def fixed_point_grad(
     Returns:
         :class:`HypergradResult` ``(grad, solution)``; ``grad`` is keyed like ``hparams``.
 
+    Raises:
+        ValueError: a key of ``hparams`` reaches neither ``phi`` nor ``outer_loss`` (its hypergradient
+            would be a silent zero), as in :func:`implicit_grad`.
+
     Example:
         >>> import torch, hypergrad
         >>> # phi = w - 0.5 (w - lam): fixed point w* = lam;  F = 1/2 w^2 -> dF/dlam = lam
@@ -391,6 +395,11 @@ def unrolled_grad(
 
     Returns:
         :class:`UnrolledResult` ``(grad, params)`` with the hypergradient and :math:`\theta_K`.
+
+    Raises:
+        ValueError: a key of ``hparams`` reaches neither ``inner_step`` nor ``outer_loss`` (its
+            hypergradient would be a silent zero), as in :func:`implicit_grad`. Checked only for keys
+            whose gradient is exactly zero (one extra ``inner_step`` and ``outer_loss`` call then).
 
     Example:
         >>> import torch, hypergrad
