@@ -430,7 +430,8 @@ def unrolled_grad(
         return check_scalar_loss("outer_loss", outer_loss(th, lam)), th
 
     g, final = grad(run, has_aux=True)(hparams)
-    zero = [k for k, v in g.items() if not bool(v.any())]  # maybe unused: check for a path (no cost otherwise)
+    nonzero = torch.stack([v.any() for v in g.values()]).tolist()  # one host sync
+    zero = [k for k, nz in zip(g, nonzero) if not nz]  # maybe unused: check for a path (no cost otherwise)
     if zero:
         _, _, gF_lam = loss_grads("outer_loss", outer_loss, final, hparams)
         maybe = [k for k in zero if gF_lam[k] is None]
