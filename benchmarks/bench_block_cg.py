@@ -113,10 +113,9 @@ def test_block_cg(benchmark) -> None:
     benchmark.extra_info.update(kind="block_cg", rows=table)
     for row in table.values():
         assert row["status"] == "success" and row["max_rel_err"] < 100 * RTOL, row
-    assert (
-        table["block_cg"]["hvps"] == table["block_cg_looped"]["hvps"]
-        or abs(table["block_cg"]["hvps"] - table["block_cg_looped"]["hvps"]) <= 8
-    )
+    # the same iteration with batched or looped products: the same counts up to a rounding-level rank decision
+    assert abs(table["block_cg"]["hvps"] - table["block_cg_looped"]["hvps"]) <= 8
+    assert table["block_cg"]["hvps"] < table["cg_cold"]["hvps"]
 
 
 def main(argv: list[str] | None = None) -> int:
