@@ -207,6 +207,7 @@ def test_max_steps_fixed_budget_and_budget_rtol_per_column() -> None:
         ({"max_steps": 0}, r"BlockCG: `max_steps` must be an integer >= 1, got 0"),
         ({"max_steps": 2.5}, r"`max_steps` must be an integer >= 1, got 2.5 \(a float\? pass an int\)"),
         ({"rtol": -1.0}, r"BlockCG: `rtol` must be a finite number >= 0, got -1.0"),
+        ({"rtol": 1.0}, r"BlockCG: `rtol` must be in \[0, 1\), got 1.0: .*met by x = 0 without a single product"),
         ({"atol": float("nan")}, r"BlockCG: `atol` must be a finite number >= 0, got nan"),
     ],
 )
