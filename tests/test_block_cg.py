@@ -187,9 +187,11 @@ def test_max_steps_fixed_budget_and_budget_rtol_per_column() -> None:
     assert short.status is Status.MAX_STEPS_REACHED and short.num_steps == 2 and short.num_matvecs == 2 * s
     with pytest.raises(SolverError, match=r"'max_steps_reached' after 2 steps.*Try increasing `max_steps`"):
         short.raise_if_failed(BlockCG())
+    a = spd(n, torch.logspace(0, 1, n, dtype=F64), seed=14)  # condition 10: a fixed budget gets somewhere
     budget = BlockCG(max_steps=3).solve_block(lambda v: v @ a, b)
     assert budget.status is Status.FIXED_BUDGET and budget.num_steps == 3 and budget.num_matvecs == 3 * s
     true_rel = [float((b[j] - a @ budget.x[j]).norm() / b[j].norm()) for j in range(s)]
+    assert 1e-6 < max(true_rel) < 0.4  # budget_rtol must be < 1
     loose = BlockCG(max_steps=3, budget_rtol=2 * max(true_rel)).solve_block(lambda v: v @ a, b)
     tight = BlockCG(max_steps=3, budget_rtol=0.5 * max(true_rel)).solve_block(lambda v: v @ a, b)
     assert loose.status is Status.SUCCESS and tight.status is Status.MAX_STEPS_REACHED
