@@ -215,7 +215,12 @@ class SmallCNNSystem:
             return {k: t.reshape(self.params[k].shape) for k, t in zip(keys, torch.split(e, sizes))}
 
         eye = torch.eye(sum(sizes), dtype=torch.float64)
-        cols = [torch.cat([op(unflat(e))[k].reshape(-1) for k in keys]) for e in eye]
+
+        def column(e: torch.Tensor) -> torch.Tensor:  # one HVP per column (not one per key)
+            out = op(unflat(e))
+            return torch.cat([out[k].reshape(-1) for k in keys])
+
+        cols = [column(e) for e in eye]
         A = torch.stack(cols, dim=1)
         return 0.5 * (A + A.T)
 

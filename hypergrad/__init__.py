@@ -40,6 +40,8 @@ from .hypergradient import fixed_point_grad as fixed_point_grad
 from .hypergradient import implicit_grad as implicit_grad
 from .hypergradient import proximal_grad as proximal_grad
 from .hypergradient import unrolled_grad as unrolled_grad
+from .inverse_hvp import InverseHVPResult as InverseHVPResult
+from .inverse_hvp import inverse_hvp as inverse_hvp
 from .level import Level as Level
 from .linearized import LinearizedHessian as LinearizedHessian
 from .methods import AbstractHypergradMethod as AbstractHypergradMethod
@@ -119,6 +121,8 @@ __all__ = [
     "ImplicitFunction",
     "HypergradResult",
     "UnrolledResult",
+    "inverse_hvp",
+    "InverseHVPResult",
     # operators
     "HVP_MODES",
     "LinearOperator",

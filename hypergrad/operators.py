@@ -152,10 +152,81 @@ class LinearOperator(abc.ABC):
             :math:`A v`, shaped like ``v``, detached from any autograd graph.
         """
 
+    def matmat(self, V: TreeOrTensor) -> TreeOrTensor:
+        r"""Return :math:`A V` for a block of vectors: :math:`[A v_1, \dots, A v_s]`.
+
+        The default applies :meth:`matvec` to each column and stacks the results (correct for every
+        operator, ``s`` products); :class:`HessianOperator` overrides it with one batched product,
+        :class:`Damped` and :class:`Mapped` pass it through. A block of ``s`` columns counts as
+        ``s`` matvecs (HVPs) wherever products are counted (:class:`~hypergrad.BlockCG`).
+
+        Args:
+            V: a tree (or tensor) whose every leaf carries a leading block dimension ``s``:
+                ``V[k][j]`` is leaf ``k`` of column ``j``.
+
+        Returns:
+            :math:`A V`, shaped like ``V``.
+
+        Example:
+            >>> import torch
+            >>> from hypergrad import Damped
+            >>> Damped(lambda v: 2 * v, 1.0).matmat(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+            tensor([[3., 0.],
+                    [0., 3.]])
+        """
+        return _loop_matmat(self.matvec, V)
+
 
 def operator_tags(operator: Any) -> tuple[Optional[bool], Optional[bool]]:
     """``(symmetric, positive_definite)`` of any matvec: its tags, or ``(None, None)`` for a plain callable."""
     return getattr(operator, "symmetric", None), getattr(operator, "positive_definite", None)
+
+
+def _block_size(V: Any, *, owner: str) -> int:
+    """The common leading (block) dimension of the leaves of ``V`` (>= 1)."""
+    leaves = [V] if isinstance(V, Tensor) else list(V.values()) if isinstance(V, Mapping) else None
+    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+        raise TypeError(f"{owner}: `V` must be a tensor or a non-empty dict of tensors, got {type(V).__name__}.")
+    dims = {t.shape[0] if t.dim() > 0 else None for t in leaves}
+    if None in dims or len(dims) != 1 or 0 in dims:
+        shapes = [tuple(t.shape) for t in leaves]
+        raise ValueError(
+            f"{owner}: every leaf of `V` needs the same leading block dimension s >= 1 (one row per column), "
+            f"got shapes {shapes}; stack the columns along dim 0 (torch.stack)."
+        )
+    return int(next(iter(dims)))  # type: ignore[arg-type]
+
+
+def _column(V: Any, j: int) -> Any:
+    return V[j] if isinstance(V, Tensor) else {k: t[j] for k, t in V.items()}
+
+
+def _stack_columns(cols: Sequence[Any]) -> Any:
+    if isinstance(cols[0], Tensor):
+        return torch.stack(list(cols))
+    return {k: torch.stack([c[k] for c in cols]) for k in cols[0]}
+
+
+def _loop_matmat(matvec: Callable[[Any], Any], V: Any, *, owner: str = "matmat") -> Any:
+    """``A V`` column by column: one ``matvec`` per column, stacked along dim 0."""
+    s = _block_size(V, owner=owner)
+    return _stack_columns([matvec(_column(V, j)) for j in range(s)])
+
+
+def _block_product(operator: Callable[[Any], Any], V: Any) -> Any:
+    """``operator.matmat(V)`` when it has one (an operator), else one call per column (a plain callable)."""
+    matmat = getattr(operator, "matmat", None)
+    return matmat(V) if callable(matmat) else _loop_matmat(operator, V)
+
+
+def _check_block_direction(V: Any, params: TensorTree, *, owner: str) -> int:
+    """``V`` is a block of directions: keys of ``params``, leaves ``(s, *shape)``; returns ``s``."""
+    if isinstance(V, Tensor) or not isinstance(V, Mapping):
+        got = "a single Tensor" if isinstance(V, Tensor) else type(V).__name__
+        raise TypeError(f"{owner}: `V` must be a dict of tensors keyed like `params`, got {got}.")
+    s = _block_size(V, owner=owner) if len(V) else 0
+    _check_direction("V[0]" if s else "V", _column(V, 0) if s else V, params, owner=owner)
+    return s
 
 
 def _check_direction(name: str, v: Any, params: TensorTree, *, owner: str) -> None:
@@ -385,6 +456,89 @@ class HessianOperator(LinearOperator):
             _check_scalar_output(self.fn, (self.params,), owner="HessianOperator", err=err)
             raise
 
+    def matmat(self, V: TreeOrTensor) -> TreeOrTensor:
+        r"""Return :math:`H V` for a block of directions, batched where the mode allows.
+
+        * ``"rev_rev_cached"`` (and ``"auto"`` resolved to it): ONE double backward through the
+          cached graph with ``torch.autograd.grad(..., is_grads_batched=True)`` (the backward is
+          vectorised by ``vmap``); ``"rev_rev"``: one forward and first backward, then the same
+          batched double backward;
+        * ``"fwd_rev"`` and ``"fwd_rev_linearized"``: ``torch.func.vmap`` of the product over the
+          block;
+        * ``"finite_diff"``: column by column.
+
+        When the batched product raises (an op without a batching rule that cannot fall back, a
+        ``torch.func`` transform refusing plain autograd, running out of memory for the block),
+        the operator switches, once and for good, to one :meth:`matvec` per column: the same
+        products, so the same result; :attr:`matmat_batched` then reads ``False`` and the reason is
+        logged on the ``hypergrad`` logger (INFO). An ``"auto"`` operator is resolved by its
+        first column.
+
+        Args:
+            V: a dict keyed like ``params`` whose leaves are shaped ``(s, *params[k].shape)``.
+
+        Returns:
+            :math:`H V`, detached, shaped like ``V``.
+
+        Raises:
+            TypeError / ValueError: ``V`` is not such a block (the message names the leaf).
+
+        Example:
+            >>> import torch
+            >>> from hypergrad import HessianOperator
+            >>> H = HessianOperator(lambda p: (p["w"] ** 3).sum(), {"w": torch.tensor([1.0, 2.0])})
+            >>> H.matmat({"w": torch.eye(2)})["w"]  # 6 w on the diagonal
+            tensor([[ 6.,  0.],
+                    [ 0., 12.]])
+            >>> H.matmat_batched
+            True
+        """
+        s = _check_block_direction(V, self.params, owner="HessianOperator.matmat")
+        if self._resolved is None:  # "auto": the first column resolves the mode
+            first = self.matvec(_column(V, 0))
+            if s == 1:
+                return _stack_columns([first])
+            rest = self.matmat({k: t[1:] for k, t in V.items()})  # type: ignore[union-attr]
+            return {k: torch.cat([first[k].unsqueeze(0), rest[k]]) for k in first}  # type: ignore[index]
+        if self.matmat_batched is not False and self._resolved != "finite_diff":
+            try:
+                out = self._batched_products(V)
+            except (RuntimeError, NotImplementedError) as err:
+                self.matmat_batched = False
+                _log.info(
+                    "HessianOperator(mode=%r).matmat: the batched product failed (%s: %s); one product per "
+                    "column from now on",
+                    self._resolved,
+                    type(err).__name__,
+                    str(err)[:200],
+                )
+            else:
+                if out is not None:
+                    self.matmat_batched = True
+                    return _detach(out)
+        return _loop_matmat(self.matvec, V, owner="HessianOperator.matmat")
+
+    #: ``None`` before the first block product; ``True`` when products are batched, ``False`` after
+    #: a fallback to one product per column (read-only; set once).
+    matmat_batched: Optional[bool] = None
+
+    def _batched_products(self, V: Any) -> Any:
+        """``H V`` in one batched call, or ``None`` when this mode has no batched form."""
+        mode = self._resolved
+        with second_order():
+            if mode == "rev_rev_cached":
+                block = getattr(self._apply, "block", None)
+                return None if block is None else block(V)
+            if mode == "rev_rev":
+                block = getattr(_reverse_graph(self.fn, self.params, retain=False)[1], "block", None)
+                return None if block is None else block(V)
+            if mode == "fwd_rev":
+                fn, params = self.fn, self.params
+                return torch.func.vmap(lambda v: jvp(grad(fn), (params,), (v,))[1])(V)
+            if mode == "fwd_rev_linearized" and self._apply is not None:
+                return torch.func.vmap(self._apply)(V)
+        return None
+
     def _resolve_auto(self, v: TreeOrTensor) -> TreeOrTensor:
         """``"auto"``: the cached reverse graph if it fits in memory and works, else ``"fwd_rev"``; returns ``H v``."""
         device = next(iter(self.params.values())).device
@@ -493,6 +647,22 @@ def _reverse_graph(
             hv = list(out)
         return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
 
+    def block(v: Any) -> dict:  # the same double backward for a block (leaves (s, *shape)), one batched call
+        hv: list[Any] = [None] * len(keys)
+        if live:
+            with torch.enable_grad():
+                out = torch.autograd.grad(
+                    [cast(Tensor, grads[i]) for i in live],
+                    leaves,
+                    grad_outputs=[v[keys[i]] for i in live],
+                    retain_graph=retain,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            hv = list(out)
+        return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
+
+    apply.block = block  # type: ignore[attr-defined]
     return value, apply
 
 
@@ -694,6 +864,20 @@ class Damped(LinearOperator):
             av = tree_scale(av, self.scale)
         return tree_axpy(self.mu, v, av) if self.mu != 0.0 else av
 
+    def matmat(self, V: TreeOrTensor) -> TreeOrTensor:
+        """:math:`(sA + \\mu I) V` with the wrapped operator's own ``matmat`` (batched if it is).
+
+        Args:
+            V: a block (leaves with a leading block dimension).
+
+        Returns:
+            The block of products, shaped like ``V``.
+        """
+        av = _block_product(self.operator, V)
+        if self.scale != 1.0:
+            av = tree_scale(av, self.scale)
+        return tree_axpy(self.mu, V, av) if self.mu != 0.0 else av
+
 
 class Mapped(LinearOperator):
     r"""An operator followed by a linear map of its output, keeping the tags: :math:`v \mapsto R(A v)`.
@@ -722,6 +906,17 @@ class Mapped(LinearOperator):
 
     def matvec(self, v: TreeOrTensor) -> TreeOrTensor:
         return self.post(self.operator(v))
+
+    def matmat(self, V: TreeOrTensor) -> TreeOrTensor:
+        """:math:`R(A V)`: the wrapped operator's ``matmat``, then ``post`` column by column (it is linear on trees).
+
+        Args:
+            V: a block (leaves with a leading block dimension).
+
+        Returns:
+            The block of products, shaped like ``V``.
+        """
+        return _loop_matmat(self.post, _block_product(self.operator, V))
 
 
 class FixedPointOperator(LinearOperator):

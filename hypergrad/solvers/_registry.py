@@ -177,6 +177,7 @@ _REGISTRY: tuple[SolverSpec, ...] = (
     SolverSpec("MINRES", "minres", _tags("symmetric_only", "iterative", "indefinite")),
     SolverSpec("PCG", "pcg", _tags("symmetric_only", "iterative"), _pcg),
     SolverSpec("RecycledLanczos", "recycled", _tags("symmetric_only", "iterative"), _recycled),
+    SolverSpec("BlockCG", "block_cg", _tags("symmetric_only", "iterative")),
 )
 
 
