@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_positive
+from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_check_like
 from ._base import AbstractLinearSolver, Solution, Status, _check_rhs
@@ -124,13 +124,7 @@ class BlockCG(AbstractLinearSolver):
 
     def __post_init__(self) -> None:
         check_int("max_steps", self.max_steps, owner="BlockCG")
-        check_positive("rtol", self.rtol, allow_zero=True, owner="BlockCG")
-        if self.rtol >= 1:  # the rule of the other solvers' tolerances (``_checks.check_rtol`` on main)
-            raise ValueError(
-                f"BlockCG: `rtol` must be in [0, 1), got {self.rtol!r}: a relative tolerance of 1 or more is met "
-                "by x = 0 without a single product (||b - A 0|| = ||b||), so every solve would 'succeed' with a zero "
-                "solution. Use e.g. rtol=1e-4 (or 0 to disable it)."
-            )
+        check_rtol("rtol", self.rtol, owner="BlockCG")
         check_positive("atol", self.atol, allow_zero=True, owner="BlockCG")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
