@@ -118,6 +118,61 @@ def test_block_cg(benchmark) -> None:
     assert table["block_cg"]["hvps"] < table["cg_cold"]["hvps"]
 
 
+def measure_products(preset: str, device: str, columns: int, reps: int) -> dict[str, dict]:
+    """One block of ``columns`` products on the BiSSL ResNet-18 system: batched vs one by one.
+
+    The operator is ``HessianOperator(mode="rev_rev_cached")`` of the SimCLR pretext loss of
+    ``bench_bissl_step``'s case (float32), built once and kept (its graph is not counted in the
+    products' peak); the block is ``columns`` random directions. Rows: ``matmat`` (one batched double
+    backward), ``matmat, chunks of c`` (``inverse_hvp(chunk_size=c)``'s products) and ``matvec x s``
+    (one double backward per column); time: median of ``reps``
+    round-robin repetitions (device-synchronised); peak: the products' own peak allocation
+    (``measure.peak_memory_bytes``); ``max rel diff``: of any row's block against the looped one.
+    """
+    from benchmarks.bench_bissl_step import _hvp_case
+    from benchmarks.measure import peak_memory_bytes, synced
+
+    ssl, x1, x2, _ = _hvp_case(preset, device)
+    f = hypergrad.stateless(ssl)
+    bb = {k: p.detach() for k, p in ssl.backbone.named_parameters()}
+    op = hypergrad.HessianOperator(
+        lambda p: f({"backbone." + k: t for k, t in p.items()}, x1, x2), bb, mode="rev_rev_cached"
+    )
+    gen = torch.Generator(device=device).manual_seed(0)
+    V = {k: torch.randn((columns, *t.shape), generator=gen, device=device, dtype=t.dtype) for k, t in bb.items()}
+    op({k: t[0] for k, t in V.items()})  # builds the cached graph once, outside every measurement
+
+    def looped() -> dict:
+        return _stack([op({k: t[j] for k, t in V.items()}) for j in range(columns)])
+
+    def chunks(c: int) -> Callable[[], dict]:  # what inverse_hvp(chunk_size=c) asks of the operator
+        def run() -> dict:
+            parts = [op.matmat({k: t[i : i + c] for k, t in V.items()}) for i in range(0, columns, c)]
+            return {k: torch.cat([p[k] for p in parts]) for k in V}
+
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {"matmat (batched)": lambda: op.matmat(V)}
+    fns.update({f"matmat, chunks of {c}": chunks(c) for c in (4, 2) if c < columns})
+    fns[f"matvec x {columns}"] = looped
+    out_blocks = {name: fn() for name, fn in fns.items()}
+    b = out_blocks[f"matvec x {columns}"]
+    diff = max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for a in out_blocks.values() for k in b)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            run = synced(fn, device)
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    table = {}
+    for name, fn in fns.items():
+        t = sorted(times[name])[len(times[name]) // 2]
+        table[name] = dict(time_s=t, peak_mb=peak_memory_bytes(fn, device) / 2**20, batched=op.matmat_batched)
+    table["max_rel_diff"] = {"value": diff}
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -125,8 +180,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--damping", type=float, nargs="+", default=[6.0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--products",
+        choices=("tiny", "small", "full"),
+        help="only the batched vs one-by-one products on the BiSSL ResNet-18 system of this preset (time, memory)",
+    )
+    ap.add_argument("--columns", type=int, default=8, help="--products: block size s")
+    ap.add_argument("--device", default="cpu", help="--products: device")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.products:
+        table = measure_products(args.products, args.device, args.columns, args.reps)
+        diff = table.pop("max_rel_diff")["value"]
+        print(
+            f"BiSSL ResNet-18 system ({args.products} preset, float32, {args.device}), HessianOperator[rev_rev_cached], "
+            f"one block of {args.columns} products, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+            f"median of {args.reps}; max rel diff batched vs looped {diff:.1e}"
+        )
+        loop = table[f"matvec x {args.columns}"]
+        print(f"{'row':<22}{'time s':>9}{'x faster':>10}{'peak MB':>9}{'x memory':>10}")
+        for name, r in table.items():
+            print(
+                f"{name:<22}{r['time_s']:>9.3f}{loop['time_s'] / r['time_s']:>10.2f}{r['peak_mb']:>9.1f}"
+                f"{r['peak_mb'] / loop['peak_mb']:>10.2f}"
+            )
+        print(f"batched: {table['matmat (batched)']['batched']}")
+        return 0
     print(
         f"small CNN (float64, 1454 params), (I + H/lam) X = B, N_U=8 right-hand sides at once, rtol={RTOL} per "
         f"column, torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.reps} reps"

@@ -441,3 +441,31 @@ def test_inverse_hvp_failure_policy_and_errors() -> None:
         hypergrad.inverse_hvp(fn, params, V, solver=BlockCG)
     with pytest.raises(ValueError, match=r"`on_failure` must be one of"):
         hypergrad.inverse_hvp(fn, params, V, on_failure="ignore")
+
+
+def test_inverse_hvp_chunk_size_gives_the_same_solution_in_smaller_batches(monkeypatch) -> None:
+    fn, params = _bn_conv_case()
+    V = _block(params, 5, seed=7)
+    solver = BlockCG(max_steps=200, rtol=1e-11)
+    Hd, _ = dense_hessian(fn, params)
+    damping = max(0.5, 0.5 - float(torch.linalg.eigvalsh(Hd)[0]))  # the BN net's Hessian is indefinite
+    whole = hypergrad.inverse_hvp(
+        fn, params, V, damping=damping, solver=solver, on_failure="raise", hvp_mode="rev_rev_cached"
+    )
+    widths: list[int] = []
+    matmat = hypergrad.HessianOperator.matmat
+
+    def spy(self, block):
+        widths.append(next(iter(block.values())).shape[0])
+        return matmat(self, block)
+
+    monkeypatch.setattr(hypergrad.HessianOperator, "matmat", spy)
+    chunked = hypergrad.inverse_hvp(
+        fn, params, V, damping=damping, solver=solver, on_failure="raise", hvp_mode="rev_rev_cached", chunk_size=2
+    )
+    assert widths and max(widths) <= 2
+    assert sum(widths) == chunked.solution.num_matvecs == whole.solution.num_matvecs
+    for k in params:
+        torch.testing.assert_close(chunked.x[k], whole.x[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"inverse_hvp: `chunk_size` must be an integer >= 1, got 0"):
+        hypergrad.inverse_hvp(fn, params, V, chunk_size=0)
