@@ -61,6 +61,7 @@ few times slower than the fused kernels. First-order passes (losses, gradients, 
 from __future__ import annotations
 
 import abc
+import functools
 import gc
 import logging
 import warnings
@@ -633,7 +634,7 @@ def _reverse_graph(
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
 
-    def apply(v: Any) -> dict:
+    def apply(v: Any, batched: bool = False) -> dict:  # batched: a block (leaves (s, *shape)), one batched call
         hv: list[Any] = [None] * len(keys)
         if live:
             with torch.enable_grad():
@@ -643,26 +644,12 @@ def _reverse_graph(
                     grad_outputs=[v[keys[i]] for i in live],
                     retain_graph=retain,
                     allow_unused=True,
+                    is_grads_batched=batched,
                 )
             hv = list(out)
         return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
 
-    def block(v: Any) -> dict:  # the same double backward for a block (leaves (s, *shape)), one batched call
-        hv: list[Any] = [None] * len(keys)
-        if live:
-            with torch.enable_grad():
-                out = torch.autograd.grad(
-                    [cast(Tensor, grads[i]) for i in live],
-                    leaves,
-                    grad_outputs=[v[keys[i]] for i in live],
-                    retain_graph=retain,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            hv = list(out)
-        return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
-
-    apply.block = block  # type: ignore[attr-defined]
+    apply.block = functools.partial(apply, batched=True)  # type: ignore[attr-defined]
     return value, apply
 
 

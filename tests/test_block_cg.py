@@ -469,3 +469,12 @@ def test_inverse_hvp_chunk_size_gives_the_same_solution_in_smaller_batches(monke
         torch.testing.assert_close(chunked.x[k], whole.x[k], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"inverse_hvp: `chunk_size` must be an integer >= 1, got 0"):
         hypergrad.inverse_hvp(fn, params, V, chunk_size=0)
+
+
+def test_solve_block_refuses_a_matmat_whose_output_is_not_shaped_like_its_input() -> None:
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=F64))
+    B = torch.ones(2, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"BlockCG: .*matmat\(V\).*shape.*V @ M\.T"):
+        BlockCG(max_steps=3).solve_block(lambda V: A @ V.T, B)  # (3, 2): the matrix applied the wrong way round
+    with pytest.raises(TypeError, match=r"BlockCG: `matmat` must return a Tensor like `V`, got list"):
+        BlockCG(max_steps=3).solve_block(lambda V: [V], B)

@@ -374,15 +374,21 @@ class _CheckedMatVec:
         return getattr(self.wrapped, name)
 
 
-def _check_matvec_output(owner: str, out: object, b: TreeOrTensor) -> None:
-    hint = (
-        " A linear map v -> A v must return a vector with the keys, shapes, dtype and device of v "
-        "(here: of `b`); check the operator, e.g. a matrix of the wrong size or a forgotten key."
-    )
+_MATVEC_HINT = (
+    " A linear map v -> A v must return a vector with the keys, shapes, dtype and device of v "
+    "(here: of `b`); check the operator, e.g. a matrix of the wrong size or a forgotten key."
+)
+
+
+def _check_matvec_output(
+    owner: str, out: object, b: TreeOrTensor, *, fn: str = "matvec", arg: str = "v", like: str = "b", hint: str = ""
+) -> None:
+    """``out = fn(arg)`` is a tree with the keys, shapes, dtypes and device of ``like`` (metadata only)."""
+    hint = hint or _MATVEC_HINT
     if isinstance(b, Tensor) and not isinstance(out, Tensor):
-        raise TypeError(f"{owner}: `matvec` must return a Tensor like `b`, got {type(out).__name__}.{hint}")
+        raise TypeError(f"{owner}: `{fn}` must return a Tensor like `{like}`, got {type(out).__name__}.{hint}")
     try:
-        tree_check_like("matvec(v)", out, b, "b", dtype=True, device=True, owner=owner)
+        tree_check_like(f"{fn}({arg})", out, b, like, dtype=True, device=True, owner=owner)
     except TypeError as err:
         raise TypeError(f"{err}{hint}") from None
     except ValueError as err:

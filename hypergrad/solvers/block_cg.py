@@ -13,7 +13,7 @@ from torch import Tensor
 from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_check_like
-from ._base import AbstractLinearSolver, Solution, Status, _check_rhs
+from ._base import AbstractLinearSolver, Solution, Status, _check_matvec_output, _check_rhs
 
 __all__ = ["BlockCG"]
 
@@ -326,14 +326,7 @@ class _CheckedMatMat:
             " A block map V -> A V must return a block shaped like V (one row per column: for a dense M and "
             "a tensor block, V @ M.T)."
         )
-        if isinstance(v, Tensor) and not isinstance(out, Tensor):
-            raise TypeError(f"BlockCG: `matmat` must return a Tensor like its input, got {type(out).__name__}.{hint}")
-        try:
-            tree_check_like("matmat(V)", out, v, "V", dtype=True, device=True, owner="BlockCG")
-        except TypeError as err:
-            raise TypeError(f"{err}{hint}") from None
-        except ValueError as err:
-            raise ValueError(f"{err}{hint}") from None
+        _check_matvec_output("BlockCG", out, v, fn="matmat", arg="V", like="V", hint=hint)
         return out
 
 
