@@ -54,6 +54,20 @@ def dense_hessian(L: Callable, theta: dict) -> Tensor:
     return AF.hessian(lambda t: L(unflat(t, theta)), flat(theta).detach())
 
 
+def double_backward_hessian(fn: Callable[[dict], Tensor], params: dict[str, Tensor]) -> Tensor:
+    """The Hessian of ``fn(params)`` row by row by double backward (``create_graph``), flattened in ``params``' key
+    order; a gradient entry that does not depend on some parameter gives zeros there (e.g. a final bias)."""
+    keys = list(params)
+    leaves = [params[k].detach().clone().requires_grad_(True) for k in keys]
+    g = torch.autograd.grad(fn(dict(zip(keys, leaves))), leaves, create_graph=True)
+    flat_g = torch.cat([t.reshape(-1) for t in g])
+    rows = []
+    for i in range(flat_g.numel()):
+        row = torch.autograd.grad(flat_g[i], leaves, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(r if r is not None else torch.zeros_like(t)).reshape(-1) for r, t in zip(row, leaves)]))
+    return torch.stack(rows)
+
+
 def ridge_data(n: int = 40, d: int = 5, seed: int = 0) -> tuple[Batch, Batch]:
     gen = torch.Generator().manual_seed(seed)
     w_true = torch.randn(d, generator=gen, dtype=torch.float64)

@@ -16,6 +16,7 @@ from torch import nn
 
 import hypergrad
 from hypergrad import CG, BlockCG, Damped, HessianOperator, SolverError, Status
+from tests.helpers_problem import double_backward_hessian
 
 F64 = torch.float64
 
@@ -381,16 +382,8 @@ def test_block_cg_counts_every_column_product_of_an_operator() -> None:
 
 
 def dense_hessian(fn, params: dict) -> tuple[torch.Tensor, list[str]]:
-    keys = list(params)
-    leaves = [params[k].detach().clone().requires_grad_(True) for k in keys]
-    g = torch.autograd.grad(fn(dict(zip(keys, leaves))), leaves, create_graph=True)
-    flat = torch.cat([t.reshape(-1) for t in g])
-    rows = []
-    for i in range(flat.numel()):
-        row = torch.autograd.grad(flat[i], leaves, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(r if r is not None else torch.zeros_like(t)).reshape(-1) for r, t in zip(row, leaves)]))
-    h = torch.stack(rows)
-    return 0.5 * (h + h.T), keys
+    h = double_backward_hessian(fn, params)
+    return 0.5 * (h + h.T), list(params)
 
 
 @pytest.mark.parametrize(

@@ -17,22 +17,9 @@ from torch import nn
 
 import hypergrad
 from hypergrad import CG, KFAC, PCG
+from tests.helpers_problem import double_backward_hessian as dense_hessian
 
 F64 = torch.float64
-
-
-def dense_hessian(loss, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The Hessian of ``loss(params)`` by double backward, flattened in ``params``' key order."""
-    keys = list(params)
-    flat = torch.cat([params[k].reshape(-1) for k in keys]).clone().requires_grad_(True)
-    sizes = [params[k].numel() for k in keys]
-
-    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: t.reshape(params[k].shape) for k, t in zip(keys, torch.split(v, sizes))}
-
-    g = torch.autograd.grad(loss(unflat(flat)), flat, create_graph=True)[0]
-    rows = [torch.autograd.grad(g[i], flat, retain_graph=True)[0] for i in range(flat.numel())]
-    return torch.stack(rows)
 
 
 def dense_apply(built, n: int) -> torch.Tensor:

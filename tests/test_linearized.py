@@ -12,21 +12,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hypergrad
 from hypergrad import LinearizedHessian
+from tests.helpers_problem import double_backward_hessian as dense_hessian
 
 F64 = torch.float64
-
-
-def dense_hessian(fn, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rows of the Hessian by double backward (create_graph), on the flattened parameters."""
-    keys = list(params)
-    p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    g = torch.autograd.grad(fn(p), [p[k] for k in keys], create_graph=True)
-    flat = torch.cat([t.reshape(-1) for t in g])
-    rows = [
-        torch.cat([t.reshape(-1) for t in torch.autograd.grad(flat[i], [p[k] for k in keys], retain_graph=True)])
-        for i in range(flat.numel())
-    ]
-    return torch.stack(rows)
 
 
 def materialize(op, params: dict[str, torch.Tensor]) -> torch.Tensor:
