@@ -44,7 +44,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +85,11 @@ def example_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy((theta["W"] @ x + theta["b"])[None], y[None])
 
 
-def training_loss(data: Data, mu: float, weights: Optional[Tensor] = None) -> Callable[[dict[str, Tensor]], Tensor]:
+def training_loss(data: Data, mu: float, weights: Optional[Tensor] = None) -> Callable[[Mapping[str, Tensor]], Tensor]:
     r""":math:`\theta \mapsto \frac1n \sum_i w_i \ell(z_i, \theta) + \frac{\mu}{2}\|\theta\|^2` (``w = 1`` by default)."""
     n = len(data.y_train)
 
-    def loss(theta: dict[str, Tensor]) -> Tensor:
+    def loss(theta: Mapping[str, Tensor]) -> Tensor:
         logits = data.x_train @ theta["W"].T + theta["b"]
         per = F.cross_entropy(logits, data.y_train, reduction="none")
         data_term = per.sum() / n if weights is None else (weights * per).sum() / n
@@ -98,30 +98,22 @@ def training_loss(data: Data, mu: float, weights: Optional[Tensor] = None) -> Ca
     return loss
 
 
-def _flat(theta: dict[str, Tensor]) -> Tensor:
-    return torch.cat([theta["W"].reshape(-1), theta["b"]])
-
-
-def _unflat(v: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    k = like["W"].numel()
-    return {"W": v[:k].reshape(like["W"].shape), "b": v[k:]}
-
-
 def dense_hessian(loss: Callable[[dict[str, Tensor]], Tensor], theta: dict[str, Tensor]) -> Tensor:
-    """The Hessian of ``loss`` at ``theta`` in the flat ``[W, b]`` order, by forward-over-reverse (independent of hypergrad)."""
-    return torch.func.hessian(lambda v: loss(_unflat(v, theta)))(_flat(theta))
+    """The Hessian of ``loss`` at ``theta`` in the flat ``[W, b]`` order, by ``torch.func.hessian`` (not hypergrad's HVPs)."""
+    flat, unravel = hypergrad.tree_ravel(theta)
+    return torch.func.hessian(lambda v: loss(cast(dict, unravel(v))))(flat)
 
 
 def newton(
     loss: Callable[[dict[str, Tensor]], Tensor], theta: dict[str, Tensor], gtol: float = 1e-12, max_steps: int = 50
 ) -> dict[str, Tensor]:
     """Minimise the (strictly convex) ``loss`` by dense Newton steps from ``theta`` to a gradient norm ``gtol``."""
-    v = _flat(theta).clone()
-    f = lambda u: loss(_unflat(u, theta))
+    v, unravel = hypergrad.tree_ravel(theta)
+    f = lambda u: loss(cast(dict, unravel(u)))
     for _ in range(max_steps):
         g = torch.func.grad(f)(v)
         if float(g.norm()) <= gtol:
-            return _unflat(v, theta)
+            return cast(dict, unravel(v))
         v = v - torch.linalg.solve(torch.func.hessian(f)(v), g)
     raise RuntimeError(
         f"Newton did not reach a gradient norm of {gtol:g} in {max_steps} steps (last {float(g.norm()):.2e})."
@@ -163,8 +155,8 @@ def dense_influence(data: Data, theta: dict[str, Tensor], mu: float) -> Tensor:
     """The same matrix from a dense Hessian and ``torch.linalg.solve`` (the reference)."""
     n = len(data.y_train)
     H = dense_hessian(training_loss(data, mu), theta)
-    gt = torch.stack([_flat(g) for g in _rows(per_example_grads(theta, data.x_test, data.y_test))])
-    gi = torch.stack([_flat(g) for g in _rows(per_example_grads(theta, data.x_train, data.y_train))])
+    gt = torch.stack([hypergrad.tree_ravel(g)[0] for g in _rows(per_example_grads(theta, data.x_test, data.y_test))])
+    gi = torch.stack([hypergrad.tree_ravel(g)[0] for g in _rows(per_example_grads(theta, data.x_train, data.y_train))])
     return torch.linalg.solve(H, gt.T).T @ gi.T / n
 
 
