@@ -183,19 +183,34 @@ def operator_tags(operator: Any) -> tuple[Optional[bool], Optional[bool]]:
     return getattr(operator, "symmetric", None), getattr(operator, "positive_definite", None)
 
 
-def _block_size(V: Any, *, owner: str) -> int:
-    """The common leading (block) dimension of the leaves of ``V`` (>= 1)."""
-    leaves = [V] if isinstance(V, Tensor) else list(V.values()) if isinstance(V, Mapping) else None
-    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
-        raise TypeError(f"{owner}: `V` must be a tensor or a non-empty dict of tensors, got {type(V).__name__}.")
-    dims = {t.shape[0] if t.dim() > 0 else None for t in leaves}
-    if None in dims or len(dims) != 1 or 0 in dims:
-        shapes = [tuple(t.shape) for t in leaves]
+def _block_size(V: Any, *, owner: str, name: str = "V", hint: str = "") -> int:
+    """The common leading (block) dimension ``s >= 1`` of the leaves of ``V`` (errors name the leaf; ``hint``
+    ends the 0-dim one)."""
+    leaves = (
+        [(f"`{name}`", V)]
+        if isinstance(V, Tensor)
+        else [(f"`{name}[{k!r}]`", t) for k, t in V.items()]
+        if isinstance(V, Mapping)
+        else None
+    )
+    if not leaves or not all(isinstance(t, Tensor) for _, t in leaves):
+        raise TypeError(f"{owner}: `{name}` must be a tensor or a non-empty dict of tensors, got {type(V).__name__}.")
+    for where, t in leaves:
+        if t.dim() == 0:
+            raise ValueError(
+                f"{owner}: {where} is 0-dim; every leaf needs a leading block dimension s (shape (s, *shape)).{hint}"
+            )
+    dims = sorted({t.shape[0] for _, t in leaves})
+    if len(dims) > 1:
+        shapes = {where: tuple(t.shape) for where, t in leaves}
         raise ValueError(
-            f"{owner}: every leaf of `V` needs the same leading block dimension s >= 1 (one row per column), "
-            f"got shapes {shapes}; stack the columns along dim 0 (torch.stack)."
+            f"{owner}: every leaf of `{name}` needs the same leading block dimension s >= 1 (one row per column), "
+            f"but the leaves have different leading (block) dimensions {dims} (shapes {shapes}); stack the s "
+            "columns along dim 0 of every leaf (torch.stack)."
         )
-    return int(next(iter(dims)))  # type: ignore[arg-type]
+    if dims[0] == 0:
+        raise ValueError(f"{owner}: `{name}` has no columns (block dimension 0); pass s >= 1.")
+    return int(dims[0])
 
 
 def _column(V: Any, j: int) -> Any:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
-from ..tree import tree_check_like
+from ..tree import tree_check_like, tree_map
 from ._base import AbstractLinearSolver, Solution, Status, _check_matvec_output, _check_rhs
 
 __all__ = ["BlockCG"]
@@ -132,13 +132,13 @@ class BlockCG(AbstractLinearSolver):
         _refuse_nonsymmetric(matvec)
 
         def matmat(v: TreeOrTensor) -> TreeOrTensor:
-            return _map(lambda t: t.unsqueeze(0), matvec(_map(lambda t: t[0], v)))
+            return tree_map(lambda t: t.unsqueeze(0), matvec(tree_map(lambda t: t[0], v)))
 
-        block = _map(lambda t: t.unsqueeze(0), b)
-        x_block = None if x0 is None else _map(lambda t: t.unsqueeze(0), x0)
+        block = tree_map(lambda t: t.unsqueeze(0), b)
+        x_block = None if x0 is None else tree_map(lambda t: t.unsqueeze(0), x0)
         sol = self._iterate(matmat, block, x_block)
         stats = {k: v for k, v in sol.stats.items() if k not in ("b_norms", "num_columns")}
-        return dataclasses.replace(sol, x=_map(lambda t: t[0], sol.x), stats=stats, b_norm=None)
+        return dataclasses.replace(sol, x=tree_map(lambda t: t[0], sol.x), stats=stats, b_norm=None)
 
     def solve_block(self, matmat: Any, B: TreeOrTensor, X0: TreeOrTensor | None = None) -> Solution:
         r"""Solve :math:`A X = B` for a block of right-hand sides.
@@ -163,7 +163,7 @@ class BlockCG(AbstractLinearSolver):
                 block; ``X0`` or an output of ``matmat`` is shaped unlike its input; ``matmat`` is
                 an operator tagged ``symmetric=False``.
         """
-        from ..operators import LinearOperator
+        from ..operators import LinearOperator, _block_size
 
         if isinstance(matmat, LinearOperator):
             _refuse_nonsymmetric(matmat)
@@ -179,7 +179,12 @@ class BlockCG(AbstractLinearSolver):
             _check_rhs("BlockCG.solve_block", B)
         except (TypeError, ValueError) as err:  # the shared check calls it `b`
             raise type(err)(str(err).replace("`b", "`B")) from None
-        _check_block("B", B)
+        _block_size(
+            B,
+            owner="BlockCG.solve_block",
+            name="B",
+            hint=" For one right-hand side call the solver itself, solver(matvec, b).",
+        )
         if X0 is not None:
             tree_check_like("X0", X0, B, "B", dtype=True, device=True, owner="BlockCG.solve_block")
         sol = self._iterate(_CheckedMatMat(matmat), B, X0)
@@ -287,31 +292,6 @@ def _refuse_nonsymmetric(matvec: Any) -> None:
             "symmetric=False (e.g. I - d(phi)/d(params)^T of a fixed-point map). Use FixedPoint, Neumann "
             "or Dense column by column, or pass symmetric=True if phi is a gradient-descent step."
         )
-
-
-def _map(fn: Callable[[Tensor], Tensor], tree: TreeOrTensor) -> TreeOrTensor:
-    return fn(tree) if isinstance(tree, Tensor) else {k: fn(v) for k, v in tree.items()}
-
-
-def _check_block(name: str, B: TreeOrTensor) -> None:
-    """Every leaf has a leading block dimension, the same for all, and at least one column."""
-    leaves = [(f"`{name}`", B)] if isinstance(B, Tensor) else [(f"`{name}[{k!r}]`", v) for k, v in B.items()]
-    dims = set()
-    for where, t in leaves:
-        if t.dim() == 0:
-            raise ValueError(
-                f"BlockCG.solve_block: {where} is 0-dim; every leaf needs a leading block dimension s "
-                "(shape (s, *shape)). For one right-hand side call the solver itself, solver(matvec, b)."
-            )
-        dims.add(t.shape[0])
-    if len(dims) > 1:
-        shapes = {where: tuple(t.shape) for where, t in leaves}
-        raise ValueError(
-            f"BlockCG.solve_block: the leaves of `{name}` have different leading (block) dimensions {sorted(dims)} "
-            f"(shapes {shapes}); stack the s right-hand sides along dim 0 of every leaf."
-        )
-    if 0 in dims:
-        raise ValueError(f"BlockCG.solve_block: `{name}` has no columns (block dimension 0); pass s >= 1.")
 
 
 class _CheckedMatMat:
