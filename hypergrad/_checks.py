@@ -144,17 +144,21 @@ def loss_grads(
     hparams: Mapping[str, Tensor],
     *,
     finite: bool = True,
+    require_path: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor | None], dict[str, Tensor | None]]:
     """``(value, grad_params, grad_hparams)`` of ``loss(params, hparams)``; ``None`` where it does not depend.
 
     The one loss-gradient helper of the package (functional API and methods). ``value`` is the
     detached 0-dim loss; with ``finite=False`` a non-finite value is returned instead of refused
-    (the methods report it as :class:`~hypergrad.NonFiniteError`).
+    (the methods report it as :class:`~hypergrad.NonFiniteError`). A loss that depends on neither
+    tree is refused, or, with ``require_path=False``, returned with every gradient ``None``.
     """
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     h = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
     with torch.enable_grad():
         value = check_scalar_loss(name, loss(p, h), finite=finite)
+        if not value.requires_grad and not require_path:
+            return value.detach(), dict.fromkeys(p), dict.fromkeys(h)
         if not value.requires_grad:
             raise ValueError(
                 f"`{name}` depends on neither `params` nor `hparams` (its output has no gradient). "

@@ -103,6 +103,12 @@ def reduced_outer_grads(
     return value, {k: packed["p." + k] for k in gp}, {k: packed["h." + k] for k in gh}
 
 
+def _independent(name: str, fn: PureLoss, params: TensorTree, hparams: TensorTree, keys: list[str]) -> list[str]:
+    """The ``keys`` of ``hparams`` on which ``fn(params, hparams)`` does not depend (autograd finds no path)."""
+    _, _, grads = loss_grads(name, fn, params, hparams, finite=False, require_path=False)
+    return [k for k in keys if grads[k] is None]
+
+
 def check_solution(solution: Solution, what: str) -> None:
     if solution.status is Status.NONFINITE:
         raise NonFiniteError(f"the linear solve of the {what} produced a non-finite value ({solution.status.message})")
@@ -145,6 +151,30 @@ class AbstractHypergradMethod(abc.ABC):
             A scalar tensor, or ``None`` (the default) for no penalty.
         """
         return None
+
+    def unreached(
+        self, inner_fn: PureLoss, outer_fn: PureLoss, params: dict[str, Tensor], hparams: dict[str, Tensor]
+    ) -> list[str]:
+        """The keys of ``hparams`` that no path reaches: their hypergradient is zero by construction.
+
+        The default: an outer parameter reaches the hypergradient through :math:`\\partial_\\lambda F`
+        or through :math:`G` (the mixed term, or the unrolled inner steps), so a key on which
+        neither ``outer_fn`` nor ``inner_fn`` depends is unreached. :class:`~hypergrad.BilevelProblem`
+        calls this once, on its first hypergradient, and refuses unreached parameters rather than
+        hand the outer optimiser zeros (weight decay or momentum would move them; plain autograd
+        would leave their ``.grad`` at ``None``).
+
+        Args:
+            inner_fn: :math:`G` on the Hessian batch.
+            outer_fn: :math:`F` on the outer batch.
+            params: the inner parameters (detached).
+            hparams: the outer parameters (detached).
+
+        Returns:
+            The unreached keys, in the order of ``hparams`` (empty when every key is reached).
+        """
+        missing = _independent("outer_loss", outer_fn, params, hparams, list(hparams))
+        return _independent("inner_loss", inner_fn, params, hparams, missing) if missing else []
 
     @abc.abstractmethod
     def hypergradient(

@@ -13,7 +13,15 @@ from .._checks import check_invertible
 from .._typing import TensorTree
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
-from ._base import FailurePolicy, MethodOutput, PureLoss, _check_common, _LinearSolveMethod, reduced_outer_grads
+from ._base import (
+    FailurePolicy,
+    MethodOutput,
+    PureLoss,
+    _check_common,
+    _independent,
+    _LinearSolveMethod,
+    reduced_outer_grads,
+)
 
 __all__ = ["Proximal"]
 
@@ -144,6 +152,11 @@ class Proximal(_LinearSolveMethod):
 
     def check(self, params, hparams) -> None:
         self.pairs(params, hparams)
+
+    def unreached(self, inner_fn, outer_fn, params, hparams) -> list[str]:
+        """Outer keys neither coupled nor used by ``outer_fn`` (``inner_fn`` may not use outer keys at all)."""
+        coupled = set(self.pairs(params, hparams).values())
+        return [k for k in _independent("outer_loss", outer_fn, params, hparams, list(hparams)) if k not in coupled]
 
     def inner_penalty(self, params, hparams) -> Tensor:
         terms = [((params[i] - hparams[o].detach()) ** 2).sum() for i, o in self.pairs(params, hparams).items()]

@@ -51,6 +51,13 @@ class BilevelProblem(StateDict, Linearisation):
     method's ``on_failure`` says (default: applied with a :class:`~hypergrad.SolveFailedWarning`);
     every one is counted in :attr:`failed_solves` and ``record.solve_failed``.
 
+    **Every outer parameter must reach a loss.** On the first hypergradient the problem checks
+    that each parameter of the outer optimiser reaches ``outer_loss`` or ``inner_loss`` (for
+    :class:`~hypergrad.Proximal`: ``outer_loss`` or the coupling) and raises ``ValueError`` naming
+    those that do not: their hypergradient is zero by construction, and the optimiser would still
+    move them (weight decay, momentum), where plain autograd would leave their ``.grad`` at
+    ``None``. Leave such parameters out of the outer optimiser. (Not checked under FSDP sharding.)
+
     **Operator reuse.** With ``reuse_operator=True`` on the method, hypergradients share one Hessian
     operator until the linearisation changes: an applied inner step, an applied outer step (when the
     method's Hessian depends on the outer parameters), :meth:`new_hessian_batch` or
@@ -168,6 +175,7 @@ class BilevelProblem(StateDict, Linearisation):
         self._declared_batch: Any = None
         self._has_declared = False
         self._pending_skip: Optional[str] = None
+        self._reach_checked = False  # every outer parameter reaches a loss (checked on the first hypergradient)
         self._linearisation = 0  # bumped whenever the Hessian operator's linearisation point changes
         # FSDP2 modules are sharded from identical initial values; broadcasting a shard would corrupt it:
         # levels with fully_shard-ed parts broadcast only their plain (replicated) parameters and buffers
