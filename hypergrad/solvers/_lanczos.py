@@ -8,7 +8,7 @@ the small projected matrices are float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,28 @@ def flat_matvec(matvec: MatVec, b: TreeOrTensor) -> Callable[[Tensor], Tensor]:
     """``matvec`` acting on flat vectors laid out like ``b``."""
     ravel, unravel = flattener(b)
     return lambda v: ravel(matvec(unravel(v))).detach()
+
+
+class FlatStart(NamedTuple):
+    """A solve on flat vectors laid out like ``b``, started at ``x0`` (see :func:`flat_start`)."""
+
+    mv: Callable[[Tensor], Tensor]
+    unravel: Callable[[Tensor], TreeOrTensor]
+    b: Tensor
+    x: Tensor
+    r: Tensor
+    num_matvecs: int
+
+
+def flat_start(matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> FlatStart:
+    """The flat operator, ``b``, ``x = x0`` (zero without one) and ``r = b - A x`` (one matvec with ``x0``)."""
+    ravel, unravel = flattener(b)
+    mv = flat_matvec(matvec, b)
+    bf = ravel(b)
+    if x0 is None:
+        return FlatStart(mv, unravel, bf, torch.zeros_like(bf), bf, 0)
+    x = ravel(x0)
+    return FlatStart(mv, unravel, bf, x, bf - mv(x), 1)
 
 
 @dataclass
