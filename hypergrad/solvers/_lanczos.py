@@ -8,7 +8,7 @@ the small projected matrices are float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -42,26 +42,21 @@ def flat_matvec(matvec: MatVec, b: TreeOrTensor) -> Callable[[Tensor], Tensor]:
     return lambda v: ravel(matvec(unravel(v))).detach()
 
 
-class FlatStart(NamedTuple):
-    """A solve on flat vectors laid out like ``b``, started at ``x0`` (see :func:`flat_start`)."""
+def flat_start(
+    matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], TreeOrTensor], Tensor, Tensor, Tensor, int]:
+    """A solve on flat vectors laid out like ``b``, from ``x0`` (zero without one).
 
-    mv: Callable[[Tensor], Tensor]
-    unravel: Callable[[Tensor], TreeOrTensor]
-    b: Tensor
-    x: Tensor
-    r: Tensor
-    num_matvecs: int
-
-
-def flat_start(matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> FlatStart:
-    """The flat operator, ``b``, ``x = x0`` (zero without one) and ``r = b - A x`` (one matvec with ``x0``)."""
+    Returns ``(mv, unravel, b, x, r, num_matvecs)``: the flat operator, the flat ``b`` and start,
+    its residual ``r = b - A x`` and the matvecs spent on it (one with ``x0``).
+    """
     ravel, unravel = flattener(b)
     mv = flat_matvec(matvec, b)
     bf = ravel(b)
     if x0 is None:
-        return FlatStart(mv, unravel, bf, torch.zeros_like(bf), bf, 0)
+        return mv, unravel, bf, torch.zeros_like(bf), bf, 0
     x = ravel(x0)
-    return FlatStart(mv, unravel, bf, x, bf - mv(x), 1)
+    return mv, unravel, bf, x, bf - mv(x), 1
 
 
 @dataclass
