@@ -399,44 +399,45 @@ def test_auto_takes_fwd_rev_when_the_cached_graph_does_not_fit(monkeypatch: pyte
     assert op.mode == "rev_rev_cached" and op._apply is not None
 
 
-def test_auto_mixed_product_and_implicit_grad_without_forward_mode_rules() -> None:
-    # G = sum(w^3)/3 ... built from the jvp-less op: grad_w G = w^2 + 2 w - lam  -> stationarity at w*
+def _cube_problem(cube: type[torch.autograd.Function]) -> tuple[Callable, Callable, dict, dict]:
+    """``(G, F, params, hparams)``: G = sum(w^3)/3 + |w|^2 - lam.w with ``cube`` computing w^3, F = |w|^2 / 2.
+
+    grad_w G = w^2 + 2 w - lam, so the inner solution is the root w* = -1 + sqrt(1 + lam) > 0.
+    """
+
     def G(p: dict, h: dict) -> torch.Tensor:
-        return _CubeNoJvp.apply(p["w"]).sum() / 3 + (p["w"] ** 2).sum() - (h["lam"] * p["w"]).sum()
+        return cube.apply(p["w"]).sum() / 3 + (p["w"] ** 2).sum() - (h["lam"] * p["w"]).sum()
 
     def F(p: dict, h: dict) -> torch.Tensor:
         return 0.5 * (p["w"] ** 2).sum()
 
     lam = torch.tensor([3.0, 8.0], dtype=F64)
-    w_star = -1 + torch.sqrt(1 + lam)  # root of w^2 + 2 w - lam with w > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default needs no fallback here
-        g, sol = hypergrad.implicit_grad(
-            G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5, rtol=1e-14)
-        )
+    return G, F, {"w": -1 + torch.sqrt(1 + lam)}, {"lam": lam}
+
+
+def _assert_cube_hypergradient(g: dict, params: dict) -> None:
+    w_star = params["w"]
     # dw*/dlam = 1 / (2 w* + 2), dF/dlam = w* dw*/dlam
     torch.testing.assert_close(g["lam"], w_star / (2 * w_star + 2), rtol=1e-12, atol=1e-14)
+
+
+def test_auto_mixed_product_and_implicit_grad_without_forward_mode_rules() -> None:
+    G, F, params, hparams = _cube_problem(_CubeNoJvp)  # built from the jvp-less op
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default needs no fallback here
+        g, sol = hypergrad.implicit_grad(G, F, params, hparams, solver=hypergrad.CG(max_steps=5, rtol=1e-14))
+    _assert_cube_hypergradient(g, params)
     assert sol.converged
     with pytest.raises((NotImplementedError, RuntimeError), match="jvp"):
-        hypergrad.implicit_grad(G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5), hvp_mode="fwd_rev")
+        hypergrad.implicit_grad(G, F, params, hparams, solver=hypergrad.CG(max_steps=5), hvp_mode="fwd_rev")
 
 
 def test_auto_fallback_inside_implicit_grad_gives_the_right_hypergradient() -> None:
     """Reverse mode fails (no double backward): the Hessian and the mixed product fall back to forward mode."""
-
-    def G(p: dict, h: dict) -> torch.Tensor:
-        return _CubeNoDoubleBackward.apply(p["w"]).sum() / 3 + (p["w"] ** 2).sum() - (h["lam"] * p["w"]).sum()
-
-    def F(p: dict, h: dict) -> torch.Tensor:
-        return 0.5 * (p["w"] ** 2).sum()
-
-    lam = torch.tensor([3.0, 8.0], dtype=F64)
-    w_star = -1 + torch.sqrt(1 + lam)
+    G, F, params, hparams = _cube_problem(_CubeNoDoubleBackward)
     with pytest.warns(HVPFallbackWarning, match="reverse-over-reverse"):
-        g, sol = hypergrad.implicit_grad(
-            G, F, {"w": w_star}, {"lam": lam}, solver=hypergrad.CG(max_steps=5, rtol=1e-14)
-        )
-    torch.testing.assert_close(g["lam"], w_star / (2 * w_star + 2), rtol=1e-12, atol=1e-14)
+        g, sol = hypergrad.implicit_grad(G, F, params, hparams, solver=hypergrad.CG(max_steps=5, rtol=1e-14))
+    _assert_cube_hypergradient(g, params)
     assert sol.converged
 
 

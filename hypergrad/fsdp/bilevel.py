@@ -22,7 +22,8 @@ gathered weights, each rank on its own batch).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -220,6 +221,18 @@ class ShardedLevels:
     def _all(self) -> list[Tensor]:
         return [*self.inner.parameters(), *self.outer.parameters()]
 
+    @contextlib.contextmanager
+    def _cleared_grads(self) -> Iterator[None]:
+        """Both levels' ``.grad`` cleared for one backward pass, then the ones held before put back."""
+        saved = [(p, p.grad) for p in self._all()]
+        for p, _ in saved:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, old in saved:
+                p.grad = old
+
     def _grads(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """``.grad`` of ``params``: sharded ones as FSDP2 averaged them, replicated (plain) ones averaged here."""
         out = {k: torch.zeros_like(p) if p.grad is None else p.grad.detach() for k, p in params.items()}
@@ -244,47 +257,34 @@ class ShardedLevels:
     def inner_grads(self, problem: Any, batch: Any, check_loss: Any) -> tuple[float, dict[str, Tensor]]:
         """``(loss, grads)`` of the inner step: FSDP2-averaged gradient plus the method's penalty term."""
         params = problem._inner_params
-        saved = [(p, p.grad) for p in self._all()]
-        for p, _ in saved:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                loss = check_loss("inner_loss", problem.inner_loss(self.inner, self.outer, batch))
-                if not loss.requires_grad:
-                    raise ValueError(
-                        "`inner_loss` does not depend on the inner level's trained parameters; compute it "
-                        "with the `inner` module it receives."
-                    )
-                loss.backward()
-                grads = self._grads(params)  # sharded: FSDP2's reduce-scatter averaged them
-                value = all_reduce_mean({"v": loss.detach().reshape(1).double()})["v"]
-                penalty = problem.method.inner_penalty(params, problem._outer_params)
-                if penalty is not None:
-                    pg = torch.autograd.grad(penalty, list(params.values()), allow_unused=True)
-                    for (k, _), g in zip(params.items(), pg):
-                        if g is not None:
-                            grads[k] = grads[k] + g
-                    pv = penalty.full_tensor() if isinstance(penalty, DTensor) else penalty
-                    value = value + pv.detach().double()
-        finally:
-            for p, old in saved:
-                p.grad = old
+        with self._cleared_grads(), torch.enable_grad():
+            loss = check_loss("inner_loss", problem.inner_loss(self.inner, self.outer, batch))
+            if not loss.requires_grad:
+                raise ValueError(
+                    "`inner_loss` does not depend on the inner level's trained parameters; compute it "
+                    "with the `inner` module it receives."
+                )
+            loss.backward()
+            grads = self._grads(params)  # sharded: FSDP2's reduce-scatter averaged them
+            value = all_reduce_mean({"v": loss.detach().reshape(1).double()})["v"]
+            penalty = problem.method.inner_penalty(params, problem._outer_params)
+            if penalty is not None:
+                pg = torch.autograd.grad(penalty, list(params.values()), allow_unused=True)
+                for (k, _), g in zip(params.items(), pg):
+                    if g is not None:
+                        grads[k] = grads[k] + g
+                pv = penalty.full_tensor() if isinstance(penalty, DTensor) else penalty
+                value = value + pv.detach().double()
         return float(value), grads
 
     def _outer_grads(self, problem: Any, batch: Any, check_loss: Any) -> tuple[Tensor, dict, dict]:
-        saved = [(p, p.grad) for p in self._all()]
-        for p, _ in saved:
-            p.grad = None
-        try:
+        with self._cleared_grads():
             with torch.enable_grad():
                 value = check_loss("outer_loss", problem.outer_loss(self.inner, self.outer, batch))
                 value.backward()
             g_theta = self._grads(problem._inner_params)
             g_lam = self._grads(problem._outer_params)
             loss = all_reduce_mean({"v": value.detach().reshape(1).double()})["v"].reshape(())
-        finally:
-            for p, old in saved:
-                p.grad = old
         return loss, g_theta, g_lam
 
     def _operator(self, problem: Any, hb: Any, hparams: dict, keys: Sequence[str], token: Any) -> tuple[Any, bool]:

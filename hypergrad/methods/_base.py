@@ -66,18 +66,6 @@ class MethodOutput(NamedTuple):
     operator_reused: bool
 
 
-def _check_common(
-    owner: str, solver: Any, hvp_mode: Any, damping: Any, warm_start: Any, reuse_operator: Any, on_failure: Any
-) -> None:
-    check_solver(solver, owner=owner)
-    check_choice("on_failure", on_failure, FAILURE_POLICIES, owner=owner)
-    check_choice("hvp_mode", hvp_mode, HVP_MODES, owner=owner)
-    check_positive("damping", damping, allow_zero=True, owner=owner)
-    for name, flag in (("warm_start", warm_start), ("reuse_operator", reuse_operator)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{owner}: `{name}` must be True or False, got {flag!r}.")
-
-
 def _wide(value: Tensor) -> Tensor:
     """A detached 0-dim copy in at least float32 (bf16 losses under autocast are widened)."""
     return value.detach().reshape(()).to(torch.promote_types(value.dtype, torch.float32))
@@ -213,9 +201,20 @@ class AbstractHypergradMethod(abc.ABC):
 class _LinearSolveMethod(AbstractHypergradMethod):
     solver: AbstractLinearSolver
     hvp_mode: HVPMode
+    damping: float
     warm_start: bool
     reuse_operator: bool
     on_failure: FailurePolicy
+
+    def _check_settings(self, owner: str) -> None:
+        """Validate the settings every linear-solve method shares (``owner`` names it in the messages)."""
+        check_solver(self.solver, owner=owner)
+        check_choice("on_failure", self.on_failure, FAILURE_POLICIES, owner=owner)
+        check_choice("hvp_mode", self.hvp_mode, HVP_MODES, owner=owner)
+        check_positive("damping", self.damping, allow_zero=True, owner=owner)
+        for name, flag in (("warm_start", self.warm_start), ("reuse_operator", self.reuse_operator)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{owner}: `{name}` must be True or False, got {flag!r}.")
 
     def _operator(
         self, fn: Callable[[TensorTree], Tensor], params: dict, state: MethodState, token: Any

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .._assembly import implicit_assembly
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
-from ._base import FailurePolicy, MethodOutput, _check_common, _LinearSolveMethod, reduced_outer_grads
+from ._base import FailurePolicy, MethodOutput, _LinearSolveMethod, reduced_outer_grads
 
 __all__ = ["Implicit"]
 
@@ -58,15 +58,7 @@ class Implicit(_LinearSolveMethod):
     on_failure: FailurePolicy = "warn"
 
     def __post_init__(self) -> None:
-        _check_common(
-            "Implicit",
-            self.solver,
-            self.hvp_mode,
-            self.damping,
-            self.warm_start,
-            self.reuse_operator,
-            self.on_failure,
-        )
+        self._check_settings("Implicit")
 
     def hypergradient(self, inner_fn, outer_fn, params, hparams, state, reduce, operator_key) -> MethodOutput:
         value, g_theta, g_lam = reduced_outer_grads(outer_fn, params, hparams, reduce)

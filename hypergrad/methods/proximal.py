@@ -13,15 +13,7 @@ from .._checks import check_invertible
 from .._typing import TensorTree
 from ..operators import HVPMode
 from ..solvers import CG, AbstractLinearSolver
-from ._base import (
-    FailurePolicy,
-    MethodOutput,
-    PureLoss,
-    _check_common,
-    _independent,
-    _LinearSolveMethod,
-    reduced_outer_grads,
-)
+from ._base import FailurePolicy, MethodOutput, PureLoss, _independent, _LinearSolveMethod, reduced_outer_grads
 
 __all__ = ["Proximal"]
 
@@ -94,15 +86,7 @@ class Proximal(_LinearSolveMethod):
         for k, v in self.coupling.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"Proximal: `coupling` keys and values must be strings, got {k!r}: {v!r}.")
-        _check_common(
-            "Proximal",
-            self.solver,
-            self.hvp_mode,
-            self.damping,
-            self.warm_start,
-            self.reuse_operator,
-            self.on_failure,
-        )
+        self._check_settings("Proximal")
 
     def pairs(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, str]:
         """Resolve :attr:`coupling` to ``{inner_param: outer_param}`` (exact names or prefixes).

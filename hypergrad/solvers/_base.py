@@ -465,3 +465,31 @@ def curvature_step_status(rr: Tensor, min_curv: Tensor, tol: Tensor) -> Optional
     if res <= float(tol):
         return Status.SUCCESS
     return None
+
+
+def curvature_final_status(res: float, min_curv: float, status: Status, check: bool) -> Status:
+    """The status of a CG-type iteration after its loop, from its residual norm ``res`` and ``min_curv``.
+
+    A non-finite residual or curvature is :attr:`Status.NONFINITE`, non-positive curvature
+    :attr:`Status.NEGATIVE_CURVATURE`; otherwise ``status`` (what the loop stopped on), with a spent
+    budget under a tolerance (``check``) reported as :attr:`Status.MAX_STEPS_REACHED`.
+    """
+    if res != res or res == float("inf") or min_curv != min_curv:
+        return Status.NONFINITE
+    if min_curv <= 0:
+        return Status.NEGATIVE_CURVATURE
+    if check and status is Status.FIXED_BUDGET:
+        return Status.MAX_STEPS_REACHED
+    return status
+
+
+def refuse_nonsymmetric(owner: str, matvec: Any, fix: str) -> None:
+    """A ``ValueError`` for an operator tagged ``symmetric=False`` given to a solver that assumes symmetry.
+
+    ``fix`` ends the message with what to use instead; untagged callables are trusted.
+    """
+    if getattr(matvec, "symmetric", None) is False:
+        raise ValueError(
+            f"{owner} assumes a symmetric operator, but `matvec` ({type(matvec).__name__}) is tagged "
+            f"symmetric=False (e.g. I - d(phi)/d(params)^T of a fixed-point map). {fix}"
+        )

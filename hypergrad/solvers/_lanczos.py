@@ -42,6 +42,23 @@ def flat_matvec(matvec: MatVec, b: TreeOrTensor) -> Callable[[Tensor], Tensor]:
     return lambda v: ravel(matvec(unravel(v))).detach()
 
 
+def flat_start(
+    matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], TreeOrTensor], Tensor, Tensor, Tensor, int]:
+    """A solve on flat vectors laid out like ``b``, from ``x0`` (zero without one).
+
+    Returns ``(mv, unravel, b, x, r, num_matvecs)``: the flat operator, the flat ``b`` and start,
+    its residual ``r = b - A x`` and the matvecs spent on it (one with ``x0``).
+    """
+    ravel, unravel = flattener(b)
+    mv = flat_matvec(matvec, b)
+    bf = ravel(b)
+    if x0 is None:
+        return mv, unravel, bf, torch.zeros_like(bf), bf, 0
+    x = ravel(x0)
+    return mv, unravel, bf, x, bf - mv(x), 1
+
+
 @dataclass
 class Krylov:
     """An orthonormal Krylov basis with :math:`A V_m = V_{m+1} \\bar H` (to rounding).

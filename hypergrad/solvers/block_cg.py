@@ -13,9 +13,11 @@ from torch import Tensor
 from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_check_like, tree_map
-from ._base import AbstractLinearSolver, Solution, Status, _check_matvec_output, _check_rhs
+from ._base import AbstractLinearSolver, Solution, Status, _check_matvec_output, _check_rhs, refuse_nonsymmetric
 
 __all__ = ["BlockCG"]
+
+_FIX = "Use FixedPoint, Neumann or Dense column by column, or pass symmetric=True if phi is a gradient-descent step."
 
 #: A block map ``V -> A V``: every leaf of ``V`` carries a leading block dimension (one row per column).
 MatMat = Callable[[TreeOrTensor], TreeOrTensor]
@@ -129,7 +131,7 @@ class BlockCG(AbstractLinearSolver):
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
         """The single-right-hand-side protocol: a block of one column."""
-        _refuse_nonsymmetric(matvec)
+        refuse_nonsymmetric("BlockCG", matvec, _FIX)
 
         def matmat(v: TreeOrTensor) -> TreeOrTensor:
             return tree_map(lambda t: t.unsqueeze(0), matvec(tree_map(lambda t: t[0], v)))
@@ -166,7 +168,7 @@ class BlockCG(AbstractLinearSolver):
         from ..operators import LinearOperator, _block_size
 
         if isinstance(matmat, LinearOperator):
-            _refuse_nonsymmetric(matmat)
+            refuse_nonsymmetric("BlockCG", matmat, _FIX)
             matmat = matmat.matmat
         elif not callable(matmat):
             raise TypeError(
@@ -174,7 +176,7 @@ class BlockCG(AbstractLinearSolver):
                 f"`hypergrad.HessianOperator(...).matmat`), got {type(matmat).__name__}."
             )
         else:
-            _refuse_nonsymmetric(matmat)
+            refuse_nonsymmetric("BlockCG", matmat, _FIX)
         try:
             _check_rhs("BlockCG.solve_block", B)
         except (TypeError, ValueError) as err:  # the shared check calls it `b`
@@ -283,15 +285,6 @@ class BlockCG(AbstractLinearSolver):
         }
         b_norm = float(torch.sqrt((b_norms * b_norms).sum()))
         return Solution(lay.unflat(x), status, steps, num_matvecs, frob, stats, b_norm)
-
-
-def _refuse_nonsymmetric(matvec: Any) -> None:
-    if getattr(matvec, "symmetric", None) is False:
-        raise ValueError(
-            f"BlockCG assumes a symmetric operator, but `matvec` ({type(matvec).__name__}) is tagged "
-            "symmetric=False (e.g. I - d(phi)/d(params)^T of a fixed-point map). Use FixedPoint, Neumann "
-            "or Dense column by column, or pass symmetric=True if phi is a gradient-descent step."
-        )
 
 
 class _CheckedMatMat:

@@ -9,9 +9,20 @@ import torch
 from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_axpy, tree_vdot
-from ._base import AbstractLinearSolver, Solution, Status, _start, _tolerance, curvature_step_status
+from ._base import (
+    AbstractLinearSolver,
+    Solution,
+    Status,
+    _start,
+    _tolerance,
+    curvature_final_status,
+    curvature_step_status,
+    refuse_nonsymmetric,
+)
 
 __all__ = ["CG"]
+
+_FIX = "Use FixedPoint, Neumann or Dense, or pass symmetric=True if phi is a gradient-descent step."
 
 
 @dataclass(frozen=True)
@@ -70,12 +81,7 @@ class CG(AbstractLinearSolver):
         check_positive("atol", self.atol, allow_zero=True, owner="CG")
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
-        if getattr(matvec, "symmetric", None) is False:
-            raise ValueError(
-                f"CG assumes a symmetric operator, but `matvec` ({type(matvec).__name__}) is tagged "
-                "symmetric=False (e.g. I - d(phi)/d(params)^T of a fixed-point map). Use FixedPoint, Neumann "
-                "or Dense, or pass symmetric=True if phi is a gradient-descent step."
-            )
+        refuse_nonsymmetric("CG", matvec, _FIX)
         check = self.rtol > 0 or self.atol > 0
         x, r, num_matvecs = _start(matvec, b, x0)
         p = r
@@ -108,12 +114,7 @@ class CG(AbstractLinearSolver):
             if check and (stop := curvature_step_status(rr, min_curv, tol)) is not None:
                 status = stop
                 break
-        res = float(torch.sqrt(rr))
-        mc = float(min_curv)
-        if res != res or res == float("inf") or mc != mc:
-            status = Status.NONFINITE
-        elif mc <= 0:
-            status = Status.NEGATIVE_CURVATURE
-        elif check and status is Status.FIXED_BUDGET:
-            status = Status.MAX_STEPS_REACHED
-        return Solution(x, status, steps, num_matvecs, res, {"min_curvature": mc})
+        res, mc = float(torch.sqrt(rr)), float(min_curv)
+        return Solution(
+            x, curvature_final_status(res, mc, status, check), steps, num_matvecs, res, {"min_curvature": mc}
+        )

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._checks import check_int
 from .._typing import MatVec, TreeOrTensor
 from ..tree import tree_axpy, tree_sub, tree_vdot, tree_zeros_like
-from ._base import AbstractLinearSolver, Solution, Status
+from ._base import AbstractLinearSolver, Solution, Status, curvature_final_status, refuse_nonsymmetric
 
 __all__ = ["CompiledCG", "CompileFallbackWarning"]
 
@@ -168,12 +168,7 @@ class CompiledCG(AbstractLinearSolver):
             )
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
-        if getattr(matvec, "symmetric", None) is False:
-            raise ValueError(
-                f"CompiledCG assumes a symmetric operator, but `matvec` ({type(matvec).__name__}) is tagged "
-                "symmetric=False (e.g. I - d(phi)/d(params)^T of a fixed-point map). Use FixedPoint, Neumann "
-                "or Dense."
-            )
+        refuse_nonsymmetric("CompiledCG", matvec, "Use FixedPoint, Neumann or Dense.")
         key = (self.backend, self.mode, *_operator_kind(matvec))
         error = _FAILED.get(key)
         if error is None:
@@ -196,12 +191,7 @@ class CompiledCG(AbstractLinearSolver):
                 )
         res_sq, mc = torch.stack([rr.detach(), min_curv.detach()]).tolist()  # the one host sync
         res = res_sq**0.5 if res_sq >= 0 else float("nan")
-        if res != res or res == float("inf") or mc != mc:
-            status = Status.NONFINITE
-        elif mc <= 0:
-            status = Status.NEGATIVE_CURVATURE
-        else:
-            status = Status.FIXED_BUDGET
+        status = curvature_final_status(res, mc, Status.FIXED_BUDGET, check=False)
         num_matvecs = self.max_steps + (0 if x0 is None else 1)
         stats = {"min_curvature": mc, "compiled": error is None}
         if error is not None:

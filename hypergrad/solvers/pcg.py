@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive, check_rtol
 from .._typing import MatVec, TreeOrTensor
-from ._base import AbstractLinearSolver, Solution, Status, _tolerance, curvature_step_status
-from ._lanczos import flat_matvec, flattener
+from ._base import AbstractLinearSolver, Solution, Status, _tolerance, curvature_final_status, curvature_step_status
+from ._lanczos import flat_start
 from ._operator_cache import OperatorCache
 from .preconditioners import AbstractPreconditioner, BuiltPreconditioner, Nystrom
 
@@ -87,12 +87,7 @@ class PCG(AbstractLinearSolver):
         self._cache.clear()
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
-        ravel, unravel = flattener(b)
-        mv = flat_matvec(matvec, b)
-        bf = ravel(b)
-        x = ravel(x0) if x0 is not None else torch.zeros_like(bf)
-        r = bf - mv(x) if x0 is not None else bf
-        used = int(x0 is not None)
+        mv, unravel, bf, x, r, used = flat_start(matvec, b, x0)
         if self.rtol > 0 or self.atol > 0:  # a converged start needs no preconditioner
             res = torch.linalg.vector_norm(r)
             if bool(res <= _tolerance(torch.linalg.vector_norm(bf), self.rtol, self.atol)):
@@ -159,10 +154,4 @@ def pcg_flat(
             status = stop
             break
     res, mc = float(torch.sqrt(rr)), float(min_curv)
-    if res != res or res == float("inf") or mc != mc:
-        status = Status.NONFINITE
-    elif mc <= 0:
-        status = Status.NEGATIVE_CURVATURE
-    elif check and status is Status.FIXED_BUDGET:
-        status = Status.MAX_STEPS_REACHED
-    return Solution(x, status, steps, num_matvecs, res, {"min_curvature": mc})
+    return Solution(x, curvature_final_status(res, mc, status, check), steps, num_matvecs, res, {"min_curvature": mc})

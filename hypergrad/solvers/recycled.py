@@ -14,8 +14,7 @@ from ._base import AbstractLinearSolver, Solution, Status, _tolerance
 from ._lanczos import (
     LowRankInverse,
     converged_ritz_inverse,
-    flat_matvec,
-    flattener,
+    flat_start,
     lanczos,
     refreshed_inverse,
     ritz_pairs,
@@ -127,12 +126,7 @@ class RecycledLanczos(AbstractLinearSolver):
         self._carried.clear()
 
     def _solve(self, matvec: MatVec, b: TreeOrTensor, x0: TreeOrTensor | None) -> Solution:
-        ravel, unravel = flattener(b)
-        mv = flat_matvec(matvec, b)
-        bf = ravel(b)
-        x = ravel(x0) if x0 is not None else torch.zeros_like(bf)
-        r = bf - mv(x) if x0 is not None else bf
-        used = int(x0 is not None)
+        mv, unravel, bf, x, r, used = flat_start(matvec, b, x0)
         check = self.rtol > 0 or self.atol > 0
         tol = _tolerance(torch.linalg.vector_norm(bf), self.rtol, self.atol)
         if check and bool(torch.linalg.vector_norm(r) <= tol):
