@@ -61,7 +61,6 @@ few times slower than the fused kernels. First-order passes (losses, gradients, 
 from __future__ import annotations
 
 import abc
-import functools
 import gc
 import logging
 import warnings
@@ -649,23 +648,42 @@ def _reverse_graph(
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     value = {k: (g.detach() if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, leaves)}
 
-    def apply(v: Any, batched: bool = False) -> dict:  # batched: a block (leaves (s, *shape)), one batched call
+    return value, _DoubleBackward(keys, leaves, [cast(Tensor, grads[i]) for i in live], live, retain)
+
+
+class _DoubleBackward:
+    """``v -> H v`` by a double backward through a kept gradient graph; ``block(V)`` for a block of directions.
+
+    A class, not a closure carrying a ``block`` attribute: a closure that refers to itself is a
+    reference cycle, and the graph it holds would outlive its operator until Python's cyclic
+    garbage collector ran (several per-step graphs alive at once in a BiSSL alternation).
+    """
+
+    def __init__(self, keys: list[str], leaves: list[Tensor], grads: list[Tensor], live: list[int], retain: bool):
+        self.keys, self.leaves, self.grads, self.live, self.retain = keys, leaves, grads, live, retain
+
+    def __call__(self, v: Any) -> dict:
+        return self._products(v, batched=False)
+
+    def block(self, V: Any) -> dict:
+        """``H V`` for a block (leaves ``(s, *shape)``) in one batched double backward."""
+        return self._products(V, batched=True)
+
+    def _products(self, v: Any, batched: bool) -> dict:
+        keys = self.keys
         hv: list[Any] = [None] * len(keys)
-        if live:
+        if self.live:
             with torch.enable_grad():
                 out = torch.autograd.grad(
-                    [cast(Tensor, grads[i]) for i in live],
-                    leaves,
-                    grad_outputs=[v[keys[i]] for i in live],
-                    retain_graph=retain,
+                    self.grads,
+                    self.leaves,
+                    grad_outputs=[v[keys[i]] for i in self.live],
+                    retain_graph=self.retain,
                     allow_unused=True,
                     is_grads_batched=batched,
                 )
             hv = list(out)
         return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
-
-    apply.block = functools.partial(apply, batched=True)  # type: ignore[attr-defined]
-    return value, apply
 
 
 def _refuse_once_differentiable(grads: Sequence[Tensor | None]) -> None:
