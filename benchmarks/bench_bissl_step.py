@@ -227,6 +227,9 @@ def alternation(case: Case, **method: Any) -> Callable[[], tuple[list[dict], int
             hvps += rec.num_hvps
             grads.append({k: p.grad.detach().clone() for k, p in upper.named_parameters()})
             problem.outer_step()  # as the BiSSL stage: applies (lr 0: theta stays) and clears the .grad
+        # as the stage's next lower step does: free the alternation's operator now, so that no call starts
+        # with the previous call's graph allocated (the CUDA probe would subtract it as "memory before")
+        problem.new_hessian_batch(case.h_batch)
         return grads, hvps
 
     return run

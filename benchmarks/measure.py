@@ -8,6 +8,7 @@ PyTorch profiler's allocation events, summed in time order), and error metrics o
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any, Callable
 
@@ -43,6 +44,7 @@ def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device) -> int:
     peak. Memory held before the call (e.g. a cached graph built earlier) is not counted.
     """
     dev = torch.device(device)
+    gc.collect()  # what an earlier call left in reference cycles is freed now, not counted during this one
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
