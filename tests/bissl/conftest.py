@@ -1,12 +1,14 @@
-"""Shared helpers of the BiSSL tests: run a function in 2 gloo processes (torch.multiprocessing.spawn)."""
+"""Shared helpers of the BiSSL tests: run a function in 2 gloo processes (torch.multiprocessing.spawn), and
+:func:`one_thread` for tests of tiny models (thread start-up costs more than it saves)."""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,3 +42,16 @@ def run_gloo(fn: Callable[..., None], *args: Any, world: int = 2, init: bool = T
     must initialise it from that environment (as code launched by torchrun does).
     """
     mp.spawn(_entry, args=(world, free_port(), init, fn, args), nprocs=world, join=True)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test on one torch thread and put the thread count back afterwards.
+
+    Used by ``pytestmark = pytest.mark.usefixtures("one_thread")`` in the stage tests and, through
+    an autouse fixture, by every text BiSSL test (tests/bissl_text/conftest.py).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

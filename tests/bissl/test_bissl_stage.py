@@ -13,6 +13,8 @@ import hypergrad
 from applications.bissl.config import get_preset
 from applications.bissl.pretrain import build_pretrain_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _pretrained(cfg, path):
     torch.manual_seed(0)
@@ -23,14 +25,6 @@ def _pretrained(cfg, path):
                 p.add_(1.0)
     torch.save(model.checkpoint_state(), path)
     return model.checkpoint_state()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(tmp_path, **bissl):
