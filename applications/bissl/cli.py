@@ -466,7 +466,7 @@ def _replace_at(obj: Any, path: tuple[str, ...], changes: dict[str, Any]) -> Any
 
 
 def apply_solver_and_tasks(cfg: Any, args: Any, tasks_example: str) -> Any:
-    """Apply ``--solver`` / ``--solver-steps`` (:func:`solver_from_args`) and ``--tasks`` to ``cfg`` in place; return it.
+    """Apply ``--solver`` / ``--solver-steps`` (:func:`solver_from_args`) and ``--tasks`` to ``cfg``; return it.
 
     The solver replaces ``cfg.bissl.method.solver`` (re-validated) when one is asked for; ``--tasks``
     (comma-separated) replaces ``cfg.downstream`` and must name at least one task, else a

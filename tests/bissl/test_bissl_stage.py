@@ -12,6 +12,7 @@ import applications.bissl.stage_run as stage_run
 import hypergrad
 from applications.bissl.config import get_preset
 from applications.bissl.pretrain import build_pretrain_model
+from tests.bissl.conftest import pop_method_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +32,7 @@ def _cfg(tmp_path, **bissl):
     """The tiny preset with ``bissl`` changes; fields of hypergrad.Proximal go to ``cfg.bissl.method``."""
     cfg = get_preset("tiny")
     cfg.out_dir = str(tmp_path)
-    method = {k: bissl.pop(k) for k in list(bissl) if k in {f.name for f in dataclasses.fields(hypergrad.Proximal)}}
+    method = pop_method_kwargs(bissl)
     cfg.bissl = dataclasses.replace(cfg.bissl, **bissl, method=dataclasses.replace(cfg.bissl.method, **method))
     return cfg
 
