@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from hypergrad import BilevelProblem, Level
 
 from .config import BiSSLConfig
+from .optim import warmup_cosine
 
-__all__ = ["PretextBatch", "local_negatives", "inner_loss", "make_outer_loss", "build_problem"]
+__all__ = ["PretextBatch", "local_negatives", "inner_loss", "make_outer_loss", "build_problem", "stage_schedules"]
 
 
 class PretextBatch(NamedTuple):
@@ -98,6 +99,27 @@ def make_outer_loss(gamma: float) -> Callable[[nn.Module, nn.Module, Any], Tenso
         return loss
 
     return outer_loss
+
+
+def stage_schedules(cfg: BiSSLConfig, lower_opt: torch.optim.Optimizer, upper_opt: torch.optim.Optimizer) -> tuple:
+    r"""The BiSSL stage's learning-rate schedules ``(lower_sched, upper_sched)`` for :func:`build_problem`.
+
+    Over :math:`A` alternations the lower level takes :math:`A N_L` steps (linear warm-up over
+    ``min(lower_warmup_steps, A N_L)`` of them, then cosine decay to ``final_lr_factor``) and the
+    upper level :math:`A N_U` steps (cosine decay, no warm-up); see
+    :func:`~applications.bissl.optim.warmup_cosine`. The image and the text stage both use them.
+
+    Example:
+        >>> cfg = BiSSLConfig(alternations=2, lower_steps=3, upper_steps=1, lower_warmup_steps=10)
+        >>> lower_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> upper_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> low, up = stage_schedules(cfg, lower_opt, upper_opt)
+        >>> [(s.lr_lambdas[0].warmup_steps, s.lr_lambdas[0].total_steps) for s in (low, up)]
+        [(6, 6), (0, 2)]
+    """
+    n_low, n_up = cfg.alternations * cfg.lower_steps, cfg.alternations * cfg.upper_steps
+    lower_sched = warmup_cosine(lower_opt, min(cfg.lower_warmup_steps, n_low), n_low, cfg.final_lr_factor)
+    return lower_sched, warmup_cosine(upper_opt, 0, n_up, cfg.final_lr_factor)
 
 
 def build_problem(

@@ -45,9 +45,11 @@ __all__ = [
     "FLAG_TABLES",
     "SOLVERS",
     "USER_ERRORS",
+    "add_finetune_run_flags",
     "add_flags",
     "add_solver_flags",
     "apply_overrides",
+    "apply_solver_and_tasks",
     "build_parser",
     "check_environment",
     "config_from_args",
@@ -216,6 +218,27 @@ def add_solver_flags(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def add_finetune_run_flags(sp: argparse.ArgumentParser) -> None:
+    """Add the ``finetune`` command's ``--lr``, ``--wd`` (used with ``--use-hpo 0``) and ``--epochs``.
+
+    They write ``finetune.lr``, ``finetune.weight_decay`` and ``finetune.epochs`` through
+    :func:`apply_overrides`. The text CLI's ``finetune`` adds the same flags.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_finetune_run_flags(p)
+        >>> vars(p.parse_args(["--wd", "1e-4"]))["finetune__weight_decay"]
+        0.0001
+    """
+    sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
+    sp.add_argument(
+        "--wd", type=finite_float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
+    )
+    sp.add_argument(
+        "--epochs", type=positive_int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``argparse`` parser with the four sub-commands."""
     parser = argparse.ArgumentParser(
@@ -318,13 +341,7 @@ def _add_finetune_command(sub: Any) -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-resume", action="store_true", help="start afresh even if trials or runs were saved")
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1, help="1: random search; 0: use --lr/--wd")
-    sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
-    sp.add_argument(
-        "--wd", type=finite_float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
-    )
-    sp.add_argument(
-        "--epochs", type=positive_int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run"
-    )
+    add_finetune_run_flags(sp)
     add_flags(sp, _COMMON, "data, output, model")
     add_flags(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
     sp.set_defaults(func=_cmd_finetune)
@@ -448,6 +465,30 @@ def _replace_at(obj: Any, path: tuple[str, ...], changes: dict[str, Any]) -> Any
     return dataclasses.replace(obj, **{path[0]: _replace_at(getattr(obj, path[0]), path[1:], changes)})
 
 
+def apply_solver_and_tasks(cfg: Any, args: Any, tasks_example: str) -> Any:
+    """Apply ``--solver`` / ``--solver-steps`` (:func:`solver_from_args`) and ``--tasks`` to ``cfg``; return it.
+
+    The solver replaces ``cfg.bissl.method.solver`` (re-validated) when one is asked for; ``--tasks``
+    (comma-separated) replaces ``cfg.downstream`` and must name at least one task, else a
+    ``ValueError`` suggests ``--tasks <tasks_example>``. This CLI's and the text CLI's
+    ``config_from_args`` share it.
+
+    Example:
+        >>> ns = argparse.Namespace(solver="minres", solver_steps=3, tasks="digits, fashion_mnist@20")
+        >>> cfg = apply_solver_and_tasks(get_preset("tiny"), ns, "digits")
+        >>> type(cfg.bissl.method.solver).__name__, cfg.bissl.method.solver.max_steps, cfg.downstream
+        ('MINRES', 3, ('digits', 'fashion_mnist@20'))
+    """
+    solver = solver_from_args(args, cfg.bissl.method.solver)
+    if solver is not cfg.bissl.method.solver:
+        apply_overrides(cfg, {"bissl__method__solver": solver})
+    if getattr(args, "tasks", None) is not None:
+        cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if not cfg.downstream:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks {tasks_example}.")
+    return cfg
+
+
 def config_from_args(args: Any) -> PipelineConfig:
     """The preset ``args.preset`` with every given flag applied (sections re-validated)."""
     cfg = get_preset(args.preset)
@@ -455,13 +496,7 @@ def config_from_args(args: Any) -> PipelineConfig:
     apply_overrides(
         cfg, {dest: v for dest, v in vars(args).items() if v is not None and ("__" in dest or dest in common)}
     )
-    solver = solver_from_args(args, cfg.bissl.method.solver)
-    if solver is not cfg.bissl.method.solver:
-        apply_overrides(cfg, {"bissl__method__solver": solver})
-    if getattr(args, "tasks", None) is not None:
-        cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-        if not cfg.downstream:
-            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks digits,fashion_mnist@20.")
+    apply_solver_and_tasks(cfg, args, "digits,fashion_mnist@20")
     if getattr(args, "arms", None):
         cfg.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
         cfg.__post_init__()

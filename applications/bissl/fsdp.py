@@ -47,6 +47,7 @@ from . import distributed as dist_utils
 
 __all__ = [
     "check_fsdp",
+    "check_fsdp_fresh",
     "dense_twin",
     "exact_method",
     "full_state_dict",
@@ -64,6 +65,19 @@ def check_fsdp() -> None:
             "--fsdp shards the backbones over the ranks of a process group, but none is initialised: launch the "
             "stage with torchrun, e.g. `torchrun --nproc-per-node 2 -m applications.bissl bissl --preset tiny --fsdp` "
             "(gloo on CPU, NCCL on CUDA), or drop --fsdp."
+        )
+
+
+def check_fsdp_fresh(run: Any) -> None:
+    """Refuse ``--fsdp`` when the stage's :class:`~applications.bissl.stage_run.StageRun` ``run`` would resume.
+
+    A sharded stage writes no per-alternation checkpoint (its optimiser and warm-start state are
+    sharded), so there is nothing it could resume from; the image and the text stage both call this.
+    """
+    if run.resumable:
+        raise ValueError(
+            f"--fsdp does not resume a stage: {run.checkpoint_path!r} exists, but a sharded stage writes no "
+            "per-alternation checkpoint (its optimiser and warm-start state are sharded). Pass --no-resume."
         )
 
 

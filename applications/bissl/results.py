@@ -25,15 +25,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 import textwrap
 from typing import Any, Iterable
+
+import torch
+
+from hypergrad.distributed import world_size
 
 __all__ = [
     "ARM_ORIGINS",
     "paired_stats",
     "results_table",
     "format_markdown",
+    "machine_info",
     "write_results",
     "plot_results",
     "plot_diagnostics",
@@ -204,6 +210,25 @@ def plot_diagnostics(histories: dict[str, list[dict[str, float]]], path: str) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """The machine of a run, for the ``meta`` of :func:`write_results`.
+
+    Platform, CPU count, torch version and threads, world size (1 without a process group) and ``device``.
+
+    Example:
+        >>> sorted(machine_info("cpu"))
+        ['cpus', 'device', 'platform', 'threads', 'torch', 'world_size']
+    """
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "world_size": world_size(),
+        "device": device,
+    }
 
 
 def write_results(

@@ -20,20 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from typing import Any, Callable
 
 import torch
 
 from hypergrad import load_checkpoint
-from hypergrad.distributed import world_size
 
 from . import distributed as dist_utils
 from .config import PipelineConfig
 from .finetune import finetune
 from .pretrain import pretrain
-from .results import write_results
+from .results import machine_info, write_results
 from .stage_bissl import run_bissl
 
 __all__ = ["run_pipeline"]
@@ -109,14 +107,7 @@ def run_pipeline(
             "preset": cfg.name,
             "config": cfg.to_dict(),
             "timings": timings,
-            "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "world_size": world_size(),
-                "device": cfg.device,
-            },
+            "machine": machine_info(cfg.device),
         }
         title = (
             f"BiSSL {cfg.name} preset ({cfg.pretrain.pretext_type}): pretext {cfg.pretrain.dataset} -> "

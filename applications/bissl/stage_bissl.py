@@ -63,7 +63,7 @@ from hypergrad.distributed import all_reduce_mean, world_size
 
 from . import distributed as dist_utils
 from .augment import eval_transform, train_transform
-from .bilevel import PretextBatch, build_problem, inner_loss
+from .bilevel import PretextBatch, build_problem, inner_loss, stage_schedules
 from .checkpoints import check_same_settings, file_digest, load_into, pretext_checkpoint, read_checkpoint, run_settings
 from .config import PipelineConfig, upper_hparams
 from .data import TwoViewDataset
@@ -78,6 +78,7 @@ from .diagnostics import (
 )
 from .fsdp import (
     check_fsdp,
+    check_fsdp_fresh,
     dense_twin,
     exact_method,
     fsdp_mesh,
@@ -87,7 +88,7 @@ from .fsdp import (
     warn_kinked_fd,
 )
 from .models import LinearHead
-from .optim import LARS, warmup_cosine
+from .optim import LARS
 from .pretrain import build_pretrain_model, epoch_batches, pretext_dataset
 from .splits import task_split
 from .stage_run import StageRun
@@ -275,11 +276,7 @@ def run_bissl(
     )
     twin = None
     if b.fsdp:  # --fsdp: shard the backbones (the heads stay replicated), see applications/bissl/fsdp.py
-        if run.resumable:
-            raise ValueError(
-                f"--fsdp does not resume a stage: {run.checkpoint_path!r} exists, but a sharded stage writes no "
-                "per-alternation checkpoint (its optimiser and warm-start state are sharded). Pass --no-resume."
-            )
+        check_fsdp_fresh(run)
         if arm == "bissl":  # on the unsharded backbone (a frozen copy), as without --fsdp
             _warmup_head(cfg, upper, head, task, upper_lr, upper_wd)
         uses_fd = b.method.hvp_mode == "finite_diff" and not isinstance(b.method.solver, Identity)
@@ -296,12 +293,10 @@ def run_bissl(
         momentum=b.momentum,
         exclude_bias_and_norm=b.lars_exclude_1d,
     )
-    n_low, n_up = b.alternations * b.lower_steps, b.alternations * b.upper_steps
-    lower_sched = warmup_cosine(lower_opt, min(b.lower_warmup_steps, n_low), n_low, b.final_lr_factor)
     upper_opt = torch.optim.SGD(  # sharded and plain tensors in separate groups (CUDA's foreach step)
         param_groups([*upper.parameters(), *head.parameters()]), lr=upper_lr, momentum=b.momentum, weight_decay=upper_wd
     )
-    upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
+    lower_sched, upper_sched = stage_schedules(b, lower_opt, upper_opt)
     problem = build_problem(
         ssl,
         upper,

@@ -12,7 +12,7 @@ import torch
 
 from hypergrad.testing import LogisticProblem, QuadraticProblem, RidgeProblem
 
-from ._cli import parse_device
+from ._cli import check_counts, parse_device
 from .demo import check_hypergradients, format_table, run_hpo, write_csv
 
 
@@ -36,10 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--csv", default=None, help="optional path: write the HPO trajectory as CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     args = parser.parse_args(argv)
-    if args.outer_steps < 1:
-        parser.error(f"--outer-steps must be >= 1, got {args.outer_steps}")
-    if args.unroll_steps < 1:
-        parser.error(f"--unroll-steps must be >= 1, got {args.unroll_steps}")
+    check_counts(parser, args, ("outer_steps", "unroll_steps"))
     for flag, value in (("--ridge-lr", args.ridge_lr), ("--logistic-lr", args.logistic_lr)):
         if not (math.isfinite(value) and value > 0):
             parser.error(f"{flag} must be a finite number > 0, got {value}; pass e.g. 1.0")

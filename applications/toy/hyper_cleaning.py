@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import hypergrad
 
-from ._cli import parse_device
+from ._cli import check_counts, parse_device
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -268,9 +268,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--log-dir", default=None, help="write metrics.csv / metrics.jsonl here")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = p.parse_args(argv)
-    for name in ("n_train", "n_val", "n_test", "outer_steps", "inner_steps", "solver_steps", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_counts(p, args, ("n_train", "n_val", "n_test", "outer_steps", "inner_steps", "solver_steps", "threads"))
     if args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if not 0.0 <= args.noise < 1.0:

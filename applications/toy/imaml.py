@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 import hypergrad
 
+from ._cli import check_counts
+
 #: Damping of the meta-gradient's system. With lambda = 0.5 the support-loss Hessians of this ReLU
 #: network have eigenvalues well below -0.5, so undamped CG stops on negative curvature in most
 #: solves. Measured with the other defaults (seed 0, 320 solves): damping 0 -> 219 failed, 2 -> 72,
@@ -200,9 +202,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--log-dir", default=None, help="write metrics.csv / metrics.jsonl here")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = p.parse_args(argv)
-    for name in ("meta_steps", "meta_batch", "k", "inner_steps", "cg_steps", "test_tasks", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_counts(p, args, ("meta_steps", "meta_batch", "k", "inner_steps", "cg_steps", "test_tasks", "threads"))
     for name in ("inner_lr", "outer_lr", "lam"):
         if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
             p.error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")

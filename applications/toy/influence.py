@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 import hypergrad
 
-from ._cli import parse_device
+from ._cli import check_counts, parse_device
 
 F64 = torch.float64
 
@@ -236,9 +236,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     args = p.parse_args(argv)
-    for name in ("n_train", "n_test", "max_steps", "loo"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_counts(p, args, ("n_train", "n_test", "max_steps", "loo"))
     if args.n_train + args.n_test > 1797:
         p.error(f"--n-train + --n-test must be at most the 1797 digits images, got {args.n_train + args.n_test}")
     if args.loo > args.n_train:

@@ -1,15 +1,21 @@
-"""Shared helpers of the BiSSL tests: run a function in 2 gloo processes (torch.multiprocessing.spawn)."""
+"""Shared helpers of the BiSSL tests: run a function in 2 gloo processes (torch.multiprocessing.spawn),
+:func:`one_thread` for tests of tiny models (thread start-up costs more than it saves) and
+:func:`pop_method_kwargs` for helpers that take BiSSL-stage and method settings together."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import hypergrad
 
 
 def free_port() -> int:
@@ -40,3 +46,26 @@ def run_gloo(fn: Callable[..., None], *args: Any, world: int = 2, init: bool = T
     must initialise it from that environment (as code launched by torchrun does).
     """
     mp.spawn(_entry, args=(world, free_port(), init, fn, args), nprocs=world, join=True)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test on one torch thread and put the thread count back afterwards.
+
+    Used by ``pytestmark = pytest.mark.usefixtures("one_thread")`` in test_bissl_stage and test_deviations and, through
+    an autouse fixture, by every text BiSSL test (tests/bissl_text/conftest.py).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pop_method_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Take the :class:`hypergrad.Proximal` fields (``lam``, ``damping``, ``solver``, ...) out of ``kw``; return them.
+
+    What is left are :class:`~applications.bissl.config.BiSSLConfig` fields; the returned ones
+    configure its ``method``.
+    """
+    fields = {f.name for f in dataclasses.fields(hypergrad.Proximal)}
+    return {k: kw.pop(k) for k in list(kw) if k in fields}

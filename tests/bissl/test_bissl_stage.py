@@ -12,6 +12,9 @@ import applications.bissl.stage_run as stage_run
 import hypergrad
 from applications.bissl.config import get_preset
 from applications.bissl.pretrain import build_pretrain_model
+from tests.bissl.conftest import pop_method_kwargs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pretrained(cfg, path):
@@ -25,19 +28,11 @@ def _pretrained(cfg, path):
     return model.checkpoint_state()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(tmp_path, **bissl):
     """The tiny preset with ``bissl`` changes; fields of hypergrad.Proximal go to ``cfg.bissl.method``."""
     cfg = get_preset("tiny")
     cfg.out_dir = str(tmp_path)
-    method = {k: bissl.pop(k) for k in list(bissl) if k in {f.name for f in dataclasses.fields(hypergrad.Proximal)}}
+    method = pop_method_kwargs(bissl)
     cfg.bissl = dataclasses.replace(cfg.bissl, **bissl, method=dataclasses.replace(cfg.bissl.method, **method))
     return cfg
 

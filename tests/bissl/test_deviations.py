@@ -25,13 +25,7 @@ from applications.bissl.solvers import LayerwiseCG
 from applications.bissl.splits import split_path, task_split
 from hypergrad import CG, Status
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, **bissl):

@@ -8,7 +8,6 @@ torch.autograd.functional.hessian) and lam_e = lam + damping.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -20,8 +19,7 @@ from applications.bissl.bilevel import PretextBatch, build_problem
 from applications.bissl.config import BiSSLConfig, paper_method
 from applications.bissl.losses import BYOLLoss, NTXentLoss
 from applications.bissl.ssl_model import SSLModel
-
-METHOD_FIELDS = {f.name for f in dataclasses.fields(hypergrad.Proximal)}
+from tests.bissl.conftest import pop_method_kwargs
 
 
 def _setup(kind: str, **cfg_kw):
@@ -39,7 +37,7 @@ def _setup(kind: str, **cfg_kw):
         for p in upper.parameters():
             p.add_(0.3 * torch.randn_like(p))
     head = nn.Linear(3, 3).double()
-    method = {k: cfg_kw.pop(k) for k in list(cfg_kw) if k in METHOD_FIELDS}
+    method = pop_method_kwargs(cfg_kw)
     cfg = BiSSLConfig(**{"clip_norm": 1e9, **cfg_kw}, method=paper_method(**method))
     reference = (copy.deepcopy(ssl), copy.deepcopy(upper), copy.deepcopy(head))
     problem = build_problem(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.bissl.conftest import one_thread  # noqa: F401  (registers the fixture for this folder)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(request: pytest.FixtureRequest) -> None:
+    """Every text test runs under the shared :func:`tests.bissl.conftest.one_thread`."""
+    request.getfixturevalue("one_thread")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 
-import hypergrad
 from applications.bissl.bilevel import PretextBatch, build_problem
 from applications.bissl.config import BiSSLConfig, paper_method
 from applications.bissl.models import LinearHead
 from applications.bissl.text.model import add_lora, build_gpt, split_lm
+from tests.bissl.conftest import pop_method_kwargs
 
 VOCAB, PAD = 7, 0
-METHOD_FIELDS = {f.name for f in dataclasses.fields(hypergrad.Proximal)}
 
 
 def tiny_lm(*, lora: int = 0, seed: int = 0):
@@ -46,7 +44,7 @@ def tiny_problem(*, lora: int = 0, **cfg_kw):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     head = LinearHead(4, 3).double()
-    method = {k: cfg_kw.pop(k) for k in list(cfg_kw) if k in METHOD_FIELDS}
+    method = pop_method_kwargs(cfg_kw)
     cfg = BiSSLConfig(**{"clip_norm": 1e9, **cfg_kw}, method=paper_method(**method))
     problem = build_problem(
         lower,

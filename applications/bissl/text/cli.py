@@ -20,7 +20,14 @@ from typing import Any
 from .. import cli as image_cli
 from .. import distributed as dist_utils
 from ..argtypes import finite_float, nonnegative_int, positive_int
-from ..cli import FLAG_TABLES, add_flags, add_solver_flags, apply_overrides, solver_from_args
+from ..cli import (
+    FLAG_TABLES,
+    add_finetune_run_flags,
+    add_flags,
+    add_solver_flags,
+    apply_overrides,
+    apply_solver_and_tasks,
+)
 from .config import TEXT_PRESETS, TextConfig, get_text_preset
 
 __all__ = [
@@ -163,13 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backbone", default=None, help="BiSSL state (default: the stage's lower_backbone.pt)")
     sp.add_argument("--pretrained", default=None, help="pretrained model folder (default: the pretrain stage's)")
     sp.add_argument("--use-hpo", type=int, choices=(0, 1), default=1)
-    sp.add_argument("--lr", type=finite_float, default=None, dest="finetune__lr", help="lr when --use-hpo 0")
-    sp.add_argument(
-        "--wd", type=finite_float, default=None, dest="finetune__weight_decay", help="weight decay when --use-hpo 0"
-    )
-    sp.add_argument(
-        "--epochs", type=positive_int, default=None, dest="finetune__epochs", help="fine-tuning epochs per run"
-    )
+    add_finetune_run_flags(sp)
     add_flags(sp, {k: v for k, v in _FINETUNE.items() if k != "--ft-epochs"}, "protocol")
     sp.set_defaults(func=_cmd_finetune)
 
@@ -198,13 +199,7 @@ def config_from_args(args: Any) -> TextConfig:
         if "__" in dest or (hasattr(cfg, dest) and not isinstance(value, bool)):
             values[dest] = value
     apply_overrides(cfg, values)
-    solver = solver_from_args(args, cfg.bissl.method.solver)
-    if solver is not cfg.bissl.method.solver:
-        apply_overrides(cfg, {"bissl__method__solver": solver})
-    if getattr(args, "tasks", None) is not None:
-        cfg.downstream = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-        if not cfg.downstream:
-            raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks reuters_r8,election_tweets.")
+    apply_solver_and_tasks(cfg, args, "reuters_r8,election_tweets")
     image_cli.check_environment(cfg)  # type: ignore[arg-type]  # same device/out_dir/log_dir/threads fields
     return cfg
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from typing import Any, Callable
 
 import torch
 
-from hypergrad.distributed import world_size
-
 from .. import distributed as dist_utils
-from ..results import results_table, write_results
+from ..results import machine_info, results_table, write_results
 from .config import TextConfig
 from .finetune import finetune_text
 from .pretext import pretrain_text
@@ -90,14 +87,7 @@ def run_text(cfg: TextConfig, *, resume: bool = True, echo: Callable[[str], Any]
             "config": cfg.to_dict(),
             "timings": timings,
             "bpc": bpc,
-            "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "world_size": world_size(),
-                "device": cfg.device,
-            },
+            "machine": machine_info(cfg.device),
         }
         lora = f", LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else ", full parameters"
         title = f"Text BiSSL {cfg.name} preset (GPT next-token pretext on Shakespeare{lora})"

@@ -40,12 +40,19 @@ from hypergrad import Identity, load_checkpoint
 from hypergrad.distributed import world_size
 
 from .. import distributed as dist_utils
-from ..bilevel import PretextBatch, build_problem
+from ..bilevel import PretextBatch, build_problem, stage_schedules
 from ..checkpoints import check_same_settings, file_digest, run_settings
 from ..config import BiSSLConfig
-from ..fsdp import check_fsdp, exact_method, fsdp_mesh, full_state_dict, param_groups, warn_kinked_fd
+from ..fsdp import (
+    check_fsdp,
+    check_fsdp_fresh,
+    exact_method,
+    fsdp_mesh,
+    full_state_dict,
+    param_groups,
+    warn_kinked_fd,
+)
 from ..models import LinearHead
-from ..optim import warmup_cosine
 from ..pretrain import epoch_batches
 from ..stage_run import StageRun
 from .config import TextConfig
@@ -198,11 +205,7 @@ def bissl_text(
     run = StageRun(out_dir, log_dir=os.path.join(cfg.logs, "bissl", task.replace(":", "_")), resume=resume)
     start, info, twin = 0, {}, None
     if b.fsdp:  # --fsdp: shard the backbones (the LM head and phi stay replicated), see text/fsdp.py
-        if run.resumable:
-            raise ValueError(
-                f"--fsdp does not resume a stage: {run.checkpoint_path!r} exists, but a sharded stage writes no "
-                "per-alternation checkpoint (its optimiser and warm-start state are sharded). Pass --no-resume."
-            )
+        check_fsdp_fresh(run)
         info.update(_before(cfg, lower, head, x_up, y_up, eval_ids))  # on the unsharded model, as without --fsdp
         if b.method.hvp_mode == "finite_diff" and not isinstance(b.method.solver, Identity):
             warn_kinked_fd(lower.backbone)
@@ -213,15 +216,13 @@ def bissl_text(
     lower_opt = torch.optim.AdamW(  # sharded and plain tensors in separate groups (CUDA's foreach step)
         param_groups(p for p in lower.parameters() if p.requires_grad), lr=b.lower_lr, weight_decay=b.lower_wd
     )
-    n_low, n_up = b.alternations * b.lower_steps, b.alternations * b.upper_steps
-    lower_sched = warmup_cosine(lower_opt, min(b.lower_warmup_steps, n_low), n_low, b.final_lr_factor)
     upper_opt = torch.optim.SGD(
         param_groups([*(p for p in upper.parameters() if p.requires_grad), *head.parameters()]),
         lr=b.upper_lr,
         momentum=b.momentum,
         weight_decay=b.upper_wd,
     )
-    upper_sched = warmup_cosine(upper_opt, 0, n_up, b.final_lr_factor)
+    lower_sched, upper_sched = stage_schedules(b, lower_opt, upper_opt)
     problem = build_problem(
         lower,
         upper,
