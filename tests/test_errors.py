@@ -48,7 +48,7 @@ def test_guide_page_examples_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     """docs/guide/errors_and_checkpoints.md: every Python block runs, in order, in one namespace."""
     page = Path(__file__).parents[1] / "docs" / "guide" / "errors_and_checkpoints.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "errors_guide"}
     for i, block in enumerate(blocks):
