@@ -64,6 +64,7 @@ import abc
 import gc
 import logging
 import warnings
+import weakref
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, cast
 
 import torch
@@ -437,6 +438,7 @@ class HessianOperator(LinearOperator):
                     warnings.simplefilter("ignore")
                     try:
                         value, self._apply = linearize(grad(self.fn), self.params)
+                        _free_graphs_with(self._apply)
                     except (RuntimeError, NotImplementedError) as err:
                         if "tracing" not in str(err) and "data-dependent" not in str(err):
                             raise
@@ -684,6 +686,35 @@ class _DoubleBackward:
                 )
             hv = list(out)
         return {k: (h if h is not None else torch.zeros_like(v[k])) for k, h in zip(keys, hv)}
+
+
+def _free_graphs_with(jvp_fn: Callable[..., Any]) -> None:
+    """Free the traced graphs of ``torch.func.linearize``'s ``jvp_fn`` when it dies, without the cyclic collector.
+
+    ``jvp_fn`` calls ``torch.fx`` graph modules holding the linearisation's constants (tensors shaped
+    like the forward activations: 12x the parameters of the BiSSL tiny ResNet). A graph module and its
+    ``Graph`` refer to each other (``graph.owning_module``), a reference cycle that keeps those tensors
+    allocated until Python's cyclic garbage collector runs, so a per-step ``"fwd_rev_linearized"``
+    operator would leave several linearisations alive at once. When ``jvp_fn`` is freed, the graphs
+    let go of their modules and the constants are freed with them. Nothing is done where the
+    closure holds no graph module (another torch version): the result is the same, only freed later.
+    """
+    cells = getattr(jvp_fn, "__closure__", None) or ()
+    graphs = []
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, torch.nn.Module):
+            graphs += [m for m in value.modules() if isinstance(m, torch.fx.GraphModule)]
+    if graphs:
+        weakref.finalize(jvp_fn, _release_graphs, graphs).atexit = False
+
+
+def _release_graphs(graphs: list[torch.fx.GraphModule]) -> None:
+    for module in graphs:
+        module.graph.owning_module = None
 
 
 def _refuse_once_differentiable(grads: Sequence[Tensor | None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -54,3 +55,29 @@ def mesh() -> Any:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def cyclic_garbage():
+    """Python's cyclic collector off while the test runs; call the fixture for the tensors only it would free.
+
+    A tensor that only the cyclic collector frees sat in a reference cycle: its memory (possibly a
+    whole gradient graph) stays allocated until the collector happens to run. torch's own pytree
+    helpers leave small cycles of functions and tuples; no tensor may be in one.
+    """
+    gc.collect()
+    gc.disable()
+
+    def tensors() -> list[torch.Tensor]:
+        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what the collector finds, to look at it
+        try:
+            gc.collect()
+            return [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+
+    try:
+        yield tensors
+    finally:
+        gc.enable()

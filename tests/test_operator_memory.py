@@ -12,7 +12,6 @@ graph or a product kept beyond the call) fails these bounds.
 
 from __future__ import annotations
 
-import gc
 from typing import Any, Callable
 
 import pytest
@@ -134,27 +133,6 @@ def test_cached_graph_costs_at_most_what_the_first_backward_saves(case, mode) ->
     assert p_ours <= p_ref + saved + SCALARS, (p_ours, p_ref, saved)
     # keeping the graph is not free: the one-off double backward frees what the cached one keeps
     assert p_ours > p_ref, (p_ours, p_ref)
-
-
-@pytest.fixture
-def cyclic_garbage():
-    """Python's cyclic collector off while the test runs; call the fixture for the tensors only it would free."""
-    gc.collect()
-    gc.disable()
-
-    def tensors() -> list[torch.Tensor]:
-        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what the collector finds, to look at it
-        try:
-            gc.collect()
-            return [o for o in gc.garbage if isinstance(o, torch.Tensor)]
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-
-    try:
-        yield tensors
-    finally:
-        gc.enable()
 
 
 @pytest.mark.parametrize("mode", ["rev_rev", "rev_rev_cached", "auto", "fwd_rev"])

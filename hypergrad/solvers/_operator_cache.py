@@ -13,6 +13,7 @@ returns, so a reused setup for a matrix that changed in place costs steps, never
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, Optional
 
@@ -39,6 +40,13 @@ def _identity(operator: Callable) -> Callable:
     return operator
 
 
+def _forget(cache_ref: weakref.ref, ref: weakref.ref) -> None:
+    """The operator behind ``ref`` died: clear the cache (if alive) that still holds ``ref``."""
+    cache = cache_ref()
+    if cache is not None and ref is cache._ref:
+        cache.clear()
+
+
 class OperatorCache:
     """One entry: ``(weakref(operator), layout) -> value``."""
 
@@ -57,7 +65,11 @@ class OperatorCache:
         """Store ``value`` for ``operator`` (not cached when it cannot be weakly referenced)."""
         self.clear()
         try:
-            self._ref = weakref.ref(_identity(operator), self._dead)
+            # the callback reaches the cache by a weak reference: a bound ``self._dead`` would make
+            # cache -> ref -> callback -> cache a reference cycle, and a solver dropped before its
+            # operator would keep the stored tensors (a basis, a preconditioner) until Python's
+            # cyclic garbage collector ran
+            self._ref = weakref.ref(_identity(operator), functools.partial(_forget, weakref.ref(self)))
         except TypeError:  # e.g. a builtin: no weak references, no caching
             return
         self._layout, self._value = layout(b), value
@@ -65,10 +77,6 @@ class OperatorCache:
     def clear(self) -> None:
         """Forget the stored value."""
         self._ref, self._layout, self._value = None, None, None
-
-    def _dead(self, ref: weakref.ref) -> None:
-        if ref is self._ref:
-            self.clear()
 
     def __reduce__(self) -> tuple:  # copies and pickles start empty
         return (OperatorCache, ())
