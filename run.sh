@@ -5,7 +5,7 @@
 #   bash run.sh demo        # the main job: the BiSSL pipeline (demo preset) on embedded offline data
 #   bash run.sh toy         # hypergradient checks and HPO on toy problems with known answers
 #   bash run.sh mini        # the BiSSL mini replication (installs Debian's dataset-fashion-mnist; ~1 h on 2 cores)
-#   bash run.sh test        # lint + type check + the test suite (what CI runs); extra args go to pytest
+#   bash run.sh test        # lint + type check + the test suite on every core (what CI runs); extra args go to pytest
 #   bash run.sh lint        # ruff (lint + format check) and mypy only
 #   bash run.sh docs        # build the HTML docs into docs/_build/html
 #   bash run.sh bench       # the small benchmark preset (seconds); `bench-full`: full preset + report
@@ -74,7 +74,8 @@ case "$cmd" in
     fi
     exec "$PY" -m applications.bissl run --preset mini "$@" ;;
   lint) install; lint ;;
-  test) install; lint; exec "$PY" -m pytest "$@" ;;
+  # one pytest worker per core (pytest-xdist), a test file per worker at a time; `bash run.sh test -n 0` for one process
+  test) install; lint; exec "$PY" -m pytest -n "${HYPERGRAD_TEST_WORKERS:-auto}" --dist loadfile "$@" ;;
   docs) install; exec "$PY" -m sphinx -W --keep-going -b html docs docs/_build/html "$@" ;;
   python) install; exec "$PY" "$@" ;;
   peers)

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores among the workers (torch would give each worker all of them)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 DEVICES = [
     "cpu",

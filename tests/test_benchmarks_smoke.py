@@ -10,6 +10,7 @@ asserted anywhere.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,9 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "--benchmark-disable-gc",
         "--no-memory",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # a run of its own even when this suite runs under pytest-xdist (a worker's variables would make it one)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"benchmark run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     return json.loads(out.read_text()) | {"_path": str(out)}
 
