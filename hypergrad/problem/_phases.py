@@ -131,7 +131,7 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
                 inner_fn = _pure(problem._G, hb, "inner_loss", "hessian_batch")
                 outer_fn = _pure(problem._F, outer_batch, "outer_loss", "outer_batch")
                 if not problem._reach_checked:
-                    _refuse_unreached(problem, inner_fn, outer_fn, theta, lam)
+                    _refuse_unreached_outer(problem, inner_fn, outer_fn, theta, lam)
                     problem._reach_checked = True
                 out = problem.method.hypergradient(
                     inner_fn,
@@ -178,15 +178,14 @@ def hypergradient(problem: Any, outer_batch: Any, hessian_batch: Any, record: St
         record.times["hypergradient"] = record.times.get("hypergradient", 0.0) + time.perf_counter() - start
 
 
-def _refuse_unreached(problem: Any, inner_fn: Callable, outer_fn: Callable, theta: dict, lam: dict) -> None:
+def _refuse_unreached_outer(problem: Any, inner_fn: Callable, outer_fn: Callable, theta: dict, lam: dict) -> None:
     """Refuse outer parameters that no loss reaches (checked once, with the random state left as it was)."""
     devices = sorted({p.device.index or 0 for p in [*theta.values(), *lam.values()] if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):  # dropout in a loss: the runs with and without the check agree
         unreached = problem.method.unreached(inner_fn, outer_fn, theta, lam)
     if unreached:
-        names = list(unreached)
         raise ValueError(
-            f"the outer parameters {names[:8]}{' ...' if len(names) > 8 else ''} reach neither `outer_loss` nor "
+            f"the outer parameters {unreached[:8]}{' ...' if len(unreached) > 8 else ''} reach neither `outer_loss` nor "
             f"`inner_loss` (through {type(problem.method).__name__}): their hypergradient is zero by construction, "
             "and the outer optimiser would still move them (weight decay, momentum). Leave them out of the outer "
             "optimiser (or set requires_grad=False before building the problem), or use them in a loss."
